@@ -294,3 +294,17 @@ def test_bad_prediction_and_validation_inputs(fitted):
         least_squares_alpha(np.zeros(3), np.zeros(3), np.zeros(4))
     with pytest.raises(ValueError, match="bounds"):
         least_squares_alpha(np.zeros(3), np.ones(3), np.zeros(3), bounds=(1.0, 0.0))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, [0.9, 0.1, 0.5, 0.0, 1.0]])
+def test_predict_steps_matches_refit_chain_and_predict(alpha):
+    X, y, X_new = problem(seed=9, duplicates=True)
+    sd = SelfDistillation(kernel="laplacian", gamma=2.0, lam=0.1).fit(X, y)
+    path = sd.predict_steps(X_new, 6, alpha)
+    assert path.shape == (6, len(X_new))
+    np.testing.assert_allclose(path, refit_chain(X, y, X_new, 6, alpha, lam=0.1, kernel="laplacian", gamma=2.0),
+                               atol=1e-9 * scale(path), rtol=0)
+    per_step = [sd.predict(X_new, step=t, alpha=alpha if np.isscalar(alpha) else alpha[: t - 1]) for t in range(1, 7)]
+    np.testing.assert_allclose(path, np.array(per_step), atol=1e-12 * scale(path), rtol=0)
+    with pytest.raises(ValueError, match="length 5"):
+        sd.predict_steps(X_new, 6, [0.1, 0.2])
