@@ -8,6 +8,7 @@ PIP    := $(BIN)/python -m pip --disable-pip-version-check
 
 MATHJAX_VERSION := 3.2.2
 MATHJAX_DIR     := book/_static/mathjax
+MATHJAX_TMP     := _build/.mathjax-download
 
 .PHONY: book test setup-book setup-test mathjax clean
 
@@ -25,16 +26,26 @@ $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
 setup-book: $(VENV)/.book-installed mathjax
 setup-test: $(VENV)/.test-installed mathjax
 
-# MathJax is served from the build so that math renders with no network.
-mathjax: $(MATHJAX_DIR)/es5/tex-chtml.js
-$(MATHJAX_DIR)/es5/tex-chtml.js:
-	rm -rf $(MATHJAX_DIR) && mkdir -p $(MATHJAX_DIR)
-	cd $(MATHJAX_DIR) && npm pack --silent mathjax@$(MATHJAX_VERSION) >/dev/null \
+# MathJax is served from the build so that math renders with no network: the npm package's es5/
+# folder (tex-chtml.js with its fonts and TeX extensions) is unpacked into book/_static/mathjax,
+# which _config.yml puts on html_static_path. It is unpacked into a git-ignored scratch folder and
+# moved into place only when complete, so an interrupted download never leaves a half folder that
+# looks finished; the version stamp makes a change of MATHJAX_VERSION fetch again.
+mathjax: $(MATHJAX_DIR)/.version-$(MATHJAX_VERSION)
+$(MATHJAX_DIR)/.version-$(MATHJAX_VERSION):
+	@command -v npm >/dev/null || { echo "make mathjax needs npm (Node.js) to fetch mathjax@$(MATHJAX_VERSION)" >&2; exit 1; }
+	rm -rf $(MATHJAX_TMP) && mkdir -p $(MATHJAX_TMP)
+	cd $(MATHJAX_TMP) && npm pack --silent mathjax@$(MATHJAX_VERSION) >/dev/null \
 	  && tar -xzf mathjax-$(MATHJAX_VERSION).tgz --strip-components=1 package/es5 \
 	  && rm mathjax-$(MATHJAX_VERSION).tgz
+	test -f $(MATHJAX_TMP)/es5/tex-chtml.js
+	touch $(MATHJAX_TMP)/.version-$(MATHJAX_VERSION)
+	rm -rf $(MATHJAX_DIR) && mkdir -p $(dir $(MATHJAX_DIR)) && mv $(MATHJAX_TMP) $(MATHJAX_DIR)
 
+# Notebooks execute during the build (cached in _build/.jupyter_cache). MPLBACKEND is unset because
+# ipykernel draws figures inline only without it: a shell's MPLBACKEND=Agg would drop every figure.
 book: setup-book
-	$(BIN)/jupyter-book build . --toc book/_toc.yml --config _config.yml -W -n --keep-going
+	env -u MPLBACKEND $(BIN)/jupyter-book build . --toc book/_toc.yml --config _config.yml -W -n --keep-going
 
 test: setup-test
 	$(BIN)/python -m pytest

@@ -1,0 +1,228 @@
+"""The book builds from a clean clone, with warnings as errors, and renders offline.
+
+The repository's tracked and untracked-but-not-ignored files (what a clean clone plus the work in
+progress holds) are copied into a temporary directory together with the git-ignored MathJax folder
+that `make mathjax` produces, and Jupyter Book is run there exactly as `make book` runs it. The
+notebooks execute during the build (a fresh jupyter-cache), so this also checks that every notebook
+runs top to bottom. The built HTML is then checked: every page of the table of contents exists,
+the bibliography lists every entry of book/references.bib, the math is there, and MathJax (like every
+other script and stylesheet) is served from the build, never from a CDN.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from pybtex.database import parse_file
+
+REPO = Path(__file__).resolve().parents[1]
+MATHJAX_REL = Path("book/_static/mathjax")
+MATHJAX_ENTRY = "mathjax/es5/tex-chtml.js"  # relative to _static/, as in _config.yml
+# The chapters every build must contain (the table of contents may hold more, e.g. chapter 5).
+CORE_PAGES = [
+    "book/intro",
+    "book/01_toy_example",
+    "notebooks/01_toy_example",
+    "book/02_eigenvalue_damping",
+    "notebooks/02_eigenvalue_damping",
+    "book/03_infinite_limit",
+    "notebooks/03_infinite_limit",
+    "book/04_optimal_alpha",
+    "notebooks/04_optimal_alpha",
+    "book/reproduce",
+    "book/bibliography",
+]
+BUILD_TIMEOUT_S = 1200
+REMOTE_HOSTS = ("cdn.jsdelivr", "unpkg.com", "cdnjs", "googleapis", "gstatic", "mathjax.org")
+
+
+def _toc_files(toc: dict) -> list[str]:
+    """All `file` entries of a jb-book table of contents, root first, in reading order."""
+    files = [toc["root"]]
+
+    def walk(entries):
+        for entry in entries:
+            if "file" in entry:
+                files.append(entry["file"])
+            walk(entry.get("sections", []))
+            walk(entry.get("chapters", []))
+
+    walk(toc.get("parts", []))
+    walk(toc.get("chapters", []))
+    return files
+
+
+def _repository_files() -> list[Path]:
+    """Tracked files plus untracked files that git does not ignore, relative to the repository."""
+    try:
+        out = subprocess.run(
+            ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+            cwd=REPO, check=True, capture_output=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError) as err:
+        pytest.fail(f"tests/test_book.py needs the repository as a git checkout to copy it: {err}")
+    # A tracked file deleted in the work tree is still listed; a clean clone would not have it.
+    return [Path(p) for p in out.decode().split("\0") if p and (REPO / p).is_file()]
+
+
+@pytest.fixture(scope="module")
+def book(tmp_path_factory):
+    """Build the book in a clean copy of the repository; returns (copy root, build log)."""
+    if not (REPO / MATHJAX_REL / "es5" / "tex-chtml.js").is_file():
+        pytest.fail(
+            f"{MATHJAX_REL}/es5/tex-chtml.js is missing: run `make mathjax` (or `make test`, which "
+            "runs it first) to unpack MathJax, which the book serves locally."
+        )
+    jupyter_book = Path(sys.executable).parent / "jupyter-book"
+    if not jupyter_book.is_file():
+        pytest.fail(f"{jupyter_book} not found: install the book extra (`make test` does).")
+
+    root = tmp_path_factory.mktemp("clean_clone")
+    for rel in _repository_files():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, root / rel)
+    shutil.copytree(REPO / MATHJAX_REL, root / MATHJAX_REL, dirs_exist_ok=True)
+
+    env = dict(os.environ)
+    # The notebooks must import the copy's sdlib, not the editable install of the original tree.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    # ipykernel shows figures inline only when MPLBACKEND is unset (a non-interactive backend such as
+    # Agg set by a CI would leave every figure out of the book).
+    env.pop("MPLBACKEND", None)
+    command = [
+        str(jupyter_book), "build", ".", "--toc", "book/_toc.yml", "--config", "_config.yml",
+        "-W", "-n", "--keep-going",
+    ]
+    try:
+        proc = subprocess.run(
+            command, cwd=root, env=env, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"jupyter-book build did not finish in {BUILD_TIMEOUT_S} s:\n{err.stdout!s:.4000}")
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"jupyter-book build failed (rc={proc.returncode}):\n{log[-6000:]}"
+    return root, log
+
+
+def _html(root: Path, page: str) -> str:
+    return (root / "_build" / "html" / f"{page}.html").read_text(encoding="utf-8")
+
+
+def _text(page_html: str) -> str:
+    """Visible text of the main article, whitespace collapsed."""
+    main = re.search(r"<main.*?</main>", page_html, re.S)
+    text = html.unescape(re.sub(r"<[^>]+>", " ", main.group(0) if main else page_html))
+    return " ".join(text.split())
+
+
+def test_build_has_no_warnings(book):
+    _, log = book
+    # -W already turns warnings into a failed build; this documents that none slipped through.
+    assert "build succeeded" in log
+    sphinx_warnings = [ln for ln in log.splitlines() if re.search(r": (WARNING|ERROR):", ln)]
+    assert sphinx_warnings == []
+
+
+def test_every_page_of_the_toc_is_built(book):
+    root, _ = book
+    toc = yaml.safe_load((root / "book" / "_toc.yml").read_text(encoding="utf-8"))
+    pages = _toc_files(toc)
+    missing_from_toc = [p for p in CORE_PAGES if p not in pages]
+    assert missing_from_toc == [], f"chapters missing from book/_toc.yml: {missing_from_toc}"
+    assert pages.index("book/bibliography") == len(pages) - 1, "the bibliography comes last"
+    for page in pages:
+        built = root / "_build" / "html" / f"{page}.html"
+        assert built.is_file(), f"{page} was not built"
+        assert _text(built.read_text(encoding="utf-8")), f"{page} is empty"
+    # index.html sends the reader to the root page.
+    assert "book/intro.html" in (root / "_build" / "html" / "index.html").read_text(encoding="utf-8")
+
+
+def test_notebooks_were_executed(book):
+    root, _ = book
+    toc = yaml.safe_load((root / "book" / "_toc.yml").read_text(encoding="utf-8"))
+    notebooks = [p for p in _toc_files(toc) if p.startswith("notebooks/")]
+    assert notebooks, "the table of contents lists no notebook"
+    for page in notebooks:
+        source = root / f"{page}.ipynb"
+        assert source.is_file(), f"{source} is not a notebook"
+        page_html = _html(root, page)
+        # Outputs come from the build's execution (the committed notebooks may hold none).
+        assert 'class="cell_output' in page_html, f"{page}: no cell produced output"
+        # Every notebook of this book draws figures; they are rendered into _images/.
+        figures = re.findall(r'<img[^>]*\ssrc="([^"]*_images/[^"]+)"', page_html)
+        assert figures, f"{page}: no figure in the output"
+        for src in figures:
+            assert (root / "_build" / "html" / page).parent.joinpath(src).resolve().is_file(), src
+        assert "Traceback" not in page_html, f"{page}: a cell raised"
+
+
+def test_bibliography_lists_every_reference(book):
+    root, _ = book
+    entries = parse_file(root / "book" / "references.bib", bib_format="bibtex").entries
+    expected_keys = {
+        "borup2021even", "mobahi2020self", "furlanello2018born",
+        "hinton2015distilling", "he2016deep", "krizhevsky2009learning",
+    }
+    assert set(entries) == expected_keys
+    bib_html = _html(root, "book/bibliography")
+    citations = re.findall(r'<div class="citation" id="([^"]+)"', bib_html)
+    assert len(citations) == len(entries), "every reference must be cited somewhere in the book"
+    bib_text = _text(bib_html).lower()
+    for key, entry in entries.items():
+        # The title as rendered: braces (case protection) and LaTeX escapes dropped, lower case.
+        title = re.sub(r"[{}]", "", entry.fields["title"]).lower()
+        assert " ".join(title.split()) in bib_text, f"{key}: title not in the bibliography"
+        surname = entry.persons["author"][0].last_names[0]
+        assert surname.lower() in bib_text, f"{key}: first author not in the bibliography"
+    # Citations in the text link to the bibliography entries.
+    intro = _html(root, "book/intro")
+    linked = set(re.findall(r'href="bibliography\.html#([^"]+)"', intro))
+    assert linked and linked <= set(citations)
+
+
+def test_math_is_rendered_by_local_mathjax(book):
+    root, _ = book
+    site = root / "_build" / "html"
+    pages = sorted(site.rglob("*.html"))
+    math_pages = [p for p in pages if 'class="math notranslate' in p.read_text(encoding="utf-8")]
+    assert site / "book" / "intro.html" in math_pages
+    assert len(math_pages) >= 2, "expected math in the introduction and the chapters"
+    # The display equation of the central recursion, with its label for {eq} references.
+    assert 'id="equation-central-recursion"' in _html(root, "book/intro")
+    for page in math_pages:
+        page_html = page.read_text(encoding="utf-8")
+        srcs = re.findall(r'<script[^>]*\ssrc="([^"]*mathjax[^"]*)"', page_html, re.I)
+        assert len(srcs) == 1, (
+            f"{page}: has math but loads {len(srcs)} MathJax scripts {srcs}. (Sphinx loads MathJax only on "
+            "pages whose body has math; math in a page title appears in the navigation of every page, so "
+            "write titles in Unicode, e.g. α.)"
+        )
+        src = srcs[0].split("?")[0]
+        assert not re.match(r"(https?:)?//", src), f"{page}: MathJax loaded from {src}"
+        assert src.endswith("_static/" + MATHJAX_ENTRY), src
+        assert (page.parent / src).resolve().is_file(), f"{page}: {src} does not exist in the build"
+    # MathJax finds its fonts and TeX extensions next to tex-chtml.js.
+    es5 = site / "_static" / "mathjax" / "es5"
+    assert any((es5 / "output" / "chtml" / "fonts" / "woff-v2").glob("*.woff"))
+    assert (es5 / "input" / "tex" / "extensions").is_dir()
+
+
+def test_no_remote_scripts_or_styles(book):
+    root, _ = book
+    for page in sorted((root / "_build" / "html").rglob("*.html")):
+        page_html = page.read_text(encoding="utf-8")
+        remote = re.findall(
+            r'<(?:script|link|img|iframe)[^>]*\s(?:src|href)="((?:https?:)?//[^"]*)"', page_html, re.I
+        )
+        assert remote == [], f"{page}: remote assets {remote}"
+        hosts = [h for h in REMOTE_HOSTS if h in page_html]
+        assert hosts == [], f"{page}: mentions CDN hosts {hosts}"
