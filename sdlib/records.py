@@ -1,0 +1,46 @@
+"""Names and file I/O shared by the trainer (:mod:`sdlib.train`) and the torch-free reporting (:mod:`sdlib.results`).
+
+A results folder holds ``records.jsonl`` (one line per (seed, chain, step)), ``epochs.jsonl`` (one line per epoch)
+and ``probe_epochs.jsonl`` (the alpha = 0 probes of the alpha-hat chain). Chains are named ``"alpha=<a:g>"`` for a
+fixed alpha, ``"alpha_hat"`` for the estimated one, and ``"shared"`` for the step-1 model of a seed (labels alone).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, IO
+
+RECORDS_FILE = "records.jsonl"
+EPOCHS_FILE = "epochs.jsonl"
+PROBE_EPOCHS_FILE = "probe_epochs.jsonl"
+SHARED_CHAIN = "shared"  # the step-1 model of a seed, trained on the labels alone
+ALPHA_HAT_CHAIN = "alpha_hat"
+PROBE_CHAIN = "alpha_hat_probe"  # the alpha = 0 step of Algorithm 1 (no record of its own)
+
+
+def chain_name(alpha: float | None) -> str:
+    """``"alpha=<a:g>"`` for a fixed alpha (``"alpha=0.1"``), ``"alpha_hat"`` for None."""
+    return ALPHA_HAT_CHAIN if alpha is None else f"alpha={float(alpha):g}"
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[IO], None], binary: bool = False) -> None:
+    """Call ``write(handle)`` on a temporary file beside ``path``, then rename it onto ``path``.
+
+    Readers see the old file or the new one, never half of one; an interrupted write leaves no temporary file.
+    The file gets the usual 0644 permissions (mkstemp alone would make it 0600).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as handle:
+            write(handle)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise

@@ -1,0 +1,674 @@
+"""Aggregate and plot the results of the CIFAR-10 self-distillation chains.
+
+Torch-free on purpose (numpy, pandas, matplotlib only) so that the book can read and plot committed
+results on a machine without torch. The files read here are written by :func:`sdlib.train.run_chains`:
+
+- ``results_dir/records.jsonl``: one JSON object per (seed, chain, step), the final evaluation of a step.
+- ``results_dir/epochs.jsonl``: one JSON object per (seed, chain, step, epoch), the training curves.
+
+Chains are named ``"alpha=<a:g>"`` (fixed mixing weight a), ``"alpha_hat"`` (alpha estimated at every step by
+Algorithm 1) and ``"shared"``: the step-1 model of a seed, trained on the labels alone, which is the common
+start of every chain of that seed. :func:`load_records` copies that shared record into step 1 of every chain,
+so that each chain's curve starts at the common model.
+
+Record schema (``records.jsonl``, one line per (seed, chain, step), rewritten atomically by the trainer):
+
+==================  =================================================================================
+seed, chain, step   the key; step 1 appears once per seed, as chain ``"shared"``
+alpha               the weight of the labels used at that step (alpha-hat for the alpha-hat chain, 1.0
+                    for ``"shared"``)
+alpha_hat           the estimate of Algorithm 1 (alpha-hat chain, steps >= 2), else null
+probe_val_acc,      accuracies of the alpha = 0 probe behind alpha-hat (alpha-hat chain, steps >= 2),
+probe_test_acc      else null
+epochs              epochs trained
+val_acc, test_acc   accuracies as fractions in [0, 1] on the validation split and on the test set
+val_loss, test_loss MSE between softmax outputs and one-hot labels (the alpha = 1 loss without L2)
+train_loss          mean training loss of the last epoch
+wall_time_s,        the step's wall-clock seconds and training images per second
+images_per_s
+profile,            the TrainConfig profile, the hash of what changes results, and the full
+config_hash, config TrainConfig.to_dict()
+provenance, data    git commit, versions, device, date; the data split's metadata
+==================  =================================================================================
+
+``epochs.jsonl`` holds one line per (seed, chain, step, epoch) with train_loss, val_acc, val_loss, test_acc,
+test_loss, lr, wall_time_s, images_per_s (and config_hash); ``probe_epochs.jsonl`` the same for the probes
+(chain ``"alpha_hat_probe"``).
+
+>>> records = load_records("results/cifar10")          # doctest: +SKIP
+>>> summarize(records)                                  # doctest: +SKIP
+>>> plot_accuracy(records); plot_alpha_hat(records)     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from sdlib.records import (ALPHA_HAT_CHAIN, EPOCHS_FILE, PROBE_CHAIN, PROBE_EPOCHS_FILE, RECORDS_FILE, SHARED_CHAIN,
+                           chain_name)
+
+__all__ = [
+    "RECORDS_FILE",
+    "EPOCHS_FILE",
+    "PROBE_EPOCHS_FILE",
+    "SHARED_CHAIN",
+    "PROBE_CHAIN",
+    "ALPHA_HAT_CHAIN",
+    "chain_name",
+    "chain_alpha",
+    "find_repo_root",
+    "resolve_repo_path",
+    "has_records",
+    "no_results_message",
+    "load_records",
+    "load_epochs",
+    "summarize",
+    "accuracy_table",
+    "plot_accuracy",
+    "plot_alpha_hat",
+    "plot_epochs",
+    "plot_summary",
+]
+
+
+_FIXED_CHAIN = re.compile(r"^alpha=(?P<alpha>[-+0-9.eE]+)$")
+_HOW_TO_PRODUCE = (
+    "run notebooks/05_cifar10_self_distillation.ipynb with train=True "
+    "(e.g. `papermill notebooks/05_cifar10_self_distillation.ipynb out.ipynb -p train True`) "
+    "or `python -m sdlib.train` to produce them"
+)
+# Record fields that must be present (and not null) on every line of records.jsonl.
+_RECORD_REQUIRED = ("seed", "chain", "step", "alpha", "val_acc", "test_acc")
+# Numeric record fields that may be null (missing in older files, or not applicable to the chain).
+_RECORD_OPTIONAL_NUMERIC = (
+    "alpha_hat",
+    "probe_val_acc",
+    "probe_test_acc",
+    "epochs",
+    "val_loss",
+    "test_loss",
+    "train_loss",
+    "wall_time_s",
+    "images_per_s",
+)
+_RECORD_OPTIONAL_OTHER = ("profile", "config_hash", "config", "provenance", "data")
+_EPOCH_REQUIRED = ("seed", "chain", "step", "epoch")
+_EPOCH_OPTIONAL_NUMERIC = (
+    "train_loss",
+    "val_acc",
+    "val_loss",
+    "test_acc",
+    "test_loss",
+    "lr",
+    "wall_time_s",
+    "images_per_s",
+)
+_ACCURACY_FIELDS = ("val_acc", "test_acc", "probe_val_acc", "probe_test_acc")
+
+
+# --------------------------------------------------------------------------------------------- chains
+
+
+def chain_alpha(chain: str) -> float:
+    """The fixed alpha of a chain name; NaN for ``"alpha_hat"``, 1.0 for ``"shared"`` (labels alone), 0.0 for
+    ``"alpha_hat_probe"`` (the alpha = 0 probe of Algorithm 1, in probe_epochs.jsonl only).
+
+    Raises ValueError for a name that is none of ``"alpha=<a>"``, ``"alpha_hat"``, ``"shared"``,
+    ``"alpha_hat_probe"``.
+    """
+    if chain == ALPHA_HAT_CHAIN:
+        return math.nan
+    if chain == SHARED_CHAIN:
+        return 1.0
+    if chain == PROBE_CHAIN:
+        return 0.0
+    match = _FIXED_CHAIN.match(chain) if isinstance(chain, str) else None
+    if match is None:
+        raise ValueError(
+            f"chain must be 'alpha=<a>' (e.g. 'alpha=0.1'), '{ALPHA_HAT_CHAIN}' or '{SHARED_CHAIN}', got {chain!r}"
+        )
+    try:
+        alpha = float(match.group("alpha"))
+    except ValueError:
+        raise ValueError(f"chain {chain!r}: {match.group('alpha')!r} is not a number") from None
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"chain {chain!r}: alpha must lie in [0, 1], got {alpha!r}")
+    return alpha
+
+
+def _chain_sort_key(chain: str) -> tuple:
+    # Fixed alphas ascending, then alpha_hat, then shared (which load_records expands away).
+    if chain == ALPHA_HAT_CHAIN:
+        return (1, 0.0)
+    if chain == SHARED_CHAIN:
+        return (2, 0.0)
+    if chain == PROBE_CHAIN:
+        return (3, 0.0)
+    return (0, chain_alpha(chain))
+
+
+# ---------------------------------------------------------------------------------------------- paths
+
+
+def find_repo_root(start: str | os.PathLike | None = None) -> Path:
+    """The repository root: the first directory at or above ``start`` (default: the working directory)
+    holding both ``pyproject.toml`` and ``sdlib/``; else the checkout this module was imported from;
+    else ``start`` itself. Notebooks run with the working directory ``notebooks/``, hence the search upward.
+    """
+    start = Path.cwd() if start is None else Path(start)
+    start = start.resolve()
+    for directory in (start, *start.parents):
+        if (directory / "pyproject.toml").is_file() and (directory / "sdlib").is_dir():
+            return directory
+    package_parent = Path(__file__).resolve().parent.parent
+    if (package_parent / "pyproject.toml").is_file():
+        return package_parent
+    return start
+
+
+def resolve_repo_path(path: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
+    """``path`` itself if absolute, else ``path`` relative to the repository root (:func:`find_repo_root`)."""
+    if path is None or (isinstance(path, str) and not path.strip()):
+        raise ValueError(f"path must be a non-empty path, got {path!r}")
+    path = Path(path).expanduser()
+    if path.is_absolute():
+        return path
+    return (Path(root) if root is not None else find_repo_root()) / path
+
+
+def _display_path(path: Path) -> str:
+    # Relative to the repository root where possible: messages then read the same on every machine.
+    try:
+        return str(path.resolve().relative_to(find_repo_root()))
+    except ValueError:
+        return str(path)
+
+
+# -------------------------------------------------------------------------------------------- loading
+
+
+def has_records(results_dir: str | os.PathLike) -> bool:
+    """Whether ``results_dir/records.jsonl`` exists and holds at least one non-blank line."""
+    path = Path(results_dir) / RECORDS_FILE
+    if not path.is_file():
+        return False
+    with open(path, encoding="utf-8") as handle:
+        return any(line.strip() for line in handle)
+
+
+def no_results_message(results_dir: str | os.PathLike) -> str:
+    """The plain message shown where no results exist yet under ``results_dir``."""
+    return f"No results committed yet under {_display_path(Path(results_dir))}: {_HOW_TO_PRODUCE}."
+
+
+def _read_jsonl(results_dir: str | os.PathLike, filename: str, what: str) -> tuple[Path, list[dict]]:
+    """The JSON objects of ``results_dir/filename`` with their line numbers checked; clear errors otherwise."""
+    if results_dir is None:
+        raise ValueError(f"results_dir must be a directory holding {filename}, got None")
+    directory = Path(results_dir)
+    if not directory.exists():
+        raise FileNotFoundError(
+            f"results_dir {str(directory)!r} does not exist: expected a directory holding {filename} "
+            f"({what}) as written by sdlib.train.run_chains; {_HOW_TO_PRODUCE}"
+        )
+    if not directory.is_dir():
+        raise ValueError(f"results_dir must be a directory holding {filename}, got the file {str(directory)!r}")
+    path = directory / filename
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no {filename} in results_dir {str(directory)!r}: expected {what} as written by "
+            f"sdlib.train.run_chains; {_HOW_TO_PRODUCE}"
+        )
+    objects = []
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}, line {line_number}: not valid JSON ({error.msg})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path}, line {line_number}: expected a JSON object, got {type(obj).__name__}")
+            objects.append((line_number, obj))
+    if not objects:
+        raise ValueError(f"{path} is empty: expected one JSON object per line ({what}); {_HOW_TO_PRODUCE}")
+    return path, objects
+
+
+def _check_int(value, field: str, where: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < minimum:
+        raise ValueError(f"{where}: field {field!r} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_number(value, field: str, where: str, allow_null: bool) -> float:
+    if value is None:
+        if allow_null:
+            return math.nan
+        raise ValueError(f"{where}: field {field!r} must be a number, got null")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{where}: field {field!r} must be a number{' or null' if allow_null else ''}, got {value!r}")
+    return float(value)
+
+
+def _check_fraction(value: float, field: str, where: str) -> None:
+    # Accuracies are fractions; a percentage here would silently scale every plot by 100.
+    if not math.isnan(value) and not 0.0 <= value <= 1.0:
+        raise ValueError(f"{where}: field {field!r} must be a fraction in [0, 1], got {value!r}")
+
+
+def _parse_record(obj: dict, where: str) -> dict:
+    missing = [field for field in _RECORD_REQUIRED if field not in obj]
+    if missing:
+        raise ValueError(f"{where}: missing required field(s) {missing}; every record needs {list(_RECORD_REQUIRED)}")
+    chain = obj["chain"]
+    if not isinstance(chain, str):
+        raise ValueError(f"{where}: field 'chain' must be a string, got {chain!r}")
+    try:
+        fixed_alpha = chain_alpha(chain)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+    if chain == PROBE_CHAIN:
+        raise ValueError(f"{where}: chain {PROBE_CHAIN!r} has no records (its results are the probe_* fields "
+                         f"of the {ALPHA_HAT_CHAIN!r} chain)")
+    row = {
+        "seed": _check_int(obj["seed"], "seed", where, 0),
+        "chain": chain,
+        "step": _check_int(obj["step"], "step", where, 1),
+        "alpha": _check_number(obj["alpha"], "alpha", where, allow_null=False),
+        "val_acc": _check_number(obj["val_acc"], "val_acc", where, allow_null=False),
+        "test_acc": _check_number(obj["test_acc"], "test_acc", where, allow_null=False),
+    }
+    for field in _RECORD_OPTIONAL_NUMERIC:
+        row[field] = _check_number(obj.get(field), field, where, allow_null=True)
+    for field in _RECORD_OPTIONAL_OTHER:
+        row[field] = obj.get(field)
+    for field in _ACCURACY_FIELDS:
+        _check_fraction(row[field], field, where)
+    if not math.isnan(row["epochs"]):
+        row["epochs"] = _check_int(row["epochs"], "epochs", where, 1)
+    if chain == SHARED_CHAIN and row["step"] != 1:
+        raise ValueError(f"{where}: chain 'shared' is the step-1 model, got step {row['step']}")
+    if chain != SHARED_CHAIN and row["step"] == 1:
+        raise ValueError(
+            f"{where}: step 1 is recorded once per seed under chain 'shared', got it under chain {chain!r}"
+        )
+    row["chain_alpha"] = fixed_alpha
+    return row
+
+
+def _config_chains(config) -> set[str]:
+    """The chains a run was configured with (from a record's ``config``), empty when it does not say."""
+    if not isinstance(config, dict) or "alphas" not in config:
+        return set()
+    chains = {chain_name(alpha) for alpha in config["alphas"]}
+    if config.get("include_alpha_hat", False):
+        chains.add(ALPHA_HAT_CHAIN)
+    return chains
+
+
+def _ordered(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    order = {chain: rank for rank, chain in enumerate(sorted(frame["chain"].unique(), key=_chain_sort_key))}
+    frame = frame.assign(_chain_rank=frame["chain"].map(order))
+    frame = frame.sort_values(["_chain_rank", *keys], kind="stable").drop(columns="_chain_rank")
+    return frame.reset_index(drop=True)
+
+
+def load_records(results_dir: str | os.PathLike, config_hash: str | None = None) -> pd.DataFrame:
+    """The step records of ``results_dir/records.jsonl`` as a DataFrame, one row per (seed, chain, step).
+
+    ``config_hash`` keeps only the records of that configuration (ValueError if it has none). Without it,
+    records of several configurations (a file being rewritten by a run of another config) are all kept, with a
+    RuntimeWarning naming the hashes.
+
+    The shared step-1 record of each seed (chain ``"shared"``) becomes step 1 of every chain of that seed:
+    the chains seen for that seed plus those named in the shared record's ``config`` (``alphas``,
+    ``include_alpha_hat``). The copies keep ``alpha`` = 1.0 (the step-1 model saw the labels alone) and are
+    flagged by ``from_shared`` = True.
+
+    Columns: seed, chain, step, alpha, val_acc, test_acc, the optional numeric fields (alpha_hat,
+    probe_val_acc, probe_test_acc, epochs, val_loss, test_loss, train_loss, wall_time_s, images_per_s; NaN
+    where null or absent), profile, config_hash, config, provenance, data (as stored), plus
+    ``chain_alpha`` (the chain's fixed alpha, NaN for ``"alpha_hat"``) and ``from_shared``.
+    Rows are sorted by chain (fixed alphas ascending, then ``"alpha_hat"``), seed, step.
+
+    Raises FileNotFoundError when the directory or its records.jsonl is missing, ValueError when the file
+    is empty or a line is malformed (not JSON, a missing or ill-typed field, an accuracy outside [0, 1],
+    step 1 under a chain other than ``"shared"``, or a (seed, chain, step) recorded twice).
+    """
+    if config_hash is not None and not isinstance(config_hash, str):
+        raise ValueError(f"config_hash must be a string such as '3f2a9c01be47' or None, got {config_hash!r}")
+    path, objects = _read_jsonl(results_dir, RECORDS_FILE, "one JSON record per (seed, chain, step)")
+    rows, seen = [], {}
+    for line_number, obj in objects:
+        where = f"{path}, line {line_number}"
+        row = _parse_record(obj, where)
+        if config_hash is not None and row["config_hash"] != config_hash:
+            continue
+        key = (row["seed"], row["chain"], row["step"])
+        if key in seen:
+            raise ValueError(
+                f"{where}: (seed, chain, step) = {key} already recorded on line {seen[key]}; "
+                "expected one record per (seed, chain, step)"
+            )
+        seen[key] = line_number
+        row["from_shared"] = False
+        rows.append(row)
+
+    hashes = sorted({str(row["config_hash"]) for row in rows})
+    if config_hash is not None and not rows:
+        present = sorted({str(obj.get("config_hash")) for _, obj in objects})
+        raise ValueError(f"config_hash {config_hash!r} has no records in {path}; present: {present}")
+    if len(hashes) > 1:
+        warnings.warn(f"{path} mixes records of {len(hashes)} configurations (config_hash {hashes}); pass "
+                      "config_hash= to load_records to keep one", RuntimeWarning, stacklevel=2)
+
+    expanded = [row for row in rows if row["chain"] != SHARED_CHAIN]
+    for shared in (row for row in rows if row["chain"] == SHARED_CHAIN):
+        chains = {row["chain"] for row in expanded if row["seed"] == shared["seed"] and not row["from_shared"]}
+        chains |= _config_chains(shared["config"])
+        for chain in chains:
+            expanded.append(
+                {**shared, "chain": chain, "chain_alpha": chain_alpha(chain), "from_shared": True}
+            )
+    if not expanded:
+        raise ValueError(f"{path}: no chain to expand the shared step-1 record(s) into; expected chain records "
+                         "or a 'config' with 'alphas' on the shared record")
+    frame = pd.DataFrame(expanded)
+    frame["epochs"] = frame["epochs"].astype("Int64")  # a count: nullable integer, not float
+    return _ordered(frame, ["seed", "step"])
+
+
+def load_epochs(results_dir: str | os.PathLike, probes: bool = False) -> pd.DataFrame:
+    """The per-epoch training curves of ``results_dir/epochs.jsonl``, one row per (seed, chain, step, epoch).
+
+    Columns: seed, chain, step, epoch, then train_loss, val_acc, val_loss, test_acc, test_loss, lr,
+    wall_time_s, images_per_s (NaN where null or absent) and config_hash (None where absent). The shared
+    step-1 rows keep chain ``"shared"`` (see :func:`plot_epochs`). ``probes=True`` reads the alpha = 0 probes
+    of the alpha-hat chain instead (``probe_epochs.jsonl``, chain ``"alpha_hat_probe"``). Where an epoch
+    appears twice (a resumed step), the later line counts. Same errors as :func:`load_records`.
+    """
+    if not isinstance(probes, bool):
+        raise ValueError(f"probes must be True or False, got {probes!r}")
+    filename = PROBE_EPOCHS_FILE if probes else EPOCHS_FILE
+    path, objects = _read_jsonl(results_dir, filename, "one JSON object per (seed, chain, step, epoch)")
+    rows, seen = [], {}
+    for line_number, obj in objects:
+        where = f"{path}, line {line_number}"
+        missing = [field for field in _EPOCH_REQUIRED if field not in obj]
+        if missing:
+            raise ValueError(f"{where}: missing required field(s) {missing}; every line needs {list(_EPOCH_REQUIRED)}")
+        chain = obj["chain"]
+        try:
+            chain_alpha(chain)
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
+        row = {
+            "seed": _check_int(obj["seed"], "seed", where, 0),
+            "chain": chain,
+            "step": _check_int(obj["step"], "step", where, 1),
+            "epoch": _check_int(obj["epoch"], "epoch", where, 0),
+        }
+        for field in _EPOCH_OPTIONAL_NUMERIC:
+            row[field] = _check_number(obj.get(field), field, where, allow_null=True)
+        row["config_hash"] = obj.get("config_hash")
+        for field in ("val_acc", "test_acc"):
+            _check_fraction(row[field], field, where)
+        key = (row["seed"], row["chain"], row["step"], row["epoch"])
+        if key in seen:
+            # A resumed step may rewrite its epochs; the later line is the one that counts.
+            rows[seen[key]] = row
+        else:
+            seen[key] = len(rows)
+            rows.append(row)
+    return _ordered(pd.DataFrame(rows), ["seed", "step", "epoch"])
+
+
+# ---------------------------------------------------------------------------------------- aggregation
+
+
+def _check_records(records: pd.DataFrame, name: str = "records") -> None:
+    if not isinstance(records, pd.DataFrame):
+        raise ValueError(f"{name} must be the DataFrame returned by load_records, got {type(records).__name__}")
+    missing = [column for column in ("seed", "chain", "step", "test_acc", "val_acc", "alpha_hat") if column not in records]
+    if missing:
+        raise ValueError(f"{name} must be the DataFrame returned by load_records; missing column(s) {missing}")
+    if records.empty:
+        raise ValueError(f"{name} is empty: nothing to summarize")
+
+
+def summarize(records: pd.DataFrame, ddof: int = 1) -> pd.DataFrame:
+    """Statistics over seeds per (chain, step).
+
+    Parameters
+    ----------
+    records : DataFrame from :func:`load_records`.
+    ddof : delta degrees of freedom of the standard deviations (1: the sample standard deviation over
+        seeds, NaN for a single seed; 0: the population one).
+
+    Returns
+    -------
+    DataFrame with one row per (chain, step), sorted like :func:`load_records`, and columns
+    chain, chain_alpha, step, n_seeds, test_acc_mean, test_acc_std, test_acc_min, test_acc_max,
+    val_acc_mean, val_acc_std, val_acc_min, val_acc_max, alpha_hat_mean, alpha_hat_std
+    (the alpha-hat columns are NaN except for the ``"alpha_hat"`` chain at steps >= 2).
+    """
+    _check_records(records)
+    if ddof not in (0, 1):
+        raise ValueError(f"ddof must be 0 or 1, got {ddof!r}")
+    groups = records.groupby(["chain", "step"], sort=False)
+    summary = groups.agg(
+        chain_alpha=("chain_alpha", "first"),
+        n_seeds=("seed", "nunique"),
+        test_acc_mean=("test_acc", "mean"),
+        test_acc_std=("test_acc", lambda values: values.std(ddof=ddof)),
+        test_acc_min=("test_acc", "min"),
+        test_acc_max=("test_acc", "max"),
+        val_acc_mean=("val_acc", "mean"),
+        val_acc_std=("val_acc", lambda values: values.std(ddof=ddof)),
+        val_acc_min=("val_acc", "min"),
+        val_acc_max=("val_acc", "max"),
+        alpha_hat_mean=("alpha_hat", "mean"),
+        alpha_hat_std=("alpha_hat", lambda values: values.dropna().std(ddof=ddof)),
+    ).reset_index()
+    summary["n_seeds"] = summary["n_seeds"].astype(int)
+    return _ordered(summary, ["step"])
+
+
+def accuracy_table(records: pd.DataFrame, metric: str = "test_acc", decimals: int = 2) -> pd.DataFrame:
+    """A chain x step table of ``"mean ± std"`` accuracies in percent over seeds (the paper's layout).
+
+    ``metric`` is ``"test_acc"`` or ``"val_acc"``; the std is the sample one (``"mean"`` alone for one seed).
+    Rows are chains (fixed alphas ascending, then alpha-hat), columns steps.
+    """
+    if metric not in ("test_acc", "val_acc"):
+        raise ValueError(f"metric must be 'test_acc' or 'val_acc', got {metric!r}")
+    summary = summarize(records)
+
+    def cell(row) -> str:
+        mean, std = 100 * row[f"{metric}_mean"], 100 * row[f"{metric}_std"]
+        return f"{mean:.{decimals}f}" if math.isnan(std) else f"{mean:.{decimals}f} ± {std:.{decimals}f}"
+
+    table = summary.assign(cell=summary.apply(cell, axis=1)).pivot(index="chain", columns="step", values="cell")
+    table = table.loc[sorted(table.index, key=_chain_sort_key)].fillna("")
+    table.columns = [f"step {step}" for step in table.columns]
+    table.index.name = "chain"
+    return table
+
+
+# -------------------------------------------------------------------------------------------- figures
+
+ALPHA_HAT_COLOR = "tab:red"
+
+
+def _axes(ax, figsize=(7.0, 4.5)):
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        fig, ax = plt.subplots(figsize=figsize, layout="constrained")
+    return ax.figure, ax
+
+
+def _step_axis(ax, steps) -> None:
+    # One tick per step, and room around a lone step (matplotlib would otherwise tick 1.9, 1.95, ...).
+    steps = sorted({int(step) for step in steps})
+    ax.set_xticks(steps)
+    ax.set_xlim(steps[0] - 0.3, steps[-1] + 0.3)
+
+
+def _spread(rows: pd.DataFrame, metric: str, spread: str | None):
+    if spread == "std":
+        std = rows[f"{metric}_std"].fillna(0.0).to_numpy()
+        return rows[f"{metric}_mean"].to_numpy() - std, rows[f"{metric}_mean"].to_numpy() + std
+    if spread == "minmax":
+        return rows[f"{metric}_min"].to_numpy(), rows[f"{metric}_max"].to_numpy()
+    return None
+
+
+def plot_accuracy(records: pd.DataFrame, ax=None, metric: str = "test_acc", spread: str | None = "std",
+                  cmap: str = "viridis"):
+    """Accuracy against step: one line per fixed alpha, coloured by alpha on a sequential colormap (with a
+    colorbar), and the alpha-hat chain highlighted in red; a band shows the spread over seeds.
+
+    Parameters
+    ----------
+    records : DataFrame from :func:`load_records`.
+    ax : matplotlib Axes to draw into (a new figure when None).
+    metric : ``"test_acc"`` or ``"val_acc"``.
+    spread : ``"std"`` (mean ± sample std over seeds), ``"minmax"`` (min to max over seeds) or None.
+    cmap : name of the sequential colormap over alpha in [0, 1].
+
+    Returns the Figure. The Axes holds exactly one Line2D per chain (fixed alphas ascending, then alpha-hat).
+    """
+    import matplotlib as mpl
+    from matplotlib.ticker import PercentFormatter
+
+    if metric not in ("test_acc", "val_acc"):
+        raise ValueError(f"metric must be 'test_acc' or 'val_acc', got {metric!r}")
+    if spread not in ("std", "minmax", None):
+        raise ValueError(f"spread must be 'std', 'minmax' or None, got {spread!r}")
+    summary = summarize(records)
+    fig, ax = _axes(ax)
+    colormap = mpl.colormaps[cmap]
+    norm = mpl.colors.Normalize(vmin=0.0, vmax=1.0)  # alpha lives in [0, 1]: colours comparable across runs
+
+    fixed = [chain for chain in summary["chain"].unique() if chain != ALPHA_HAT_CHAIN]
+    for chain in fixed:
+        rows = summary[summary["chain"] == chain]
+        color = colormap(norm(chain_alpha(chain)))
+        ax.plot(rows["step"], rows[f"{metric}_mean"], color=color, marker="o", markersize=4, linewidth=1.4)
+        band = _spread(rows, metric, spread)
+        if band is not None:
+            ax.fill_between(rows["step"], *band, color=color, alpha=0.12, linewidth=0)
+    if fixed:
+        fig.colorbar(mpl.cm.ScalarMappable(norm=norm, cmap=colormap), ax=ax, label=r"fixed $\alpha$", pad=0.02)
+
+    rows = summary[summary["chain"] == ALPHA_HAT_CHAIN]
+    if not rows.empty:
+        ax.plot(rows["step"], rows[f"{metric}_mean"], color=ALPHA_HAT_COLOR, marker="D", markersize=6,
+                linewidth=2.6, zorder=5, label=r"$\hat\alpha$ chain (Algorithm 1)")
+        band = _spread(rows, metric, spread)
+        if band is not None:
+            ax.fill_between(rows["step"], *band, color=ALPHA_HAT_COLOR, alpha=0.18, linewidth=0, zorder=4)
+        ax.legend(loc="best")
+
+    n_seeds = int(records["seed"].nunique())
+    spread_text = {"std": "band: ± 1 std over seeds", "minmax": "band: min to max over seeds", None: ""}[spread]
+    ax.set_title(f"{'Test' if metric == 'test_acc' else 'Validation'} accuracy, mean over {n_seeds} "
+                 f"seed{'s' if n_seeds != 1 else ''}" + (f" ({spread_text})" if spread_text and n_seeds > 1 else ""))
+    ax.set_xlabel("step")
+    ax.set_ylabel("test accuracy" if metric == "test_acc" else "validation accuracy")
+    _step_axis(ax, summary["step"])
+    ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def plot_alpha_hat(records: pd.DataFrame, ax=None):
+    """The estimated alpha-hat per step (steps >= 2): one point per seed and the mean over seeds as a line.
+
+    Returns the Figure; the Axes holds one Line2D (the mean) and one scatter collection (the seeds).
+    Raises ValueError when the records hold no alpha-hat chain.
+    """
+    _check_records(records)
+    rows = records[(records["chain"] == ALPHA_HAT_CHAIN) & records["alpha_hat"].notna()]
+    if rows.empty:
+        raise ValueError("records hold no alpha_hat chain with alpha_hat values (steps >= 2): "
+                         "train with include_alpha_hat=True and at least 2 steps")
+    fig, ax = _axes(ax, figsize=(6.0, 3.8))
+    seeds = sorted(rows["seed"].unique())
+    # A small horizontal offset per seed keeps coinciding estimates visible.
+    offsets = {seed: 0.06 * (index - (len(seeds) - 1) / 2) for index, seed in enumerate(seeds)}
+    ax.scatter(rows["step"] + rows["seed"].map(offsets), rows["alpha_hat"], s=22, color="0.45", alpha=0.8,
+               label="per seed", zorder=3)
+    means = rows.groupby("step")["alpha_hat"].mean()
+    ax.plot(means.index, means.to_numpy(), color=ALPHA_HAT_COLOR, marker="D", linewidth=2.2,
+            label=f"mean over {len(seeds)} seed{'s' if len(seeds) != 1 else ''}", zorder=4)
+    ax.set_xlabel("step")
+    ax.set_ylabel(r"$\hat\alpha$")
+    ax.set_ylim(-0.03, 1.03)
+    _step_axis(ax, rows["step"])
+    ax.set_title(r"$\hat\alpha$ per step (Algorithm 1, validation split)")
+    ax.legend(loc="best")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def plot_epochs(epochs: pd.DataFrame, chain: str, ax=None, metric: str = "test_acc"):
+    """The per-epoch ``metric`` of one chain across all its steps, mean over seeds, epochs laid end to end.
+
+    The chain's step 1 is the shared step-1 model (chain ``"shared"`` in ``epochs``). One Line2D per step.
+    ``metric``: any numeric column of :func:`load_epochs` (test_acc, val_acc, train_loss, ...).
+    """
+    from matplotlib.ticker import MaxNLocator, PercentFormatter
+
+    if not isinstance(epochs, pd.DataFrame) or not {"chain", "step", "epoch"} <= set(epochs.columns):
+        raise ValueError("epochs must be the DataFrame returned by load_epochs")
+    if metric not in _EPOCH_OPTIONAL_NUMERIC or metric not in epochs.columns:
+        raise ValueError(f"metric must be one of {list(_EPOCH_OPTIONAL_NUMERIC)}, got {metric!r}")
+    rows = epochs[(epochs["chain"] == chain) | ((epochs["chain"] == SHARED_CHAIN) & (epochs["step"] == 1))]
+    if not (epochs["chain"] == chain).any():
+        raise ValueError(f"chain {chain!r} not in epochs; chains present: {sorted(epochs['chain'].unique())}")
+    fig, ax = _axes(ax, figsize=(7.0, 3.8))
+    means = rows.groupby(["step", "epoch"])[metric].mean().reset_index()
+    offset = 0
+    for step, curve in means.groupby("step"):
+        x = offset + curve["epoch"].to_numpy() - curve["epoch"].min() + 1
+        ax.plot(x, curve[metric].to_numpy(), marker=".", label=f"step {step}")
+        offset = x.max()
+    ax.set_xlabel("epoch (steps laid end to end)")
+    ax.set_ylabel(metric)
+    if metric.endswith("_acc"):
+        ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(f"{metric} per epoch, chain {chain}, mean over seeds")
+    ax.legend(loc="best", fontsize="small")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def plot_summary(records: pd.DataFrame, metric: str = "test_acc", spread: str | None = "std"):
+    """The summary figure: accuracy against step (:func:`plot_accuracy`) and, where the records hold an
+    alpha-hat chain, alpha-hat per step (:func:`plot_alpha_hat`) beside it. Returns the Figure."""
+    import matplotlib.pyplot as plt
+
+    _check_records(records)
+    with_alpha_hat = bool(((records["chain"] == ALPHA_HAT_CHAIN) & records["alpha_hat"].notna()).any())
+    if with_alpha_hat:
+        fig, (ax_acc, ax_alpha) = plt.subplots(1, 2, figsize=(12.5, 4.5), layout="constrained",
+                                               gridspec_kw={"width_ratios": [1.5, 1.0]})
+        plot_accuracy(records, ax=ax_acc, metric=metric, spread=spread)
+        plot_alpha_hat(records, ax=ax_alpha)
+    else:
+        fig, ax_acc = plt.subplots(figsize=(7.0, 4.5), layout="constrained")
+        plot_accuracy(records, ax=ax_acc, metric=metric, spread=spread)
+    return fig

@@ -1,0 +1,385 @@
+"""sdlib.results: loading, the step-1 expansion, aggregation over seeds and the figures, checked against
+a hand computation on a synthetic records.jsonl written here."""
+
+import json
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from sdlib import results  # noqa: E402
+
+SEEDS = (0, 1, 2)
+FIXED_ALPHAS = (0.0, 0.5, 1.0)
+CHAINS = ("alpha=0", "alpha=0.5", "alpha=1", "alpha_hat")
+STEPS = (2, 3, 4)
+
+
+def synthetic_records(seed=0):
+    """Records as sdlib.train writes them: one shared step-1 record per seed, then steps 2.. per chain."""
+    rng = np.random.default_rng(seed)
+    config = {"alphas": list(FIXED_ALPHAS), "include_alpha_hat": True, "steps": max(STEPS), "profile": "paper"}
+    records = []
+    for s in SEEDS:
+        records.append({
+            "seed": s, "chain": "shared", "step": 1, "alpha": 1.0, "alpha_hat": None,
+            "probe_val_acc": None, "probe_test_acc": None, "epochs": 3,
+            "val_acc": round(float(rng.uniform(0.6, 0.9)), 4), "test_acc": round(float(rng.uniform(0.6, 0.9)), 4),
+            "val_loss": 0.02, "test_loss": 0.02, "train_loss": 0.01, "wall_time_s": 1.0, "images_per_s": 100.0,
+            "profile": "paper", "config_hash": "abc", "config": config, "provenance": {"torch": "x"}, "data": {},
+        })
+        for chain in CHAINS:
+            for step in STEPS:
+                alpha_hat = round(float(rng.uniform(0, 1)), 4) if chain == "alpha_hat" else None
+                records.append({
+                    "seed": s, "chain": chain, "step": step,
+                    "alpha": alpha_hat if chain == "alpha_hat" else float(chain.split("=")[1]),
+                    "alpha_hat": alpha_hat,
+                    "probe_val_acc": 0.5 if chain == "alpha_hat" else None,
+                    "probe_test_acc": 0.5 if chain == "alpha_hat" else None,
+                    "epochs": 3,
+                    "val_acc": round(float(rng.uniform(0.6, 0.9)), 4),
+                    "test_acc": round(float(rng.uniform(0.6, 0.9)), 4),
+                    "val_loss": 0.02, "test_loss": 0.02, "train_loss": 0.01, "wall_time_s": 1.0,
+                    "images_per_s": 100.0, "profile": "paper", "config_hash": "abc", "config": config,
+                    "provenance": {"torch": "x"}, "data": {},
+                })
+    rng.shuffle(records)  # the reader must not depend on the order of the lines
+    return records
+
+
+def write_jsonl(directory, objects, name="records.jsonl"):
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / name, "w", encoding="utf-8") as handle:
+        for obj in objects:
+            handle.write((obj if isinstance(obj, str) else json.dumps(obj)) + "\n")
+    return directory
+
+
+def by_hand(records):
+    """(chain, step) -> list of raw records of the seeds, with each seed's shared record as step 1."""
+    table = {}
+    shared = {r["seed"]: r for r in records if r["chain"] == "shared"}
+    for r in records:
+        if r["chain"] != "shared":
+            table.setdefault((r["chain"], r["step"]), []).append(r)
+    for chain in CHAINS:
+        table[(chain, 1)] = [shared[s] for s in SEEDS]
+    return table
+
+
+@pytest.fixture
+def records_dir(tmp_path):
+    records = synthetic_records()
+    return write_jsonl(tmp_path / "results", records), records
+
+
+def test_load_records_expands_the_shared_step_into_every_chain(records_dir):
+    directory, raw = records_dir
+    df = results.load_records(directory)
+    assert "shared" not in set(df["chain"])
+    assert len(df) == len(SEEDS) * len(CHAINS) * (1 + len(STEPS))
+    assert list(df["chain"].unique()) == list(CHAINS)  # fixed alphas ascending, then alpha-hat
+    shared = {r["seed"]: r for r in raw if r["chain"] == "shared"}
+    step1 = df[df["step"] == 1]
+    assert len(step1) == len(SEEDS) * len(CHAINS)
+    assert step1["from_shared"].all() and not df[df["step"] > 1]["from_shared"].any()
+    for _, row in step1.iterrows():
+        assert row["test_acc"] == shared[row["seed"]]["test_acc"]
+        assert row["val_acc"] == shared[row["seed"]]["val_acc"]
+        assert row["alpha"] == 1.0 and math.isnan(row["alpha_hat"])
+    # every (seed, chain, step) once, with the values written
+    raw_by_key = {(r["seed"], r["chain"], r["step"]): r for r in raw}
+    assert not df.duplicated(["seed", "chain", "step"]).any()
+    for _, row in df[df["step"] > 1].iterrows():
+        original = raw_by_key[(row["seed"], row["chain"], row["step"])]
+        assert row["test_acc"] == original["test_acc"] and row["alpha"] == original["alpha"]
+    assert df.loc[df["chain"] == "alpha=0.5", "chain_alpha"].eq(0.5).all()
+    assert df.loc[df["chain"] == "alpha_hat", "chain_alpha"].isna().all()
+
+
+def test_shared_record_alone_expands_into_the_configured_chains(tmp_path):
+    # A seed whose chains have not run yet still shows its step-1 model in every configured chain.
+    shared = {"seed": 7, "chain": "shared", "step": 1, "alpha": 1.0, "val_acc": 0.5, "test_acc": 0.4,
+              "config": {"alphas": [0.0, 0.25], "include_alpha_hat": True}}
+    df = results.load_records(write_jsonl(tmp_path / "r", [shared]))
+    assert sorted(df["chain"]) == sorted(["alpha=0", "alpha=0.25", "alpha_hat"])
+    assert (df["step"] == 1).all() and (df["test_acc"] == 0.4).all()
+    # optional fields absent from the file come back as NaN / None
+    assert df["alpha_hat"].isna().all() and df["wall_time_s"].isna().all()
+
+
+def test_summarize_matches_a_hand_computation(records_dir):
+    directory, raw = records_dir
+    summary = results.summarize(results.load_records(directory))
+    table = by_hand(raw)
+    assert len(summary) == len(table)
+    assert list(summary["chain"].unique()) == list(CHAINS)
+    for _, row in summary.iterrows():
+        group = table[(row["chain"], row["step"])]
+        test = [r["test_acc"] for r in group]
+        val = [r["val_acc"] for r in group]
+        assert row["n_seeds"] == len(SEEDS)
+        assert row["test_acc_mean"] == pytest.approx(statistics.fmean(test), abs=1e-12)
+        assert row["test_acc_std"] == pytest.approx(statistics.stdev(test), abs=1e-12)
+        assert row["test_acc_min"] == min(test) and row["test_acc_max"] == max(test)
+        assert row["val_acc_mean"] == pytest.approx(statistics.fmean(val), abs=1e-12)
+        assert row["val_acc_std"] == pytest.approx(statistics.stdev(val), abs=1e-12)
+        assert row["val_acc_min"] == min(val) and row["val_acc_max"] == max(val)
+        if row["chain"] == "alpha_hat" and row["step"] >= 2:
+            hats = [r["alpha_hat"] for r in group]
+            assert row["alpha_hat_mean"] == pytest.approx(statistics.fmean(hats), abs=1e-12)
+            assert row["alpha_hat_std"] == pytest.approx(statistics.stdev(hats), abs=1e-12)
+        else:
+            assert math.isnan(row["alpha_hat_mean"]) and math.isnan(row["alpha_hat_std"])
+    population = results.summarize(results.load_records(directory), ddof=0)
+    group = table[("alpha=0.5", 3)]
+    row = population[(population["chain"] == "alpha=0.5") & (population["step"] == 3)].iloc[0]
+    assert row["test_acc_std"] == pytest.approx(statistics.pstdev([r["test_acc"] for r in group]), abs=1e-12)
+    with pytest.raises(ValueError, match="ddof"):
+        results.summarize(results.load_records(directory), ddof=2)
+
+
+def test_summarize_single_seed_has_nan_std_and_uneven_seeds_count(tmp_path):
+    raw = [r for r in synthetic_records() if r["seed"] == 0 or (r["seed"] == 1 and r["step"] <= 2)]
+    summary = results.summarize(results.load_records(write_jsonl(tmp_path / "r", raw)))
+    at3 = summary[summary["step"] == 3]
+    assert (at3["n_seeds"] == 1).all() and at3["test_acc_std"].isna().all()
+    assert (summary[summary["step"] <= 2]["n_seeds"] == 2).all()
+
+
+def test_accuracy_table_formats_mean_and_std_in_percent(records_dir):
+    directory, raw = records_dir
+    table = results.accuracy_table(results.load_records(directory))
+    assert list(table.index) == list(CHAINS)
+    assert list(table.columns) == [f"step {t}" for t in (1, *STEPS)]
+    group = [r["test_acc"] for r in by_hand(raw)[("alpha_hat", 3)]]
+    expected = f"{100 * statistics.fmean(group):.2f} ± {100 * statistics.stdev(group):.2f}"
+    assert table.loc["alpha_hat", "step 3"] == expected
+
+
+def test_plot_accuracy_draws_one_line_per_chain(records_dir):
+    directory, raw = records_dir
+    df = results.load_records(directory)
+    fig = results.plot_accuracy(df)
+    ax = fig.axes[0]
+    lines = ax.get_lines()
+    assert len(lines) == len(CHAINS)
+    table = by_hand(raw)
+    for line, chain in zip(lines, CHAINS):
+        np.testing.assert_array_equal(line.get_xdata(), (1, *STEPS))
+        expected = [statistics.fmean(r["test_acc"] for r in table[(chain, t)]) for t in (1, *STEPS)]
+        np.testing.assert_allclose(line.get_ydata(), expected, atol=1e-12)
+    # fixed alphas on the sequential colormap, alpha-hat highlighted (own colour, thicker)
+    viridis = matplotlib.colormaps["viridis"]
+    for line, alpha in zip(lines[:3], FIXED_ALPHAS):
+        np.testing.assert_allclose(matplotlib.colors.to_rgba(line.get_color()), viridis(alpha))
+    assert matplotlib.colors.same_color(lines[-1].get_color(), results.ALPHA_HAT_COLOR)
+    assert lines[-1].get_linewidth() > max(line.get_linewidth() for line in lines[:-1])
+    assert len(ax.collections) == len(CHAINS)  # one spread band per chain
+    assert len(fig.axes) == 2  # the accuracy axes and the alpha colorbar
+    plt.close(fig)
+
+    fig, ax = plt.subplots()
+    assert results.plot_accuracy(df, ax=ax, metric="val_acc", spread=None) is fig
+    assert len(ax.get_lines()) == len(CHAINS) and len(ax.collections) == 0
+    plt.close(fig)
+    with pytest.raises(ValueError, match="spread"):
+        results.plot_accuracy(df, spread="iqr")
+    with pytest.raises(ValueError, match="metric"):
+        results.plot_accuracy(df, metric="loss")
+
+
+def test_plot_alpha_hat_shows_seeds_and_mean(records_dir):
+    directory, raw = records_dir
+    fig = results.plot_alpha_hat(results.load_records(directory))
+    ax = fig.axes[0]
+    (mean_line,) = ax.get_lines()
+    np.testing.assert_array_equal(mean_line.get_xdata(), STEPS)
+    expected = [statistics.fmean(r["alpha_hat"] for r in raw if r["chain"] == "alpha_hat" and r["step"] == t)
+                for t in STEPS]
+    np.testing.assert_allclose(mean_line.get_ydata(), expected, atol=1e-12)
+    (points,) = ax.collections
+    assert len(points.get_offsets()) == len(SEEDS) * len(STEPS)
+    plt.close(fig)
+
+    # a run without the alpha-hat chain (the shared record's config says so, else it would expand into it)
+    without = [{**r, "config": {**r["config"], "include_alpha_hat": False}}
+               for r in synthetic_records() if r["chain"] != "alpha_hat"]
+    df = results.load_records(write_jsonl(Path(directory).parent / "no_hat", without))
+    with pytest.raises(ValueError, match="alpha_hat"):
+        results.plot_alpha_hat(df)
+    fig = results.plot_summary(df)  # accuracy panel only (+ colorbar)
+    assert len(fig.axes) == 2 and len(fig.axes[0].get_lines()) == 3
+    plt.close(fig)
+
+
+def test_plot_summary_has_both_panels(records_dir, tmp_path):
+    directory, _ = records_dir
+    fig = results.plot_summary(results.load_records(directory))
+    accuracy_ax, alpha_ax = fig.axes[:2]
+    assert len(accuracy_ax.get_lines()) == len(CHAINS) and len(alpha_ax.get_lines()) == 1
+    fig.savefig(tmp_path / "summary.png")
+    assert (tmp_path / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plt.close(fig)
+
+
+def test_load_epochs_and_plot_epochs(tmp_path):
+    lines = []
+    for seed in (0, 1):
+        for chain, step in (("shared", 1), ("alpha=0", 2), ("alpha=0", 3), ("alpha_hat", 2)):
+            for epoch in (1, 2):
+                lines.append({"seed": seed, "chain": chain, "step": step, "epoch": epoch, "train_loss": 0.1,
+                              "val_acc": 0.1 * step + 0.01 * epoch + 0.001 * seed, "val_loss": 0.0,
+                              "test_acc": 0.1 * step + 0.02 * epoch, "test_loss": 0.0, "lr": 1e-4,
+                              "wall_time_s": 1.0, "images_per_s": 10.0})
+    # a resumed step rewrites an epoch: the later line counts
+    lines.append({**lines[0], "test_acc": 0.9})
+    directory = write_jsonl(tmp_path / "r", lines, name="epochs.jsonl")
+    epochs = results.load_epochs(directory)
+    assert len(epochs) == len(lines) - 1
+    first = epochs[(epochs["seed"] == 0) & (epochs["chain"] == "shared") & (epochs["epoch"] == 1)]
+    assert first["test_acc"].tolist() == [0.9]
+    fig = results.plot_epochs(epochs, "alpha=0", metric="val_acc")
+    ax = fig.axes[0]
+    assert len(ax.get_lines()) == 3  # steps 1 (shared), 2, 3
+    np.testing.assert_array_equal(ax.get_lines()[2].get_xdata(), [5, 6])  # epochs laid end to end
+    np.testing.assert_allclose(ax.get_lines()[1].get_ydata(), [0.2 + 0.01 + 0.0005, 0.2 + 0.02 + 0.0005])
+    plt.close(fig)
+    with pytest.raises(ValueError, match="alpha=0.7"):
+        results.plot_epochs(epochs, "alpha=0.7")
+    with pytest.raises(FileNotFoundError, match="epochs.jsonl"):
+        results.load_epochs(tmp_path / "nothing")
+
+
+GOOD = {"seed": 0, "chain": "alpha=0", "step": 2, "alpha": 0.0, "val_acc": 0.5, "test_acc": 0.5}
+
+
+@pytest.mark.parametrize(
+    "lines, error, match",
+    [
+        ([], ValueError, "empty"),
+        (["", "   "], ValueError, "empty"),
+        ([GOOD, "{not json"], ValueError, "line 2: not valid JSON"),
+        (["[1, 2]"], ValueError, "expected a JSON object"),
+        ([{k: v for k, v in GOOD.items() if k != "test_acc"}], ValueError, "test_acc"),
+        ([{**GOOD, "test_acc": 93.1}], ValueError, r"fraction in \[0, 1\]"),
+        ([{**GOOD, "val_acc": None}], ValueError, "val_acc"),
+        ([{**GOOD, "step": 0}], ValueError, "step"),
+        ([{**GOOD, "seed": "a"}], ValueError, "seed"),
+        ([{**GOOD, "chain": "alpha=zero"}], ValueError, "chain"),
+        ([{**GOOD, "chain": "teacher"}], ValueError, "chain"),
+        ([{**GOOD, "step": 1}], ValueError, "shared"),
+        ([{**GOOD, "chain": "shared", "step": 2}], ValueError, "step-1"),
+        ([GOOD, GOOD], ValueError, "already recorded on line 1"),
+        ([{**GOOD, "alpha_hat": "high"}], ValueError, "alpha_hat"),
+        ([{**GOOD, "chain": "alpha_hat_probe"}], ValueError, "no records"),
+        ([{**GOOD, "epochs": 2.5}], ValueError, "epochs"),
+    ],
+)
+def test_malformed_records_raise(tmp_path, lines, error, match):
+    directory = write_jsonl(tmp_path / "r", lines)
+    with pytest.raises(error, match=match):
+        results.load_records(directory)
+
+
+def test_missing_results_dir_raises_and_says_how_to_produce(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist.*train=True"):
+        results.load_records(tmp_path / "absent")
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(FileNotFoundError, match="no records.jsonl.*sdlib.train"):
+        results.load_records(tmp_path / "empty_dir")
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ValueError, match="must be a directory"):
+        results.load_records(tmp_path / "a_file")
+    with pytest.raises(ValueError, match="results_dir"):
+        results.load_records(None)
+    assert not results.has_records(tmp_path / "absent")
+    assert not results.has_records(tmp_path / "empty_dir")
+    write_jsonl(tmp_path / "blank", ["", ""])
+    assert not results.has_records(tmp_path / "blank")
+    assert results.has_records(write_jsonl(tmp_path / "one", [GOOD]))
+    message = results.no_results_message(tmp_path / "absent")
+    assert message.startswith(f"No results committed yet under {tmp_path / 'absent'}: run ")
+    assert "train=True" in message and "python -m sdlib.train" in message
+
+
+def test_aggregation_input_checks():
+    with pytest.raises(ValueError, match="load_records"):
+        results.summarize({"test_acc": [0.5]})
+    with pytest.raises(ValueError, match="load_records"):
+        results.plot_accuracy(results.pd.DataFrame({"x": [1]}))
+
+
+def test_chain_names_round_trip():
+    for alpha in (0.0, 0.1, 0.25, 1.0):
+        assert results.chain_alpha(results.chain_name(alpha)) == alpha
+    assert results.chain_name(0.1) == "alpha=0.1" and results.chain_name(0) == "alpha=0"
+    assert results.chain_name(None) == "alpha_hat" and math.isnan(results.chain_alpha("alpha_hat"))
+    with pytest.raises(ValueError, match="chain"):
+        results.chain_alpha("beta=1")
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        results.chain_alpha("alpha=1.5")
+
+
+def test_paths_resolve_against_the_repository_root(tmp_path):
+    root = Path(__file__).resolve().parent.parent
+    assert results.find_repo_root(root / "notebooks") == root
+    assert results.resolve_repo_path("results/cifar10", root=root) == root / "results" / "cifar10"
+    assert results.resolve_repo_path(tmp_path) == tmp_path
+    assert results.no_results_message(root / "results" / "cifar10").startswith(
+        "No results committed yet under results/cifar10: run")
+    with pytest.raises(ValueError, match="path"):
+        results.resolve_repo_path("")
+
+
+def test_results_module_needs_no_torch(records_dir):
+    # The book plots committed results on machines without torch: block it and use the whole API.
+    directory, _ = records_dir
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None\n"
+        "import matplotlib; matplotlib.use('Agg')\n"
+        "from sdlib import results as r\n"
+        f"df = r.load_records({str(directory)!r}); r.summarize(df); r.accuracy_table(df); r.plot_summary(df)\n"
+        "assert 'torch' not in {m.split('.')[0] for m, v in sys.modules.items() if v is not None}\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_config_hash_selects_one_configuration_and_mixed_files_warn(tmp_path):
+    old = [{**r, "config_hash": "old", "test_acc": 0.1} for r in synthetic_records() if r["seed"] == 0]
+    new = [r for r in synthetic_records() if r["seed"] != 0]  # config_hash "abc"
+    directory = write_jsonl(tmp_path / "r", old + new)
+    with pytest.warns(RuntimeWarning, match=r"2 configurations.*'abc', 'old'"):
+        mixed = results.load_records(directory)
+    assert set(mixed["seed"]) == set(SEEDS)
+    kept = results.load_records(directory, config_hash="abc")
+    assert set(kept["seed"]) == set(SEEDS) - {0} and (kept["config_hash"] == "abc").all()
+    only_old = results.load_records(directory, config_hash="old")
+    assert set(only_old["seed"]) == {0} and (only_old["test_acc"] == 0.1).all()
+    assert len(only_old) == len(CHAINS) * (1 + len(STEPS))
+    with pytest.raises(ValueError, match="config_hash 'nope' has no records.*'abc', 'old'"):
+        results.load_records(directory, config_hash="nope")
+
+
+def test_load_epochs_reads_the_probes_on_request(tmp_path):
+    probe = {"seed": 0, "chain": "alpha_hat_probe", "step": 3, "epoch": 1, "test_acc": 0.3, "config_hash": "h"}
+    directory = write_jsonl(tmp_path / "r", [probe], name="probe_epochs.jsonl")
+    probes = results.load_epochs(directory, probes=True)
+    assert probes[["chain", "step", "test_acc", "config_hash"]].values.tolist() == [["alpha_hat_probe", 3, 0.3, "h"]]
+    with pytest.raises(FileNotFoundError, match="no epochs.jsonl"):
+        results.load_epochs(directory)
+    with pytest.raises(ValueError, match="probes"):
+        results.load_epochs(directory, probes="yes")
