@@ -28,7 +28,7 @@ from scipy.spatial.distance import cdist
 
 from .alpha import least_squares_alpha
 
-__all__ = ["SelfDistillation", "kernel_matrix", "refit_chain", "KERNELS"]
+__all__ = ["SelfDistillation", "kernel_matrix", "refit_chain", "toy_data", "KERNELS"]
 
 KERNELS = ("rbf", "laplacian", "polynomial", "linear")
 
@@ -349,3 +349,15 @@ def refit_chain(X, y, X_new, steps: int, alpha: Alpha, *, lam: float, kernel: Ke
         if t < steps - 1:
             targets = alphas[t] * y + (1.0 - alphas[t]) * (K @ coef)
     return predictions
+
+
+def toy_data() -> tuple[np.ndarray, np.ndarray]:
+    """The paper's toy problem: X = 0, 0.1, ..., 1.0 (11,) and y = sin(2 pi x) plus noise (11,).
+
+    The values of the authors' public toy example (used with an RBF kernel, gamma = 80, lambda = 0.2).
+    """
+    X = np.linspace(0.0, 1.0, 11)
+    y = np.array([0.38476636465198066, 1.2333967683416893, 1.33232242218057, 0.6920159488889518,
+                  -0.29756145531871736, -0.24189291901377769, -0.7964485769175675, -0.9616480167034174,
+                  -0.49672509509916934, -0.3469066003991437, 0.5589512650600734])
+    return X, y

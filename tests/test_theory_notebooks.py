@@ -369,3 +369,12 @@ def test_optimal_alpha_diabetes(run, case):
         assert part["lam"] == params["diabetes_lam"]
     model = Refit(Z[train], t[train], part["gamma"], part["lam"])
     check_algorithm1(part, model, Z[val], t[val], steps, grid_size, Z[test], t[test])
+
+
+def test_toy_data_is_the_papers():
+    """The notebooks take the toy problem from sdlib.krr.toy_data: it must be the paper's values."""
+    from sdlib.krr import toy_data
+
+    X, y = toy_data()
+    np.testing.assert_array_equal(X, X_TOY)
+    np.testing.assert_array_equal(y, Y_TOY)
