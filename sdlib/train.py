@@ -691,24 +691,22 @@ class _ChainRunner:
         previous = ALPHA_HAT_CHAIN if chain in (ALPHA_HAT_CHAIN, PROBE_CHAIN) else chain
         return (seed, SHARED_CHAIN, 1) if step == 2 else (seed, previous, step - 1)
 
-    def model(self, key) -> torch.nn.Module:
-        """The final model of ``key``: in memory, else from its checkpoint, else trained (again)."""
-        if key not in self.models:
-            path = self.final_path(*key)
-            if path.is_file():
+    def _load_or_train(self, key, cache: dict):
+        """``cache[key]``: in memory, else from the final checkpoint of ``key``, else trained (again)."""
+        if key not in cache:
+            if self.final_path(*key).is_file():
                 self.load_final(key)
             else:
                 self.train(key)
-        return self.models[key]
+        return cache[key]
+
+    def model(self, key) -> torch.nn.Module:
+        """The final model of ``key`` (a teacher)."""
+        return self._load_or_train(key, self.models)
 
     def summary(self, key) -> dict:
-        if key not in self.summaries:
-            path = self.final_path(*key)
-            if path.is_file():
-                self.load_final(key)
-            else:
-                self.train(key)
-        return self.summaries[key]
+        """Metrics and validation softmax outputs of ``key`` (a probe's are all the alpha-hat chain needs)."""
+        return self._load_or_train(key, self.summaries)
 
     def load_final(self, key):
         checkpoint = torch.load(self.final_path(*key), map_location="cpu", weights_only=True)
