@@ -1,0 +1,490 @@
+"""The full grid of self-distillation chains as cluster jobs (submitit), and papermill sweeps of a notebook.
+
+A grid (a :class:`sdlib.train.TrainConfig`: seeds x chains x steps) becomes one job per seed for the shared
+step-1 model and one job per (seed, chain) for steps 2..steps of that chain::
+
+    seed 0:  shared(step 1) ──afterok──> alpha=0 (steps 2..5), alpha=0.1, ..., alpha=1, alpha_hat
+    seed 1:  shared(step 1) ──afterok──> ...
+
+Each job is a :class:`ChainJob`, which calls :func:`sdlib.train.run_chains` with a config cut to its seed and
+chain (``seeds=(s,)``, ``alphas=(a,)`` or none, ``include_alpha_hat`` only for the alpha-hat job, ``steps=1``
+for the shared job). That composes because ``config_hash`` leaves out seeds, alphas, steps and paths: a chain
+job finds the shared step-1 record of its seed (same hash) in ``results_dir/records.jsonl``, skips it and loads
+the step-1 weights from ``checkpoint_dir/<hash>/seed<s>/shared/step1.pt`` as the teacher of step 2. All jobs
+write one ``results_dir``; ``records.jsonl`` and ``epochs.jsonl`` are rewritten under an ``fcntl.flock`` lock
+(read-modify-write, then an atomic rename), so concurrent jobs neither lose nor tear records.
+
+The alpha-hat job trains its own alpha = 0 probe at step 2, where a sequential run reuses the alpha = 0 chain's
+step 2 (the probe is that very model: same teacher, same init and data order, both seeded by (seed, step)):
+one extra model per seed, in exchange for no dependency between chain jobs.
+
+Dependencies. On SLURM the chain jobs of a seed are an array submitted with ``--dependency=afterok:<step-1 job>``
+(and ``--kill-on-invalid-dep=yes``, so a failed step 1 cancels them instead of leaving them pending). The local
+and debug executors have no dependencies, so :func:`submit_sweep` submits a seed's chain jobs only once that
+seed's step-1 job has finished (it blocks for the step-1 phase). Training step 1 inside every chain job instead
+would race: several processes writing one resumable state file.
+
+Preemption and time limits. :class:`ChainJob` has a ``checkpoint()`` method returning
+``submitit.helpers.DelayedSubmission(self)``: on SLURM's warning signal (or a preemption) submitit pickles the
+job and requeues it; the requeued job calls ``run_chains`` again, which skips finished steps and resumes the
+unfinished one from its last epoch checkpoint (``step<t>.state.pt``).
+
+Command line (``python -m sdlib.sweep --help``)::
+
+    python -m sdlib.sweep --executor slurm --partition gpu --gpus-per-job 1 --time 2880 --profile paper
+    python -m sdlib.sweep --executor local --profile fast --epochs 2 --seeds 0 --alphas 0,1
+
+Papermill sweeps: :func:`run_papermill_sweep` (and ``scripts/papermill_sweep.py``) run a notebook once per
+parameter set and keep every executed notebook.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from tqdm.auto import tqdm
+
+from sdlib.records import SHARED_CHAIN, chain_name
+
+__all__ = [
+    "EXECUTORS",
+    "ChainJob",
+    "SweepJob",
+    "job_configs",
+    "make_executor",
+    "CIFAR10_TRAIN_IMAGES",
+    "grid_cost",
+    "submit_sweep",
+    "wait",
+    "load_parameter_sets",
+    "run_papermill_sweep",
+    "main",
+]
+
+EXECUTORS = ("local", "slurm", "debug")
+ALPHA_HAT = chain_name(None)
+CIFAR10_TRAIN_IMAGES = 50_000  # before the validation split
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=-]*$")  # a parameter set's name: a safe file name
+
+
+# ------------------------------------------------------------------------------------------------------ jobs
+
+
+def job_configs(config) -> list[tuple[int, str, Any]]:
+    """The jobs of a grid: ``(seed, chain, config of the job)`` with chain ``"shared"`` for the step-1 job of
+    each seed, then one per chain (fixed alphas in order, then ``"alpha_hat"``), seed by seed.
+
+    Every job config has the same ``config_hash`` as ``config`` (only seeds / alphas / steps differ)."""
+    from sdlib.train import TrainConfig  # torch: imported when jobs are built, not for papermill sweeps
+
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"config must be a sdlib.train.TrainConfig, got {type(config).__name__}")
+    jobs = []
+    for seed in config.seeds:
+        jobs.append((seed, SHARED_CHAIN, dataclasses.replace(config, seeds=(seed,), steps=1, alphas=(),
+                                                             include_alpha_hat=False)))
+        if config.steps < 2:
+            continue
+        for alpha in config.alphas:
+            jobs.append((seed, chain_name(alpha), dataclasses.replace(config, seeds=(seed,), alphas=(alpha,),
+                                                                      include_alpha_hat=False)))
+        if config.include_alpha_hat:
+            jobs.append((seed, ALPHA_HAT, dataclasses.replace(config, seeds=(seed,), alphas=(),
+                                                              include_alpha_hat=True)))
+    assert len({c.config_hash() for _, _, c in jobs}) == 1  # the composition relies on it
+    return jobs
+
+
+def grid_cost(config, images_per_s: float | None = None, n_train_images: int | None = None) -> dict:
+    """What the sweep of ``config`` trains: jobs, models, training images and (given a measured throughput)
+    training seconds. Evaluation passes are not counted (they are a small part at 45,000 vs 10,000 images).
+
+    models : per seed, the shared step-1 model, one model per (chain, step >= 2), and one alpha = 0 probe per
+    alpha-hat step (the sweep's alpha-hat job trains its own probe at step 2 too).
+    n_train_images : images per epoch before dropping the last partial batch; default CIFAR-10's 50,000 minus
+    ``n_val`` (cut to ``subset``). Returns a dict: jobs, models, images_per_epoch, train_images, images_per_s,
+    seconds (None without ``images_per_s``), formula (the computation in words).
+    """
+    jobs = job_configs(config)
+    if images_per_s is not None and (isinstance(images_per_s, bool) or not isinstance(images_per_s, (int, float))
+                                     or not images_per_s > 0):
+        raise ValueError(f"images_per_s must be a number > 0 or None, got {images_per_s!r}")
+    if n_train_images is None:
+        n_train_images = CIFAR10_TRAIN_IMAGES - config.n_val
+        if config.subset is not None:
+            n_train_images = min(n_train_images, config.subset)
+    _check_int("n_train_images", n_train_images, 1)
+    per_seed = 1 + (config.steps - 1) * (len(config.alphas) + 2 * config.include_alpha_hat)
+    models = per_seed * len(config.seeds)
+    images_per_epoch = n_train_images // config.batch_size * config.batch_size  # the last partial batch is dropped
+    train_images = models * config.epochs * images_per_epoch
+    seconds = None if images_per_s is None else train_images / images_per_s
+    formula = (f"{models} models x {config.epochs} epochs x {images_per_epoch:,} images = {train_images:,} images"
+               + ("" if seconds is None else f"; / {images_per_s:g} images/s = {seconds:,.0f} s "
+                  f"= {seconds / 3600:,.1f} h (one worker)"))
+    return {"jobs": len(jobs), "models": models, "images_per_epoch": images_per_epoch,
+            "train_images": train_images, "images_per_s": images_per_s, "seconds": seconds, "formula": formula}
+
+
+class ChainJob:
+    """One cluster job: :func:`sdlib.train.run_chains` on a config cut to one seed and one chain.
+
+    A callable (what submitit runs) with a ``checkpoint()`` method (what submitit calls on a preemption or time
+    limit): the job is requeued as it is, and the next call resumes from the training checkpoints.
+
+    config : the job's TrainConfig (from :func:`job_configs`). seed, chain : for names and logs.
+    num_threads : torch CPU threads in the job (None: torch's default).
+    on_event : optional picklable callable given every training event (see ``run_chains``' callback) with
+        ``attempt`` added; raising from it stops the job.
+
+    Returns a dict: seed, chain, attempt (0, or how many times the job was requeued), started_at / finished_at
+    (``time.time()`` of this attempt), trained (``(chain, step, epoch)`` of every epoch this attempt trained) and
+    records (what ``run_chains`` returned: the job's records, step 1 included).
+    """
+
+    def __init__(self, config, seed: int, chain: str, num_threads: int | None = None,
+                 progress: bool = True, on_event: Callable[[dict], None] | None = None):
+        self.config, self.seed, self.chain = config, seed, chain
+        self.num_threads, self.progress, self.on_event = num_threads, progress, on_event
+        self.attempt = 0
+
+    def __repr__(self) -> str:
+        return f"ChainJob(seed={self.seed}, chain={self.chain!r}, attempt={self.attempt})"
+
+    def __call__(self) -> dict:
+        import torch
+
+        from sdlib.train import run_chains
+
+        if self.num_threads is not None:
+            torch.set_num_threads(self.num_threads)
+        started, trained = time.time(), []
+
+        def callback(event):
+            if event["event"] == "epoch_end":
+                trained.append((event["chain"], event["step"], event["epoch"]))
+            if self.on_event is not None:
+                self.on_event({**event, "attempt": self.attempt})
+
+        records = run_chains(self.config, progress=self.progress, callback=callback)
+        return {"seed": self.seed, "chain": self.chain, "attempt": self.attempt, "started_at": started,
+                "finished_at": time.time(), "trained": trained, "records": records}
+
+    def checkpoint(self, *args, **kwargs):
+        """Requeue this job unchanged (but counted): ``run_chains`` itself resumes from its checkpoints."""
+        import submitit
+
+        self.attempt += 1
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+@dataclass
+class SweepJob:
+    """A submitted job: its seed, chain ("shared" for step 1) and the submitit Job (``job.job_id``,
+    ``job.state``, ``job.result()``, ``job.stdout()``, ``job.stderr()``)."""
+
+    seed: int
+    chain: str
+    job: Any
+
+    @property
+    def name(self) -> str:
+        return f"seed{self.seed}-{self.chain}"
+
+
+def _check_int(name, value, minimum, allow_none=False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}{' or None' if allow_none else ''}, "
+                         f"got {value!r}")
+    return value
+
+
+def make_executor(executor: str = "local", folder: str | os.PathLike = "runs/submitit", *,
+                  partition: str | None = None, gpus_per_job: int | None = None, timeout_min: int = 1440,
+                  cpus_per_job: int | None = None, mem_gb: float | None = None, array_parallelism: int = 64,
+                  max_requeues: int = 3, job_name: str = "sdlib-sweep", slurm_parameters: dict | None = None):
+    """A submitit executor (``submitit.AutoExecutor``) for ``executor`` in ("local", "slurm", "debug").
+
+    folder : submitit's folder for pickles and logs (``%j`` is added per job). partition : SLURM partition.
+    gpus_per_job : GPUs per job (default 1 on SLURM, 0 locally). timeout_min : time limit per job in minutes
+    (a job reaching it is checkpointed and requeued, at most ``max_requeues`` times). cpus_per_job, mem_gb :
+    per job (None: the cluster's default). array_parallelism : how many jobs of an array run at once (SLURM).
+    slurm_parameters : extra ``#SBATCH`` options, e.g. ``{"account": "proj", "qos": "high"}``.
+    """
+    import submitit
+
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
+    if partition is not None and (not isinstance(partition, str) or not partition):
+        raise ValueError(f"partition must be a non-empty string or None, got {partition!r}")
+    gpus_per_job = _check_int("gpus_per_job", gpus_per_job, 0, allow_none=True)
+    _check_int("timeout_min", timeout_min, 1)
+    cpus_per_job = _check_int("cpus_per_job", cpus_per_job, 1, allow_none=True)
+    if mem_gb is not None and (isinstance(mem_gb, bool) or not isinstance(mem_gb, (int, float)) or mem_gb <= 0):
+        raise ValueError(f"mem_gb must be a number > 0 or None, got {mem_gb!r}")
+    _check_int("array_parallelism", array_parallelism, 1)
+    _check_int("max_requeues", max_requeues, 0)
+    if slurm_parameters is not None and not isinstance(slurm_parameters, dict):
+        raise ValueError(f"slurm_parameters must be a dict or None, got {slurm_parameters!r}")
+
+    ex = submitit.AutoExecutor(folder=Path(folder) / "%j", cluster=executor, slurm_max_num_timeout=max_requeues,
+                               local_max_num_timeout=max_requeues)
+    params: dict[str, Any] = {"timeout_min": timeout_min, "name": job_name,
+                              "gpus_per_node": (1 if executor == "slurm" else 0) if gpus_per_job is None
+                              else gpus_per_job}
+    if cpus_per_job is not None:
+        params["cpus_per_task"] = cpus_per_job
+    if mem_gb is not None:
+        params["mem_gb"] = mem_gb
+    if executor == "slurm":
+        params["slurm_array_parallelism"] = array_parallelism
+        # submitit's SLURM default signal: USR2 90 s before the limit, time enough for one atomic save
+        if partition is not None:
+            params["slurm_partition"] = partition
+        if slurm_parameters:
+            params["slurm_additional_parameters"] = dict(slurm_parameters)
+    ex.update_parameters(**params)
+    return ex
+
+
+def submit_sweep(config, executor: str = "local", folder: str | os.PathLike = "runs/submitit", *,
+                 num_threads: int | None = None, progress: bool = True,
+                 on_event: Callable[[dict], None] | None = None, **cluster) -> list[SweepJob]:
+    """Submit the grid of ``config`` (a TrainConfig) as jobs; return them (step-1 jobs first, then chains).
+
+    executor : "local" (subprocesses on this machine), "slurm" (sbatch through submitit) or "debug" (in this
+    process, when ``result()`` is asked: for stepping through with a debugger). ``cluster`` : the options of
+    :func:`make_executor` (partition, gpus_per_job, timeout_min, cpus_per_job, mem_gb, array_parallelism,
+    max_requeues, job_name, slurm_parameters). num_threads / progress / on_event : passed to every
+    :class:`ChainJob`.
+
+    SLURM: returns at once; the chain jobs of a seed wait in the queue for ``afterok`` of its step-1 job. Local
+    and debug: blocks until every step-1 job has finished (it raises if one failed), then submits the chains.
+    Wait for the rest with :func:`wait`; read the results with :func:`sdlib.results.load_records` on
+    ``config.results_dir``.
+    """
+    jobs_of_grid = job_configs(config)  # validates config
+    if num_threads is not None:
+        _check_int("num_threads", num_threads, 1)
+    if on_event is not None and not callable(on_event):
+        raise ValueError(f"on_event must be callable or None, got {on_event!r}")
+    ex = make_executor(executor, folder, **cluster)  # validates the cluster options before any submission
+
+    def job(seed, chain, job_config):
+        return ChainJob(job_config, seed, chain, num_threads=num_threads, progress=progress, on_event=on_event)
+
+    shared = [(s, c, cfg) for s, c, cfg in jobs_of_grid if c == SHARED_CHAIN]
+    chains = [(s, c, cfg) for s, c, cfg in jobs_of_grid if c != SHARED_CHAIN]
+    first = [SweepJob(s, c, j) for (s, c, _), j in zip(shared, ex.submit_array([job(*t) for t in shared]))]
+    submitted = list(first)
+    for step1 in first:
+        seed_chains = [t for t in chains if t[0] == step1.seed]
+        if not seed_chains:
+            continue
+        if executor == "slurm":
+            extra = dict(cluster.get("slurm_parameters") or {})
+            ex.update_parameters(slurm_additional_parameters={**extra, "dependency": f"afterok:{step1.job.job_id}",
+                                                              "kill_on_invalid_dep": "yes"})
+            array = ex.submit_array([job(*t) for t in seed_chains])
+            ex.update_parameters(slurm_additional_parameters=extra)
+        else:
+            _result(step1)  # no dependencies outside SLURM: start the chains once step 1 is final
+            array = ex.submit_array([job(*t) for t in seed_chains])
+        submitted.extend(SweepJob(s, c, j) for (s, c, _), j in zip(seed_chains, array))
+    return submitted
+
+
+def _result(sweep_job: SweepJob):
+    try:
+        return sweep_job.job.result()
+    except Exception as error:  # submitit's FailedJobError / UncompletedJobError carry the job's log tail
+        paths = getattr(sweep_job.job, "paths", None)
+        where = f" (logs: {paths.stderr})" if paths is not None else ""
+        raise RuntimeError(f"sweep job {sweep_job.name} (id {sweep_job.job.job_id}) failed{where}: "
+                           f"{error}") from error
+
+
+def wait(jobs: Sequence[SweepJob], progress: bool = True) -> list[dict]:
+    """Wait for every job and return their results (the dicts of :class:`ChainJob`), in the order given.
+
+    A failed job raises RuntimeError naming its seed, chain, id and log file (the others keep running)."""
+    if isinstance(jobs, SweepJob) or not all(isinstance(j, SweepJob) for j in jobs):
+        raise ValueError("jobs must be a list of SweepJob, as returned by submit_sweep")
+    results = []
+    for sweep_job in tqdm(jobs, desc="sweep jobs", unit="job", disable=not progress):
+        results.append(_result(sweep_job))
+    return results
+
+
+# ----------------------------------------------------------------------------------------------- papermill
+
+
+def load_parameter_sets(source) -> list[tuple[str, dict]]:
+    """Parameter sets from a JSON/YAML file (or the already-parsed object): ``[(name, parameters), ...]``.
+
+    Accepted forms: a list of ``{"name": ..., "parameters": {...}}``, or a mapping ``{name: {...}, ...}``.
+    Names must be unique and usable as file names (letters, digits, ``_ . = -``)."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"parameter file {path} does not exist")
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            source = yaml.safe_load(text)
+        elif path.suffix.lower() == ".json":
+            source = json.loads(text)
+        else:
+            raise ValueError(f"parameter file must end in .json, .yaml or .yml, got {path.name!r}")
+    if isinstance(source, dict):
+        entries = [{"name": name, "parameters": params} for name, params in source.items()]
+    elif isinstance(source, list):
+        entries = source
+    else:
+        raise ValueError("parameter sets must be a list of {name, parameters} or a mapping name -> parameters, "
+                         f"got {type(source).__name__}")
+    if not entries:
+        raise ValueError("parameter sets must not be empty")
+    sets, seen = [], set()
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or set(entry) - {"name", "parameters"} or "name" not in entry:
+            raise ValueError(f"parameter set #{i} must be a mapping with keys 'name' and 'parameters', got {entry!r}")
+        name, params = entry["name"], entry.get("parameters") or {}
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ValueError(f"parameter set #{i}: name must be letters, digits, '_', '.', '=', '-' (a file "
+                             f"name), got {name!r}")
+        if name in seen:
+            raise ValueError(f"parameter set #{i}: name {name!r} is used twice")
+        if not isinstance(params, dict):
+            raise ValueError(f"parameter set {name!r}: parameters must be a mapping, got {params!r}")
+        seen.add(name)
+        sets.append((name, dict(params)))
+    return sets
+
+
+def run_papermill_sweep(notebook: str | os.PathLike, parameter_sets, output_dir: str | os.PathLike =
+                        "runs/papermill", *, kernel_name: str = "python3", cwd: str | os.PathLike | None = None,
+                        progress: bool = True, stop_on_error: bool = True) -> list[Path]:
+    """Execute ``notebook`` once per parameter set; keep each executed notebook as ``output_dir/<name>.ipynb``.
+
+    parameter_sets : a JSON/YAML file or what :func:`load_parameter_sets` accepts. Every parameter is checked
+    against the notebook's ``parameters`` cell (``papermill.inspect_notebook``) before anything runs: an unknown
+    one raises ValueError listing the valid ones. cwd : the kernel's working directory (default: the
+    notebook's folder). A failing notebook is kept too (papermill writes it up to the failing cell); with
+    ``stop_on_error`` the sweep stops there (papermill's PapermillExecutionError), else it goes on and
+    raises RuntimeError naming every failed set at the end. Returns the paths of the executed notebooks.
+    """
+    import papermill
+
+    notebook = Path(notebook)
+    if not notebook.is_file():
+        raise FileNotFoundError(f"notebook {notebook} does not exist")
+    sets = load_parameter_sets(parameter_sets)
+    known = papermill.inspect_notebook(str(notebook))
+    for name, params in sets:
+        unknown = sorted(set(params) - set(known))
+        if unknown:
+            raise ValueError(f"parameter set {name!r}: unknown parameter(s) {unknown} for {notebook.name}; "
+                             f"its parameters are {sorted(known)}")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    outputs, failed = [], []
+    for name, params in tqdm(sets, desc=f"papermill {notebook.name}", unit="notebook", disable=not progress):
+        output = output_dir / f"{name}.ipynb"
+        try:
+            papermill.execute_notebook(str(notebook), str(output), parameters=params, kernel_name=kernel_name,
+                                       cwd=str(cwd if cwd is not None else notebook.parent), progress_bar=False)
+        except papermill.PapermillExecutionError as error:
+            if stop_on_error:
+                raise
+            failed.append(f"{name}: {error.ename}: {error.evalue}")
+        outputs.append(output)
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(sets)} notebook run(s) failed (kept in {output_dir}): "
+                           + "; ".join(failed))
+    return outputs
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def _parser() -> argparse.ArgumentParser:
+    from sdlib.train import _parser as train_parser
+
+    p = train_parser()
+    p.prog = "python -m sdlib.sweep"
+    p.description = ("Submit the grid of self-distillation chains as jobs (submitit): one step-1 job per seed, "
+                     "then one job per (seed, chain) depending on it. Training options as in sdlib.train.")
+    g = p.add_argument_group("cluster")
+    g.add_argument("--executor", choices=EXECUTORS, default="local",
+                   help="slurm: sbatch job arrays; local: subprocesses here; debug: in this process")
+    g.add_argument("--partition", help="SLURM partition")
+    g.add_argument("--gpus-per-job", type=int, help="GPUs per job (default: 1 on slurm, 0 locally)")
+    g.add_argument("--time", type=int, default=1440, dest="timeout_min",
+                   help="time limit per job in minutes; a job reaching it is requeued and resumes (default 1440)")
+    g.add_argument("--cpus", type=int, dest="cpus_per_job", help="CPUs per job")
+    g.add_argument("--mem-gb", type=float, help="memory per job in GB")
+    g.add_argument("--array-parallelism", type=int, default=64, help="jobs of one array running at once (slurm)")
+    g.add_argument("--max-requeues", type=int, default=3, help="requeues after time limits (default 3)")
+    g.add_argument("--log-folder", default="runs/submitit", help="submitit's pickles and logs (default runs/submitit)")
+    g.add_argument("--threads", type=int, dest="num_threads", help="torch CPU threads per job")
+    g.add_argument("--no-wait", action="store_true", help="submit and return (slurm); default: wait and summarize")
+    g.add_argument("--estimate", type=float, metavar="IMAGES_PER_S",
+                   help="print the grid's cost at this measured training throughput and exit (submits nothing)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[SweepJob]:
+    """The command line: build the TrainConfig and the executor (bad values: a clear error, exit code 2),
+    submit the sweep, and (unless --no-wait) wait for it and print where the results are."""
+    from sdlib.train import TrainConfig
+
+    parser = _parser()
+    args = parser.parse_args(argv)
+    cluster_keys = ("partition", "gpus_per_job", "timeout_min", "cpus_per_job", "mem_gb", "array_parallelism",
+                    "max_requeues")
+    own = set(cluster_keys) | {"executor", "log_folder", "num_threads", "no_wait", "estimate", "profile",
+                               "no_alpha_hat",
+                               "no_bf16", "no_channels_last", "no_progress", "download"}
+    overrides = {k: v for k, v in vars(args).items() if v is not None and k not in own}
+    for name in ("seeds", "alphas"):
+        if name in overrides:
+            overrides[name] = tuple(value for token in overrides[name] for value in token)
+    for flag, field, value in (("no_alpha_hat", "include_alpha_hat", False), ("no_bf16", "bf16", False),
+                               ("no_channels_last", "channels_last", False), ("download", "download", True)):
+        if getattr(args, flag):
+            overrides[field] = value
+    cluster = {k: getattr(args, k) for k in cluster_keys if getattr(args, k) is not None}
+    try:
+        config = TrainConfig.from_profile(args.profile, **overrides)
+        if args.estimate is not None:
+            cost = grid_cost(config, args.estimate)
+            print(f"{cost['jobs']} jobs; {cost['formula']}")
+            return []
+        jobs = submit_sweep(config, args.executor, args.log_folder, num_threads=args.num_threads,
+                            progress=not args.no_progress, **cluster)
+    except ValueError as error:
+        parser.error(str(error))
+    print(f"submitted {len(jobs)} jobs ({args.executor}); config_hash {config.config_hash()}; "
+          f"logs in {args.log_folder}")
+    for j in jobs:
+        print(f"  {j.name}: job {j.job.job_id}")
+    if not args.no_wait:
+        wait(jobs, progress=not args.no_progress)
+        print(f"all {len(jobs)} jobs finished; records in {Path(config.results_dir) / 'records.jsonl'}")
+    return jobs
+
+
+if __name__ == "__main__":
+    main()
