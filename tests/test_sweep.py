@@ -23,6 +23,7 @@ import torch
 
 from sdlib import results, sweep
 from sdlib.train import TrainConfig, run_chains
+from tiny import tiny_config
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK = REPO / "notebooks" / "05_cifar10_self_distillation.ipynb"
@@ -37,14 +38,6 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def tiny_config(root: Path, data_root: Path, **overrides) -> TrainConfig:
-    settings = dict(epochs=2, batch_size=32, seeds=(0,), steps=2, alphas=(0.0, 1.0), include_alpha_hat=True,
-                    n_val=40, subset=64, eval_batch_size=128, data_root=str(data_root),
-                    results_dir=str(root / "results"), checkpoint_dir=str(root / "checkpoints"), device="cpu")
-    settings.update(overrides)
-    return TrainConfig.from_profile("paper", **settings)
 
 
 class PreemptOnce:

@@ -33,6 +33,7 @@ from sdlib.train import (  # noqa: E402
     l2_penalty,
     run_chains,
 )
+from tiny import tiny_config  # noqa: E402
 
 RECORD_FIELDS = {
     "seed", "chain", "step", "alpha", "alpha_hat", "probe_val_acc", "probe_test_acc", "epochs", "val_acc",
@@ -290,14 +291,6 @@ def test_cli_rejects_bad_values(argv, message, capsys):
 
 
 # ------------------------------------------------------------------------------------------ the whole pipeline
-
-
-def tiny_config(root: Path, data_root: Path, **overrides) -> TrainConfig:
-    settings = dict(epochs=2, batch_size=32, seeds=(0,), steps=2, alphas=(0.0, 1.0), include_alpha_hat=True,
-                    n_val=40, subset=64, eval_batch_size=128, data_root=str(data_root),
-                    results_dir=str(root / "results"), checkpoint_dir=str(root / "checkpoints"), device="cpu")
-    settings.update(overrides)
-    return TrainConfig.from_profile("paper", **settings)
 
 
 @pytest.fixture(scope="module")
