@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,8 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+
+from sdlib.records import write_atomically
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -312,21 +313,10 @@ def _read_cache(path: Path, n: int) -> tuple[np.ndarray, np.ndarray] | None:
 
 def _write_cache(dirs: list[Path], name: str, stale_prefix: str, images: np.ndarray, labels: np.ndarray) -> None:
     for d in dirs:
-        tmp = None
         try:
-            d.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=d, prefix=name + ".", suffix=".tmp", delete=False) as f:
-                tmp = f.name
-                np.savez(f, images=images, labels=labels)
-            os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache is as readable as the data
-            os.replace(tmp, d / name)
+            write_atomically(d / name, lambda f: np.savez(f, images=images, labels=labels), binary=True)
         except OSError:
-            if tmp is not None and os.path.exists(tmp):
-                try:
-                    os.remove(tmp)
-                except OSError:
-                    pass
-            continue
+            continue  # e.g. a read-only data root: try the next cache folder
         # A changed folder leaves its old cache behind under another fingerprint; drop it.
         for old in d.glob(stale_prefix + "*.npz"):
             if old.name != name:

@@ -76,6 +76,12 @@ def _check_step(step) -> int | float:
     return int(step)
 
 
+def _check_steps(steps) -> None:
+    """A number of steps (for a whole chain): an integer >= 1."""
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+
+
 def _check_alpha(alpha, step) -> float | np.ndarray:
     """A scalar alpha (every step), or per-step alphas for steps 2..step (length step - 1)."""
     if alpha is None:
@@ -238,10 +244,10 @@ class SelfDistillation:
         if step == math.inf:
             return alpha / (alpha * d + lam)  # = (d + lam / alpha)^-1, and 0 for alpha = 0
         if isinstance(alpha, float):
-            previous, alpha_last = self._damping(step - 1, alpha), alpha
+            alpha_last = alpha
         else:
-            previous, alpha_last = self._damping(step - 1, alpha), (alpha[step - 2] if step > 1 else 1.0)
-        return ((1.0 - alpha_last) * previous + alpha_last) / (d + lam)
+            alpha_last = alpha[step - 2] if step > 1 else 1.0  # step 1: B(0) = I, any alpha gives 1 / (d + lam)
+        return ((1.0 - alpha_last) * self._damping(step - 1, alpha) + alpha_last) / (d + lam)
 
     def damping(self, step, alpha=None) -> np.ndarray:
         """(n,) diagonal of B(step), in the order of ``eigenvalues_``.
@@ -280,8 +286,7 @@ class SelfDistillation:
         """
         self._check_fitted()
         X = _as_features("X", X, n_features=self.X_fit_.shape[1])
-        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
-            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        _check_steps(steps)
         alpha = _check_alpha(alpha, steps)
         phi = self._gram(X, self.X_fit_) @ self.eigenvectors_
         scalings = np.stack([self._dual_scaling(t, alpha if isinstance(alpha, float) else alpha[: t - 1])
@@ -301,8 +306,7 @@ class SelfDistillation:
         self._check_fitted()
         X_val = _as_features("X_val", X_val, n_features=self.X_fit_.shape[1])
         y_val = _as_targets("y_val", y_val, X_val.shape[0])
-        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
-            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        _check_steps(steps)
 
         # Validation outputs of any step are Phi @ (scaling * V^T y): compute Phi once.
         phi = self._gram(X_val, self.X_fit_) @ self.eigenvectors_
@@ -333,8 +337,7 @@ def refit_chain(X, y, X_new, steps: int, alpha: Alpha, *, lam: float, kernel: Ke
     X = _as_features("X", X)
     y = _as_targets("y", y, X.shape[0])
     X_new = _as_features("X_new", X_new, n_features=X.shape[1])
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    _check_steps(steps)
     alpha = _check_alpha(alpha, steps)
     alphas = np.full(steps - 1, alpha) if isinstance(alpha, float) else alpha
 
