@@ -633,9 +633,16 @@ def _device_name(device: torch.device) -> str:
 
 
 def provenance(device: torch.device) -> dict:
-    """Where and with what a result was produced (the date is filled in per record)."""
+    """Where and with what a result was produced (the date is filled in per record).
+
+    ``git_commit`` comes from git; where the code runs from a copy without ``.git``, from the environment
+    variable ``SDLIB_GIT_COMMIT`` if set (``git_dirty`` is then None: unknown), else "unknown".
+    """
     commit = _git("rev-parse", "HEAD")
     status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
+    if commit is None:
+        # A copy of the working tree without .git (a batch machine): the launcher may name the commit it sent.
+        commit = os.environ.get("SDLIB_GIT_COMMIT") or None
     return {
         "git_commit": commit or "unknown",
         "git_dirty": None if status is None else bool(status),

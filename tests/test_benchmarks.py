@@ -1,0 +1,82 @@
+"""The training-throughput benchmark runs end to end on real images (CPU, tiny sizes) and reports consistently."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("train_throughput", ROOT / "benchmarks" / "train_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY = ["--device", "cpu", "--n-val", "100", "--reference-iters", "2", "--paper-iters", "2", "--fast-iters", "1",
+        "--batched-iters", "2", "--warmup", "1", "--chains", "2", "--batch-size", "4", "--workers", "0",
+        "--eval-images", "20"]
+
+
+@pytest.fixture(scope="module")
+def benchmark_run(tiny_cifar_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "throughput.json"
+    bench = _load_benchmark()
+    returned = bench.main(["--data-root", str(tiny_cifar_root), "--out", str(out), *TINY])
+    return bench, returned, json.loads(out.read_text())
+
+
+def test_every_variant_is_measured_and_written(benchmark_run):
+    bench, returned, written = benchmark_run
+    assert written == json.loads(json.dumps(returned))
+    assert list(written["variants"]) == list(bench.VARIANTS)
+    for name, r in written["variants"].items():
+        assert math.isfinite(r["images_per_s"]) and r["images_per_s"] > 0, name
+        assert math.isclose(r["images_per_s"], r["images"] / r["seconds"], rel_tol=1e-9)
+        assert math.isclose(r["per_model_images_per_s"] * r["n_models"], r["images_per_s"], rel_tol=1e-12)
+        assert math.isfinite(r["mean_loss"]) and r["mean_loss"] > 0
+    variants = written["variants"]
+    assert variants["reference"]["ratio_to_reference"] == 1.0
+    assert variants["paper"]["batch_per_model"] == 16 and variants["fast"]["batch_per_model"] == 256
+    assert variants["batched"]["n_models"] == 2 and variants["batched"]["batch_per_model"] == 4
+    # On the CPU the fast profile runs in float32 (bf16 and channels_last are CUDA-only).
+    assert variants["fast"]["precision"] == "float32" and variants["fast"]["channels_last"] is False
+
+
+def test_grid_hours_follow_the_grid_and_the_measured_rates(benchmark_run):
+    _, _, written = benchmark_run
+    rates = written["eval_images_per_s"]
+    for name, r in written["variants"].items():
+        grid = r["grid"]
+        per_epoch = 44_992 if grid["profile"] == "paper" else 44_800  # 45,000 cut to whole batches of 16 / 256
+        assert grid["models"] == 212 and grid["epochs"] == 75
+        assert grid["train_images"] == 212 * 75 * per_epoch
+        assert math.isclose(grid["train_hours"], grid["train_images"] / r["images_per_s"] / 3600, rel_tol=1e-12)
+        assert grid["eval_images"] == 212 * 75 * 15_000
+        assert math.isclose(grid["eval_hours"], grid["eval_images"] / rates["float32"] / 3600, rel_tol=1e-12)
+        assert math.isclose(grid["total_hours"], grid["train_hours"] + grid["eval_hours"], rel_tol=1e-12)
+
+
+def test_results_carry_provenance_and_settings(benchmark_run):
+    _, _, written = benchmark_run
+    prov = written["provenance"]
+    assert prov["torch"] and prov["device_name"] and prov["git_commit"]
+    assert written["settings"]["chains"] == 2 and written["settings"]["variants"] == list(_load_benchmark().VARIANTS)
+    assert written["data"]["sizes"]["train"] == 300 and written["command"].startswith("python benchmarks/")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--variants", "reference,warp"], "unknown: warp"),
+    (["--chains", "0"], "expected an integer >= 1"),
+    (["--workers", "-1"], "--workers must be >= 0"),
+])
+def test_bad_arguments_are_rejected_before_any_work(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        _load_benchmark().parse_args(argv)
+    assert message in capsys.readouterr().err
