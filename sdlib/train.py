@@ -635,14 +635,16 @@ def _device_name(device: torch.device) -> str:
 def provenance(device: torch.device) -> dict:
     """Where and with what a result was produced (the date is filled in per record).
 
-    ``git_commit`` comes from git; where the code runs from a copy without ``.git``, from the environment
-    variable ``SDLIB_GIT_COMMIT`` if set (``git_dirty`` is then None: unknown), else "unknown".
+    ``git_commit`` is the environment variable ``SDLIB_GIT_COMMIT`` where set (a launcher that ran a copy of a
+    commit says which; ``git_dirty`` is then None: unknown), else git's HEAD, else "unknown".
     """
-    commit = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
+    # A launcher that ships a copy of the working tree (a batch machine) names the commit it sent: that copy's
+    # .git, if any, need not be the one the tree was taken from.
+    commit = os.environ.get("SDLIB_GIT_COMMIT") or None
+    status = None
     if commit is None:
-        # A copy of the working tree without .git (a batch machine): the launcher may name the commit it sent.
-        commit = os.environ.get("SDLIB_GIT_COMMIT") or None
+        commit = _git("rev-parse", "HEAD")
+        status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
     return {
         "git_commit": commit or "unknown",
         "git_dirty": None if status is None else bool(status),

@@ -480,11 +480,11 @@ def test_nan_loss_stops_the_run_and_keeps_earlier_results(reference_run, tiny_da
     assert len(read_jsonl(tmp_path / "results" / "epochs.jsonl")) == 8
 
 
-def test_provenance_takes_the_commit_from_the_environment_where_git_is_absent(monkeypatch):
-    monkeypatch.setattr(train, "_git", lambda *args: None)
-    monkeypatch.delenv("SDLIB_GIT_COMMIT", raising=False)
-    prov = train.provenance(torch.device("cpu"))
-    assert prov["git_commit"] == "unknown" and prov["git_dirty"] is None
-    monkeypatch.setenv("SDLIB_GIT_COMMIT", "a" * 40)
+def test_provenance_takes_the_commit_named_by_the_launcher(monkeypatch):
+    monkeypatch.setenv("SDLIB_GIT_COMMIT", "a" * 40)  # overrides whatever git says
     prov = train.provenance(torch.device("cpu"))
     assert prov["git_commit"] == "a" * 40 and prov["git_dirty"] is None
+    monkeypatch.delenv("SDLIB_GIT_COMMIT")
+    monkeypatch.setattr(train, "_git", lambda *args: None)
+    prov = train.provenance(torch.device("cpu"))
+    assert prov["git_commit"] == "unknown" and prov["git_dirty"] is None
