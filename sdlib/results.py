@@ -70,6 +70,7 @@ __all__ = [
     "no_results_message",
     "load_records",
     "load_epochs",
+    "training_runs",
     "summarize",
     "accuracy_table",
     "plot_accuracy",
@@ -431,6 +432,86 @@ def load_epochs(results_dir: str | os.PathLike, probes: bool = False) -> pd.Data
             seen[key] = len(rows)
             rows.append(row)
     return _ordered(pd.DataFrame(rows), ["seed", "step", "epoch"])
+
+
+def _images_per_epoch(config, data) -> float:
+    """Training images of one epoch: the training split cut to whole batches (the last partial one is dropped)."""
+    try:
+        batch, n_train = int(config["batch_size"]), int(data["sizes"]["train"])
+    except (TypeError, KeyError, ValueError):
+        return math.nan
+    return float(n_train // batch * batch)
+
+
+def training_runs(results_dir: str | os.PathLike, max_gap_s: float = 60.0) -> pd.DataFrame:
+    """The wall-clock runs behind ``results_dir``: how long the models took together, and at what throughput.
+
+    Each trained model occupies the interval ``[end - wall_time_s, end]``, ``end`` being its record's
+    ``provenance.date`` (written when the step finished); an alpha-hat step's interval is extended back by the
+    wall time of its alpha = 0 probe (``probe_epochs.jsonl``), which trained just before it in the same
+    process. Intervals that overlap or lie within ``max_gap_s`` of each other (loading a teacher, writing a
+    checkpoint) form one run: the models of one sweep sharing a GPU, or one sequential ``run_chains`` call.
+
+    Returns one row per run, in time order: run (1, 2, ...), start, end (UTC timestamps), wall_clock_s,
+    seeds (tuple), models (probes included), train_images (epochs x training images per epoch, probes included),
+    images_per_s (train_images / wall_clock_s: the aggregate throughput, evaluation included in the time),
+    model_seconds (the models' own wall times summed: more than wall_clock_s where models ran side by side),
+    devices, config_hashes. Records without a date or a wall time are left out; with none left, ValueError.
+    """
+    if isinstance(max_gap_s, bool) or not isinstance(max_gap_s, (int, float)) or not max_gap_s >= 0:
+        raise ValueError(f"max_gap_s must be a number of seconds >= 0, got {max_gap_s!r}")
+    records = load_records(results_dir)
+    # One row per trained model: the shared step-1 record was copied into every chain of its seed.
+    models = records[~records["from_shared"] | ~records.duplicated(["seed", "step"])]
+    probe_time, probe_epochs = {}, {}
+    if (Path(results_dir) / PROBE_EPOCHS_FILE).is_file():
+        probes = load_epochs(results_dir, probes=True)
+        grouped = probes.groupby(["seed", "step"])
+        probe_time = grouped["wall_time_s"].sum().to_dict()
+        probe_epochs = grouped["epoch"].count().to_dict()
+    intervals = []
+    for row in models.itertuples(index=False):
+        provenance = row.provenance if isinstance(row.provenance, dict) else {}
+        if not provenance.get("date") or not math.isfinite(row.wall_time_s):
+            continue
+        end = pd.Timestamp(provenance["date"])
+        end = end.tz_localize("UTC") if end.tzinfo is None else end.tz_convert("UTC")
+        seconds, n_models, epochs = row.wall_time_s, 1, float(row.epochs) if not pd.isna(row.epochs) else math.nan
+        if row.chain == ALPHA_HAT_CHAIN and (row.seed, row.step) in probe_time:
+            seconds += probe_time[(row.seed, row.step)]
+            n_models += 1
+            epochs += probe_epochs[(row.seed, row.step)]
+        intervals.append({
+            "start": end - pd.Timedelta(seconds=seconds), "end": end, "seed": row.seed, "models": n_models,
+            "train_images": epochs * _images_per_epoch(row.config, row.data), "model_seconds": seconds,
+            "device": provenance.get("device_name"), "config_hash": row.config_hash,
+        })
+    if not intervals:
+        raise ValueError(f"no record under {results_dir} has both provenance.date and wall_time_s")
+    intervals.sort(key=lambda item: item["start"])
+    groups = [[intervals[0]]]
+    group_end = intervals[0]["end"]
+    for item in intervals[1:]:
+        if (item["start"] - group_end).total_seconds() <= max_gap_s:
+            groups[-1].append(item)
+        else:
+            groups.append([item])
+            group_end = item["end"]
+        group_end = max(group_end, item["end"])
+    rows = []
+    for number, group in enumerate(groups, start=1):
+        start, end = min(i["start"] for i in group), max(i["end"] for i in group)
+        wall = (end - start).total_seconds()
+        images = sum(i["train_images"] for i in group)
+        rows.append({
+            "run": number, "start": start, "end": end, "wall_clock_s": wall,
+            "seeds": tuple(sorted({i["seed"] for i in group})), "models": sum(i["models"] for i in group),
+            "train_images": images, "images_per_s": images / wall if wall > 0 else math.nan,
+            "model_seconds": sum(i["model_seconds"] for i in group),
+            "devices": tuple(sorted({str(i["device"]) for i in group})),
+            "config_hashes": tuple(sorted({str(i["config_hash"]) for i in group})),
+        })
+    return pd.DataFrame(rows)
 
 
 # ---------------------------------------------------------------------------------------- aggregation

@@ -383,3 +383,45 @@ def test_load_epochs_reads_the_probes_on_request(tmp_path):
         results.load_epochs(directory)
     with pytest.raises(ValueError, match="probes"):
         results.load_epochs(directory, probes="yes")
+
+
+def _timed_record(seed, chain, step, end, wall, epochs=2):
+    alpha = {"shared": 1.0, "alpha=0": 0.0}.get(chain, 0.7)
+    return {"seed": seed, "chain": chain, "step": step, "alpha": alpha, "val_acc": 0.5, "test_acc": 0.5,
+            "alpha_hat": 0.7 if chain == "alpha_hat" else None, "epochs": epochs, "wall_time_s": wall,
+            "config_hash": "abc", "config": {"batch_size": 4, "alphas": [0.0], "include_alpha_hat": True},
+            "data": {"sizes": {"train": 10, "val": 5, "test": 5}},
+            "provenance": {"date": f"2026-01-01T{end}+00:00", "device_name": "GPU X"}}
+
+
+def test_training_runs_group_overlapping_models_and_count_the_probes(tmp_path):
+    records = [
+        _timed_record(0, "shared", 1, "10:00:10", 10.0),         # [10:00:00, 10:00:10]
+        _timed_record(0, "alpha=0", 2, "10:00:30", 15.0),        # [10:00:15, 10:00:30]: 5 s after
+        _timed_record(0, "alpha_hat", 2, "10:00:50", 10.0),      # + its 10 s probe: [10:00:30, 10:00:50]
+        _timed_record(1, "shared", 1, "11:00:10", 10.0),         # an hour later: a second run
+        _timed_record(1, "alpha=0", 2, "11:00:15", 12.0),        # overlaps it: run side by side
+    ]
+    write_jsonl(tmp_path, records)
+    probe_epochs = [{"seed": 0, "chain": "alpha_hat_probe", "step": 2, "epoch": e, "wall_time_s": 5.0,
+                     "val_acc": 0.4, "test_acc": 0.4} for e in (1, 2)]
+    write_jsonl(tmp_path, probe_epochs, name="probe_epochs.jsonl")
+    runs = results.training_runs(tmp_path)
+    assert list(runs["run"]) == [1, 2]
+    first, second = runs.iloc[0], runs.iloc[1]
+    # 8 images per epoch (10 training images cut to whole batches of 4); 2 epochs per model.
+    assert first["seeds"] == (0,) and first["models"] == 4 and first["train_images"] == 4 * 2 * 8
+    assert first["wall_clock_s"] == 50.0 and first["images_per_s"] == 64 / 50
+    assert first["model_seconds"] == 10 + 15 + 10 + 10
+    assert second["seeds"] == (1,) and second["models"] == 2 and second["wall_clock_s"] == 15.0
+    assert second["model_seconds"] == 22.0 and second["devices"] == ("GPU X",)
+    # A smaller tolerance splits the first run at its 5 s gap.
+    strict = results.training_runs(tmp_path, max_gap_s=1.0)
+    assert list(strict["models"]) == [1, 3, 2] and list(strict["wall_clock_s"]) == [10.0, 35.0, 15.0]
+    with pytest.raises(ValueError, match="max_gap_s must be a number of seconds >= 0"):
+        results.training_runs(tmp_path, max_gap_s=-1)
+
+
+def test_training_runs_need_dated_records(records_dir):
+    with pytest.raises(ValueError, match="provenance.date and wall_time_s"):
+        results.training_runs(records_dir[0])
