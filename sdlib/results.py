@@ -71,6 +71,7 @@ __all__ = [
     "load_records",
     "load_epochs",
     "training_runs",
+    "load_throughput",
     "summarize",
     "accuracy_table",
     "plot_accuracy",
@@ -511,6 +512,51 @@ def training_runs(results_dir: str | os.PathLike, max_gap_s: float = 60.0) -> pd
             "devices": tuple(sorted({str(i["device"]) for i in group})),
             "config_hashes": tuple(sorted({str(i["config_hash"]) for i in group})),
         })
+    return pd.DataFrame(rows)
+
+
+def load_throughput(paths) -> pd.DataFrame:
+    """The results of ``benchmarks/train_throughput.py`` (its JSON files) as one row per (file, variant).
+
+    paths : a path or a sequence of paths of such files (at least one).
+    Columns: file (name), date, device, git_commit, torch, variant, n_models, batch_per_model, precision,
+    images_per_s (aggregate over the variant's models), per_model_images_per_s, ratio_to_reference,
+    grid_profile, grid_models, grid_epochs, grid_train_hours, grid_eval_hours, grid_total_hours (the paper's
+    grid at that variant's rates, as the benchmark computed it). ValueError names a file that is not such a
+    result; FileNotFoundError a missing one.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise ValueError("paths must name at least one train_throughput JSON file (benchmarks/results/), got none")
+    rows = []
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"no benchmark results at {str(path)!r}: run benchmarks/train_throughput.py "
+                                    "--out <file> on the GPU to measure them")
+        try:
+            result = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON ({error.msg})") from None
+        if not isinstance(result, dict) or result.get("benchmark") != "train_throughput" \
+                or not isinstance(result.get("variants"), dict):
+            raise ValueError(f"{path}: not a result of benchmarks/train_throughput.py (expected 'benchmark': "
+                             "'train_throughput' and a 'variants' object)")
+        provenance = result.get("provenance") or {}
+        for variant, r in result["variants"].items():
+            grid = r.get("grid") or {}
+            rows.append({
+                "file": path.name, "date": result.get("date"), "device": provenance.get("device_name"),
+                "git_commit": provenance.get("git_commit"), "torch": provenance.get("torch"),
+                "variant": variant, "n_models": r["n_models"], "batch_per_model": r["batch_per_model"],
+                "precision": r["precision"], "images_per_s": r["images_per_s"],
+                "per_model_images_per_s": r["per_model_images_per_s"],
+                "ratio_to_reference": r.get("ratio_to_reference"), "grid_profile": grid.get("profile"),
+                "grid_models": grid.get("models"), "grid_epochs": grid.get("epochs"),
+                "grid_train_hours": grid.get("train_hours"), "grid_eval_hours": grid.get("eval_hours"),
+                "grid_total_hours": grid.get("total_hours"),
+            })
     return pd.DataFrame(rows)
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from sdlib import results
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -29,11 +31,11 @@ def benchmark_run(tiny_cifar_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "throughput.json"
     bench = _load_benchmark()
     returned = bench.main(["--data-root", str(tiny_cifar_root), "--out", str(out), *TINY])
-    return bench, returned, json.loads(out.read_text())
+    return bench, returned, json.loads(out.read_text()), out
 
 
 def test_every_variant_is_measured_and_written(benchmark_run):
-    bench, returned, written = benchmark_run
+    bench, returned, written, _ = benchmark_run
     assert written == json.loads(json.dumps(returned))
     assert list(written["variants"]) == list(bench.VARIANTS)
     for name, r in written["variants"].items():
@@ -50,7 +52,7 @@ def test_every_variant_is_measured_and_written(benchmark_run):
 
 
 def test_grid_hours_follow_the_grid_and_the_measured_rates(benchmark_run):
-    _, _, written = benchmark_run
+    _, _, written, _ = benchmark_run
     rates = written["eval_images_per_s"]
     for name, r in written["variants"].items():
         grid = r["grid"]
@@ -64,7 +66,7 @@ def test_grid_hours_follow_the_grid_and_the_measured_rates(benchmark_run):
 
 
 def test_results_carry_provenance_and_settings(benchmark_run):
-    _, _, written = benchmark_run
+    _, _, written, _ = benchmark_run
     prov = written["provenance"]
     assert prov["torch"] and prov["device_name"] and prov["git_commit"]
     assert written["settings"]["chains"] == 2 and written["settings"]["variants"] == list(_load_benchmark().VARIANTS)
@@ -80,3 +82,22 @@ def test_bad_arguments_are_rejected_before_any_work(argv, message, capsys):
     with pytest.raises(SystemExit):
         _load_benchmark().parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_load_throughput_reads_the_written_file(benchmark_run, tmp_path):
+    _, _, written, out = benchmark_run
+    table = results.load_throughput([out, out])
+    assert len(table) == 2 * len(written["variants"])
+    first = table.iloc[: len(written["variants"])]
+    assert list(first["variant"]) == list(written["variants"])
+    for row in first.itertuples():
+        r = written["variants"][row.variant]
+        assert row.images_per_s == r["images_per_s"] and row.grid_total_hours == r["grid"]["total_hours"]
+        assert row.device == written["provenance"]["device_name"] and row.file == out.name
+    with pytest.raises(FileNotFoundError, match="run benchmarks/train_throughput.py"):
+        results.load_throughput(tmp_path / "absent.json")
+    (tmp_path / "other.json").write_text('{"benchmark": "krr"}')
+    with pytest.raises(ValueError, match="not a result of benchmarks/train_throughput.py"):
+        results.load_throughput(tmp_path / "other.json")
+    with pytest.raises(ValueError, match="at least one"):
+        results.load_throughput([])
