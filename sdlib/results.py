@@ -521,8 +521,8 @@ def load_throughput(paths) -> pd.DataFrame:
     paths : a path or a sequence of paths of such files (at least one).
     Columns: file (name), date, device, git_commit, torch, variant, n_models, batch_per_model, precision,
     images_per_s (aggregate over the variant's models), per_model_images_per_s, ratio_to_reference,
-    grid_profile, grid_models, grid_epochs, grid_train_hours, grid_eval_hours, grid_total_hours (the paper's
-    grid at that variant's rates, as the benchmark computed it). ValueError names a file that is not such a
+    grid_profile, grid_models, grid_epochs, grid_train_images, grid_train_hours, grid_eval_hours,
+    grid_total_hours (the paper's grid at that variant's rates, as the benchmark computed it). ValueError names a file that is not such a
     result; FileNotFoundError a missing one.
     """
     if isinstance(paths, (str, os.PathLike)):
@@ -554,6 +554,7 @@ def load_throughput(paths) -> pd.DataFrame:
                 "per_model_images_per_s": r["per_model_images_per_s"],
                 "ratio_to_reference": r.get("ratio_to_reference"), "grid_profile": grid.get("profile"),
                 "grid_models": grid.get("models"), "grid_epochs": grid.get("epochs"),
+                "grid_train_images": grid.get("train_images"),
                 "grid_train_hours": grid.get("train_hours"), "grid_eval_hours": grid.get("eval_hours"),
                 "grid_total_hours": grid.get("total_hours"),
             })
