@@ -12,6 +12,7 @@ other script and stylesheet) is served from the build, never from a CDN.
 from __future__ import annotations
 
 import html
+import json
 import os
 import re
 import shutil
@@ -230,3 +231,43 @@ def test_no_remote_scripts_or_styles(book):
         assert remote == [], f"{page}: remote assets {remote}"
         hosts = [h for h in REMOTE_HOSTS if h in page_html]
         assert hosts == [], f"{page}: mentions CDN hosts {hosts}"
+
+
+def test_reproduce_at_scale_quotes_the_committed_throughput(book):
+    """The cost of the grid is computed at build time from benchmarks/results/ and results/cifar10/."""
+    from sdlib import results
+
+    root, _ = book
+    files = sorted((root / "benchmarks" / "results").glob("train_throughput_*.json"))
+    assert files, "no committed throughput benchmark"
+    bench = results.load_throughput(files)
+    text = _text(_html(root, "book/reproduce_at_scale"))
+    assert "throughput: pending" not in text and "pending the GPU throughput" not in text
+    for variant, group in bench.groupby("variant"):
+        for value in (group.images_per_s.min(), group.images_per_s.max()):
+            assert f"{value:,.0f}" in text, f"{variant}: {value:,.0f} images/s not on the page"
+        for value in (group.grid_total_hours.min(), group.grid_total_hours.max()):
+            assert f"{value:,.0f}" in text, f"{variant}: {value:,.0f} grid hours not on the page"
+    runs = results.training_runs(root / "results" / "cifar10")
+    for value in runs.images_per_s:
+        assert f"{value:,.0f}" in text, f"the one-GPU sweep's {value:,.0f} images/s not on the page"
+    fast = bench[bench.variant == "fast"].iloc[0]
+    assert f"{fast.grid_train_images / runs.images_per_s.median() / 3600:,.1f} hours on one H100" in text
+
+
+def test_chapter_5_shows_the_committed_results_and_their_protocol(book):
+    root, _ = book
+    if not (root / "results" / "cifar10" / "records.jsonl").is_file():
+        pytest.skip("no results committed under results/cifar10 (the 'no results' message is checked above)")
+    records = [json.loads(line) for line in
+               (root / "results" / "cifar10" / "records.jsonl").read_text(encoding="utf-8").splitlines() if line]
+    text = _text(_html(root, "notebooks/05_cifar10_self_distillation"))
+    seeds = sorted({r["seed"] for r in records})
+    chains = {r["chain"] for r in records} - {"shared"}
+    # load_records copies each seed's shared step-1 record into step 1 of every chain.
+    rows = sum(r["chain"] != "shared" for r in records) + len(seeds) * len(chains)
+    assert f"{rows} (seed, chain, step) rows" in text
+    assert "seeds " + ", ".join(map(str, seeds)) in text
+    assert "chance is 10%" in text and "inside [0, 1]: True" in text
+    chapter = _text(_html(root, "book/05_cifar10"))
+    assert "The committed run is not the paper's protocol" in chapter.replace("’", "'")
