@@ -50,7 +50,7 @@ from sdlib import data as cifar
 from sdlib.batched import batched_distillation_loss, batched_l2_penalty, stack_models
 from sdlib.records import write_atomically
 from sdlib.sweep import grid_cost
-from sdlib.train import TrainConfig, build_model, distill_step, evaluate, provenance
+from sdlib.train import TrainConfig, _resolve_device, build_model, distill_step, evaluate, provenance
 
 VARIANTS = ("reference", "paper", "fast", "batched")
 ALPHA = 0.5  # any alpha < 1: the teacher's forward pass is part of every batch
@@ -163,8 +163,6 @@ def trainer_run(profile: str, splits, device, *, iters, eval_images) -> dict:
 
 def batched_loop(splits, device, *, n_chains, batch_size, iters, warmup, seed=0) -> dict:
     """n_chains students (one step of every chain of a seed: same init, same data, own alpha and teacher)."""
-    from sdlib.data import augment
-
     students = stack_models([build_model(seed, 2) for _ in range(n_chains)]).to(device)
     teachers = stack_models([build_model(seed + 1000 + i, 1) for i in range(n_chains)]).to(device).eval()
     alphas = [round(float(a), 10) for a in np.linspace(0.0, 1.0, n_chains)]
@@ -179,7 +177,7 @@ def batched_loop(splits, device, *, n_chains, batch_size, iters, warmup, seed=0)
             start = time.perf_counter()
         start_index = (i * batch_size) % (len(order) - batch_size + 1)
         index = order[start_index:start_index + batch_size]
-        x = augment(splits.x_train[index], generator=generator)
+        x = cifar.augment(splits.x_train[index], generator=generator)
         labels = splits.y_train[index]
         with torch.inference_mode():
             teacher_logits = teachers(x)
@@ -271,8 +269,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = _resolve_device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     splits = cifar.load_splits(args.data_root, n_val=args.n_val, subset=args.subset, device="cpu")
