@@ -66,6 +66,7 @@ __all__ = [
     "evaluate",
     "distill_step",
     "run_chains",
+    "pending_tasks",
     "effective_config",
     "provenance",
     "chain_name",
@@ -815,6 +816,23 @@ def _tasks(config: TrainConfig) -> list[tuple[int, str, int]]:
     return tasks
 
 
+def pending_tasks(config: TrainConfig) -> list[tuple[int, str, int]]:
+    """The (seed, chain, step) of ``config`` with no record of its ``config_hash`` in ``results_dir`` yet, in
+    training order: what :func:`run_chains` would train (the alpha-hat probes, which have no records, aside).
+    Reads ``records.jsonl`` only (no torch work, no data). With ``device="auto"`` the records sought are those
+    of the config as given (a CUDA run's); with a named device, those of :func:`effective_config` there."""
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if config.device != "auto":
+        with warnings.catch_warnings():  # the run itself warns about bf16 / channels_last off the GPU
+            warnings.simplefilter("ignore", RuntimeWarning)
+            config = effective_config(config, torch.device(config.device))
+    config_hash = config.config_hash()
+    done = {(r["seed"], r["chain"], r["step"]) for r in _read_jsonl(Path(config.results_dir) / RECORDS_FILE)
+            if r.get("config_hash") == config_hash}
+    return [task for task in _tasks(config) if task not in done]
+
+
 def run_chains(config: TrainConfig, progress: bool = True, callback: Callable[[dict], None] | None = None
                ) -> list[dict]:
     """Train every (seed, chain, step) of ``config`` that is not finished yet; return all their records.
@@ -893,8 +911,9 @@ def _parse_list(kind, name):
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sdlib.train",
                                 description="Self-distillation chains of ResNet-50 on CIFAR-10 (resumable).")
-    p.add_argument("--profile", choices=sorted(PROFILES), default="paper",
-                   help="paper: the authors' protocol; fast: batch 256, lr 1e-3, warmup+cosine, bf16 (CUDA)")
+    p.add_argument("--profile", choices=sorted(PROFILES),
+                   help="paper (default): the authors' protocol; fast: batch 256, lr 1e-3, warmup+cosine, bf16 "
+                        "(CUDA)")
     p.add_argument("--epochs", type=int, help="epochs per step")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
@@ -922,24 +941,27 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# Flags of _parser() that are not TrainConfig fields under their own name.
+_FLAGS = {"no_alpha_hat": ("include_alpha_hat", False), "no_bf16": ("bf16", False),
+          "no_channels_last": ("channels_last", False), "download": ("download", True)}
+
+
+def config_overrides(args: argparse.Namespace) -> dict:
+    """The TrainConfig fields that the parsed options of :func:`_parser` set (options not given are left out;
+    so are ``profile`` and ``no_progress``, and the options a caller added to the parser)."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"profile"} - set(_FLAGS)  # --download: a flag
+    overrides = {name: value for name, value in vars(args).items() if name in fields and value is not None}
+    for name in ("seeds", "alphas"):  # nargs="+" of comma lists -> one flat tuple
+        if name in overrides:
+            overrides[name] = tuple(value for token in overrides[name] for value in token)
+    overrides.update(setting for flag, setting in _FLAGS.items() if getattr(args, flag))
+    return overrides
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     """The command line: parse, build the TrainConfig (invalid values: a clear error and exit code 2), run."""
     parser = _parser()
     args = parser.parse_args(argv)
-    overrides = {name: value for name, value in vars(args).items()
-                 if value is not None and name not in ("profile", "no_alpha_hat", "no_bf16", "no_channels_last",
-                                                       "no_progress", "download")}
-    for name in ("seeds", "alphas"):  # nargs="+" of comma lists -> one flat tuple
-        if name in overrides:
-            overrides[name] = tuple(value for token in overrides[name] for value in token)
-    if args.no_alpha_hat:
-        overrides["include_alpha_hat"] = False
-    if args.no_bf16:
-        overrides["bf16"] = False
-    if args.no_channels_last:
-        overrides["channels_last"] = False
-    if args.download:
-        overrides["download"] = True
     trained = []  # step_end events of the models trained by this call
 
     def collect(event):
@@ -947,7 +969,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             trained.append(event)
 
     try:
-        config = TrainConfig.from_profile(args.profile, **overrides)
+        config = TrainConfig.from_profile(args.profile or "paper", **config_overrides(args))
         start = time.perf_counter()
         records = run_chains(config, progress=not args.no_progress, callback=collect)
     except (ValueError, FileNotFoundError) as error:
