@@ -29,8 +29,18 @@ Preemption and time limits. :class:`ChainJob` has a ``checkpoint()`` method retu
 job and requeues it; the requeued job calls ``run_chains`` again, which skips finished steps and resumes the
 unfinished one from its last epoch checkpoint (``step<t>.state.pt``).
 
+Resubmission. :func:`submit_sweep` leaves out the jobs whose every step already has a record of the config
+in ``results_dir`` (and submits the chains of a seed whose step 1 is finished without a dependency), so the same
+command, run again after a failure, a kill or a cancelled job, submits only what is missing; an unfinished step
+resumes from its last epoch checkpoint.
+
+Sweep files. The whole sweep (profile, training fields, where and how the jobs run) can live in one YAML or JSON
+file, read by :func:`load_sweep_config` and ``--config``; ``sweeps/`` has the paper's grid on SLURM and the run
+behind the committed results. Options given on the command line override the file.
+
 Command line (``python -m sdlib.sweep --help``)::
 
+    python -m sdlib.sweep --config sweeps/paper-slurm.yaml --partition gpu-long
     python -m sdlib.sweep --executor slurm --partition gpu --gpus-per-job 1 --time 2880 --profile paper
     python -m sdlib.sweep --executor local --profile fast --epochs 2 --seeds 0 --alphas 0,1
 
@@ -58,7 +68,10 @@ __all__ = [
     "EXECUTORS",
     "ChainJob",
     "SweepJob",
+    "SweepError",
+    "SWEEP_OPTIONS",
     "job_configs",
+    "load_sweep_config",
     "make_executor",
     "CIFAR10_TRAIN_IMAGES",
     "grid_cost",
@@ -200,6 +213,15 @@ class SweepJob:
         return f"seed{self.seed}-{self.chain}"
 
 
+class SweepError(RuntimeError):
+    """Jobs of a sweep failed. ``failed``: those SweepJobs; ``results``: what :func:`wait` got, in the order
+    given, None for a failed job."""
+
+    def __init__(self, message: str, failed: list[SweepJob], results: list[dict | None]):
+        super().__init__(message)
+        self.failed, self.results = failed, results
+
+
 def _check_int(name, value, minimum, allow_none=False):
     if value is None and allow_none:
         return None
@@ -259,8 +281,14 @@ def make_executor(executor: str = "local", folder: str | os.PathLike = "runs/sub
 
 def submit_sweep(config, executor: str = "local", folder: str | os.PathLike = "runs/submitit", *,
                  num_threads: int | None = None, progress: bool = True,
-                 on_event: Callable[[dict], None] | None = None, **cluster) -> list[SweepJob]:
+                 on_event: Callable[[dict], None] | None = None, skip_finished: bool = True,
+                 **cluster) -> list[SweepJob]:
     """Submit the grid of ``config`` (a TrainConfig) as jobs; return them (step-1 jobs first, then chains).
+
+    skip_finished : leave out every job whose steps all have a record of this config in ``results_dir``, and
+    submit the chains of a seed whose step-1 job is finished without waiting for it; an empty list means the
+    grid is complete. (A job that is still running or queued is not known here: do not resubmit a sweep
+    while its jobs run.)
 
     executor : "local" (subprocesses on this machine), "slurm" (sbatch through submitit) or "debug" (in this
     process, when ``result()`` is asked: for stepping through with a debugger). ``cluster`` : the options of
@@ -273,20 +301,32 @@ def submit_sweep(config, executor: str = "local", folder: str | os.PathLike = "r
     Wait for the rest with :func:`wait`; read the results with :func:`sdlib.results.load_records` on
     ``config.results_dir``.
     """
+    from sdlib.train import pending_tasks
+
     jobs_of_grid = job_configs(config)  # validates config
     if num_threads is not None:
         _check_int("num_threads", num_threads, 1)
     if on_event is not None and not callable(on_event):
         raise ValueError(f"on_event must be callable or None, got {on_event!r}")
+    if not isinstance(skip_finished, bool):
+        raise ValueError(f"skip_finished must be True or False, got {skip_finished!r}")
+    _check_options(cluster)
     ex = make_executor(executor, folder, **cluster)  # validates the cluster options before any submission
+    if skip_finished:
+        jobs_of_grid = [(s, c, cfg) for s, c, cfg in jobs_of_grid if pending_tasks(cfg)]
 
     def job(seed, chain, job_config):
         return ChainJob(job_config, seed, chain, num_threads=num_threads, progress=progress, on_event=on_event)
 
     shared = [(s, c, cfg) for s, c, cfg in jobs_of_grid if c == SHARED_CHAIN]
     chains = [(s, c, cfg) for s, c, cfg in jobs_of_grid if c != SHARED_CHAIN]
-    first = [SweepJob(s, c, j) for (s, c, _), j in zip(shared, ex.submit_array([job(*t) for t in shared]))]
+    first = [SweepJob(s, c, j) for (s, c, _), j in zip(shared, ex.submit_array([job(*t) for t in shared]))] \
+        if shared else []
     submitted = list(first)
+    ready = [t for t in chains if t[0] not in {step1.seed for step1 in first}]  # their step 1 is finished
+    if ready:
+        array = ex.submit_array([job(*t) for t in ready])
+        submitted.extend(SweepJob(s, c, j) for (s, c, _), j in zip(ready, array))
     for step1 in first:
         seed_chains = [t for t in chains if t[0] == step1.seed]
         if not seed_chains:
@@ -304,26 +344,113 @@ def submit_sweep(config, executor: str = "local", folder: str | os.PathLike = "r
     return submitted
 
 
+def _failure(sweep_job: SweepJob, error: Exception) -> str:
+    paths = getattr(sweep_job.job, "paths", None)
+    where = f" (logs: {paths.stderr})" if paths is not None else ""
+    return f"sweep job {sweep_job.name} (id {sweep_job.job.job_id}) failed{where}: {error}"
+
+
 def _result(sweep_job: SweepJob):
     try:
         return sweep_job.job.result()
     except Exception as error:  # submitit's FailedJobError / UncompletedJobError carry the job's log tail
-        paths = getattr(sweep_job.job, "paths", None)
-        where = f" (logs: {paths.stderr})" if paths is not None else ""
-        raise RuntimeError(f"sweep job {sweep_job.name} (id {sweep_job.job.job_id}) failed{where}: "
-                           f"{error}") from error
+        raise SweepError(_failure(sweep_job, error), [sweep_job], [None]) from error
 
 
 def wait(jobs: Sequence[SweepJob], progress: bool = True) -> list[dict]:
     """Wait for every job and return their results (the dicts of :class:`ChainJob`), in the order given.
 
-    A failed job raises RuntimeError naming its seed, chain, id and log file (the others keep running)."""
+    Failed jobs do not stop the wait: once every job has ended, :class:`SweepError` (a RuntimeError) names
+    each failed one (seed, chain, id, log file) and carries the others' results. Submitting the same sweep
+    again then submits only the unfinished jobs, which resume from their checkpoints."""
     if isinstance(jobs, SweepJob) or not all(isinstance(j, SweepJob) for j in jobs):
         raise ValueError("jobs must be a list of SweepJob, as returned by submit_sweep")
-    results = []
+    results, failed, messages = [], [], []
     for sweep_job in tqdm(jobs, desc="sweep jobs", unit="job", disable=not progress):
-        results.append(_result(sweep_job))
+        try:
+            results.append(sweep_job.job.result())
+        except Exception as error:
+            results.append(None)
+            failed.append(sweep_job)
+            messages.append(_failure(sweep_job, error))
+    if failed:
+        raise SweepError(f"{len(failed)} of {len(jobs)} sweep job(s) failed; submit the sweep again to resume "
+                         "them:\n" + "\n".join(messages), failed, results)
     return results
+
+
+# ------------------------------------------------------------------------------------------------ sweep files
+
+# What a sweep file's ``cluster`` section may hold: the keyword arguments of submit_sweep and make_executor.
+SWEEP_OPTIONS = ("executor", "folder", "num_threads", "partition", "gpus_per_job", "timeout_min", "cpus_per_job",
+                 "mem_gb", "array_parallelism", "max_requeues", "job_name", "slurm_parameters")
+
+
+def _check_options(options: dict) -> None:
+    unknown = sorted(set(options) - set(SWEEP_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown cluster option(s) {unknown}; valid options: {sorted(SWEEP_OPTIONS)}")
+
+
+def _read_mapping(source, what: str) -> dict:
+    """A JSON/YAML file (or an already-parsed mapping) as a dict."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"{what} {path} does not exist")
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            source = yaml.safe_load(text)
+        elif path.suffix.lower() == ".json":
+            source = json.loads(text)
+        else:
+            raise ValueError(f"{what} must end in .json, .yaml or .yml, got {path.name!r}")
+    return source
+
+
+def load_sweep_config(source, *, profile: str | None = None, train: dict | None = None,
+                      options: dict | None = None):
+    """A sweep from a YAML/JSON file (or the parsed mapping): ``(TrainConfig, options of submit_sweep)``.
+
+    The file holds up to three keys::
+
+        profile: paper            # the TrainConfig profile (default "paper")
+        train: {seeds: [0, 1]}    # TrainConfig fields on top of the profile
+        cluster:                  # keyword arguments of submit_sweep: executor, folder, num_threads, and
+          executor: slurm         # make_executor's partition, gpus_per_job, timeout_min, cpus_per_job, mem_gb,
+          partition: gpu          # array_parallelism, max_requeues, job_name, slurm_parameters
+          gpus_per_job: 1
+          timeout_min: 1440
+
+    ``profile``, ``train`` and ``options`` override the file (the command line's options, say). Unknown keys
+    raise ValueError naming them and the valid ones; the values are checked by TrainConfig here and by
+    :func:`make_executor` when the sweep is submitted, before any job is. ``source=None``: no file.
+    Then ``config, options = load_sweep_config(path)`` and ``submit_sweep(config, **options)``.
+    """
+    from sdlib.train import TrainConfig
+
+    sweep = {} if source is None else _read_mapping(source, "sweep file")
+    if not isinstance(sweep, dict):
+        raise ValueError(f"a sweep file must be a mapping with keys profile, train, cluster; got "
+                         f"{type(sweep).__name__}")
+    unknown = sorted(set(sweep) - {"profile", "train", "cluster"})
+    if unknown:
+        raise ValueError(f"unknown sweep file key(s) {unknown}; valid keys: ['cluster', 'profile', 'train']")
+    sections = {}
+    for key, override in (("train", train), ("cluster", options)):
+        section = sweep.get(key) or {}
+        if not isinstance(section, dict) or (override is not None and not isinstance(override, dict)):
+            raise ValueError(f"the sweep's {key!r} must be a mapping, got {section!r}")
+        sections[key] = {**section, **(override or {})}
+    _check_options(sections["cluster"])
+    train_fields = dict(sections["train"])
+    for name in ("seeds", "alphas"):  # YAML/JSON lists
+        if isinstance(train_fields.get(name), list):
+            train_fields[name] = tuple(train_fields[name])
+    config = TrainConfig.from_profile(profile or sweep.get("profile") or "paper", **train_fields)
+    return config, sections["cluster"]
 
 
 # ----------------------------------------------------------------------------------------------- papermill
@@ -334,19 +461,7 @@ def load_parameter_sets(source) -> list[tuple[str, dict]]:
 
     Accepted forms: a list of ``{"name": ..., "parameters": {...}}``, or a mapping ``{name: {...}, ...}``.
     Names must be unique and usable as file names (letters, digits, ``_ . = -``)."""
-    if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"parameter file {path} does not exist")
-        text = path.read_text(encoding="utf-8")
-        if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            source = yaml.safe_load(text)
-        elif path.suffix.lower() == ".json":
-            source = json.loads(text)
-        else:
-            raise ValueError(f"parameter file must end in .json, .yaml or .yml, got {path.name!r}")
+    source = _read_mapping(source, "parameter file")
     if isinstance(source, dict):
         entries = [{"name": name, "parameters": params} for name, params in source.items()]
     elif isinstance(source, list):
@@ -425,19 +540,22 @@ def _parser() -> argparse.ArgumentParser:
     p = train_parser()
     p.prog = "python -m sdlib.sweep"
     p.description = ("Submit the grid of self-distillation chains as jobs (submitit): one step-1 job per seed, "
-                     "then one job per (seed, chain) depending on it. Training options as in sdlib.train.")
-    g = p.add_argument_group("cluster")
-    g.add_argument("--executor", choices=EXECUTORS, default="local",
-                   help="slurm: sbatch job arrays; local: subprocesses here; debug: in this process")
+                     "then one job per (seed, chain) depending on it; jobs already finished are left out. "
+                     "Training options as in sdlib.train; options given here override --config.")
+    p.add_argument("--config", metavar="SWEEP_FILE",
+                   help="a YAML/JSON sweep file (profile, train, cluster), e.g. sweeps/paper-slurm.yaml")
+    g = p.add_argument_group("cluster (default: the sweep file's, else these)")
+    g.add_argument("--executor", choices=EXECUTORS,
+                   help="slurm: sbatch job arrays; local (default): subprocesses here; debug: in this process")
     g.add_argument("--partition", help="SLURM partition")
     g.add_argument("--gpus-per-job", type=int, help="GPUs per job (default: 1 on slurm, 0 locally)")
-    g.add_argument("--time", type=int, default=1440, dest="timeout_min",
+    g.add_argument("--time", type=int, dest="timeout_min",
                    help="time limit per job in minutes; a job reaching it is requeued and resumes (default 1440)")
     g.add_argument("--cpus", type=int, dest="cpus_per_job", help="CPUs per job")
     g.add_argument("--mem-gb", type=float, help="memory per job in GB")
-    g.add_argument("--array-parallelism", type=int, default=64, help="jobs of one array running at once (slurm)")
-    g.add_argument("--max-requeues", type=int, default=3, help="requeues after time limits (default 3)")
-    g.add_argument("--log-folder", default="runs/submitit", help="submitit's pickles and logs (default runs/submitit)")
+    g.add_argument("--array-parallelism", type=int, help="jobs of one array running at once (slurm; default 64)")
+    g.add_argument("--max-requeues", type=int, help="requeues after time limits (default 3)")
+    g.add_argument("--log-folder", dest="folder", help="submitit's pickles and logs (default runs/submitit)")
     g.add_argument("--threads", type=int, dest="num_threads", help="torch CPU threads per job")
     g.add_argument("--no-wait", action="store_true", help="submit and return (slurm); default: wait and summarize")
     g.add_argument("--estimate", type=float, metavar="IMAGES_PER_S",
@@ -446,43 +564,37 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> list[SweepJob]:
-    """The command line: build the TrainConfig and the executor (bad values: a clear error, exit code 2),
-    submit the sweep, and (unless --no-wait) wait for it and print where the results are."""
-    from sdlib.train import TrainConfig
+    """The command line: read the sweep file (if any) and the options over it, build the TrainConfig and the
+    executor (bad values: a clear error, exit code 2), submit the unfinished jobs, and (unless --no-wait) wait
+    for them and print where the results are."""
+    from sdlib.train import config_overrides
 
     parser = _parser()
     args = parser.parse_args(argv)
-    cluster_keys = ("partition", "gpus_per_job", "timeout_min", "cpus_per_job", "mem_gb", "array_parallelism",
-                    "max_requeues")
-    own = set(cluster_keys) | {"executor", "log_folder", "num_threads", "no_wait", "estimate", "profile",
-                               "no_alpha_hat",
-                               "no_bf16", "no_channels_last", "no_progress", "download"}
-    overrides = {k: v for k, v in vars(args).items() if v is not None and k not in own}
-    for name in ("seeds", "alphas"):
-        if name in overrides:
-            overrides[name] = tuple(value for token in overrides[name] for value in token)
-    for flag, field, value in (("no_alpha_hat", "include_alpha_hat", False), ("no_bf16", "bf16", False),
-                               ("no_channels_last", "channels_last", False), ("download", "download", True)):
-        if getattr(args, flag):
-            overrides[field] = value
-    cluster = {k: getattr(args, k) for k in cluster_keys if getattr(args, k) is not None}
+    options = {k: getattr(args, k) for k in SWEEP_OPTIONS if getattr(args, k, None) is not None}
     try:
-        config = TrainConfig.from_profile(args.profile, **overrides)
+        config, options = load_sweep_config(args.config, profile=args.profile, train=config_overrides(args),
+                                            options=options)
         if args.estimate is not None:
             cost = grid_cost(config, args.estimate)
             print(f"{cost['jobs']} jobs; {cost['formula']}")
             return []
-        jobs = submit_sweep(config, args.executor, args.log_folder, num_threads=args.num_threads,
-                            progress=not args.no_progress, **cluster)
-    except ValueError as error:
+        jobs = submit_sweep(config, progress=not args.no_progress, **options)
+    except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
-    print(f"submitted {len(jobs)} jobs ({args.executor}); config_hash {config.config_hash()}; "
-          f"logs in {args.log_folder}")
+    executor, folder = options.get("executor", "local"), options.get("folder", "runs/submitit")
+    skipped = len(job_configs(config)) - len(jobs)
+    print(f"submitted {len(jobs)} jobs ({executor}); config_hash {config.config_hash()}; logs in {folder}"
+          + (f"; {skipped} finished job(s) left out" if skipped else ""))
     for j in jobs:
         print(f"  {j.name}: job {j.job.job_id}")
+    if jobs and not args.no_wait:
+        try:
+            wait(jobs, progress=not args.no_progress)
+        except SweepError as error:
+            raise SystemExit(f"{error}\nrecords so far in {Path(config.results_dir) / 'records.jsonl'}") from None
     if not args.no_wait:
-        wait(jobs, progress=not args.no_progress)
-        print(f"all {len(jobs)} jobs finished; records in {Path(config.results_dir) / 'records.jsonl'}")
+        print(f"all jobs finished; records in {Path(config.results_dir) / 'records.jsonl'}")
     return jobs
 
 

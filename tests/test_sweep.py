@@ -2,27 +2,34 @@
 
 One tiny real-image grid (ResNet-50 on CPU: 64 training, 40 validation, 64 test images, batch 32, 2 epochs,
 2 steps, alphas 0 and 1 plus alpha-hat, one seed) is trained twice: sequentially by run_chains in this process
-(the reference), and as submitit jobs (one step-1 job, then three chain jobs), one of which is preempted in the
-middle of its step 2 through submitit's own signal / checkpoint / requeue path. The sweep must give the reference's
-results exactly, with the chain jobs started only after the step-1 job finished and the preempted job resuming
-from its epoch checkpoint rather than starting over. A fake ``sbatch`` checks the SLURM dependency wiring.
+(the reference), and as submitit jobs (one step-1 job, then three chain jobs). In the middle of its step 2 one
+chain job is preempted through submitit's own signal / checkpoint / requeue path, and another is killed outright
+(SIGKILL: no signal handler runs); submitting the sweep again then submits only the killed job. The sweep must give
+the reference's results exactly, with the chain jobs started only after the step-1 job finished and both
+interrupted jobs resuming from their epoch checkpoints rather than starting over. A fake ``sbatch`` checks the
+SLURM dependency wiring, and the settings read from sweep files.
 """
 
+import dataclasses
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import cloudpickle
 import nbformat
+import papermill
 import pytest
 import torch
+import yaml
 
 from sdlib import results, sweep
-from sdlib.train import TrainConfig, run_chains
+from sdlib.train import TrainConfig, pending_tasks, run_chains
 from tiny import tiny_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,19 +47,29 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-class PreemptOnce:
+class InterruptOnce:
     """on_event hook of a ChainJob: on its first attempt, right after ``epoch`` of (chain, step) has been
-    checkpointed, send this job process submitit's preemption signal (USR2), as SLURM would."""
+    checkpointed, send this job process submitit's preemption signal (``how="preempt"``: USR2, as SLURM would),
+    or SIGKILL (``how="kill"``: an out-of-memory kill or a lost node, no handler runs, no requeue)."""
 
-    def __init__(self, chain: str, step: int, epoch: int):
-        self.chain, self.step, self.epoch = chain, step, epoch
+    def __init__(self, chain: str, step: int, epoch: int, how: str):
+        self.chain, self.step, self.epoch, self.how = chain, step, epoch, how
 
     def __call__(self, event):
         if (event["event"], event["chain"], event["step"], event["epoch"], event["attempt"]) == \
                 ("epoch_end", self.chain, self.step, self.epoch, 0):
             from submitit.local.local import LocalJobEnvironment
 
-            os.kill(os.getpid(), LocalJobEnvironment._usr_sig())
+            os.kill(os.getpid(), LocalJobEnvironment._usr_sig() if self.how == "preempt" else signal.SIGKILL)
+
+
+class Hooks:
+    def __init__(self, *hooks):
+        self.hooks = hooks
+
+    def __call__(self, event):
+        for hook in self.hooks:
+            hook(event)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +81,8 @@ def data_root(tiny_cifar_root, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def grid(data_root, tmp_path_factory):
-    """(reference config, reference records, sweep config, sweep jobs, their results)."""
+    """The reference (config, records) and the sweep: its config, the first submission's jobs, the error that
+    wait() raised for the killed job, the second submission's jobs, and the outcome of every chain."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a shared 2-core machine; the jobs get num_threads=1 too (same arithmetic)
     root = tmp_path_factory.mktemp("sweep")
@@ -72,10 +90,16 @@ def grid(data_root, tmp_path_factory):
         reference = tiny_config(root / "reference", data_root)
         reference_records = run_chains(reference, progress=False)
         config = tiny_config(root / "sweep", data_root)
-        jobs = sweep.submit_sweep(config, "local", root / "submitit", num_threads=1, progress=False,
-                                  on_event=PreemptOnce("alpha=1", 2, 1), timeout_min=20)
-        outcomes = sweep.wait(jobs, progress=False)
-        yield reference, reference_records, config, jobs, outcomes
+        options = dict(num_threads=1, progress=False, timeout_min=20)
+        interrupt = Hooks(InterruptOnce("alpha=1", 2, 1, "preempt"), InterruptOnce("alpha=0", 2, 1, "kill"))
+        jobs = sweep.submit_sweep(config, "local", root / "submitit", on_event=interrupt, **options)
+        with pytest.raises(sweep.SweepError) as failure:
+            sweep.wait(jobs, progress=False)
+        resumed = sweep.submit_sweep(config, "local", root / "submitit", **options)  # the same sweep, again
+        outcomes = [o for o in failure.value.results if o is not None] + sweep.wait(resumed, progress=False)
+        yield SimpleNamespace(reference=reference, reference_records=reference_records, config=config, jobs=jobs,
+                              failure=failure.value, resumed=resumed, outcomes=outcomes,
+                              submitit=root / "submitit")
     finally:
         torch.set_num_threads(threads)
         for folder in ("reference", "sweep"):  # ~0.5 GB of ResNet-50 checkpoints
@@ -83,10 +107,11 @@ def grid(data_root, tmp_path_factory):
 
 
 def test_jobs_and_dependencies(grid):
-    _, _, config, jobs, outcomes = grid
+    config, jobs, outcomes = grid.config, grid.jobs, grid.outcomes
     assert [(j.seed, j.chain) for j in jobs] == [(0, "shared"), (0, "alpha=0"), (0, "alpha=1"), (0, "alpha_hat")]
     assert len({j.job.job_id for j in jobs}) == 4
     by_chain = {o["chain"]: o for o in outcomes}
+    assert sorted(by_chain) == ["alpha=0", "alpha=1", "alpha_hat", "shared"] and len(outcomes) == 4
     step1 = by_chain["shared"]
     assert step1["trained"] == [("shared", 1, 1), ("shared", 1, 2)]
     for chain in ("alpha=0", "alpha=1", "alpha_hat"):
@@ -100,14 +125,13 @@ def test_jobs_and_dependencies(grid):
 
 
 def test_preempted_job_resumed_from_its_epoch_checkpoint(grid):
-    _, _, config, jobs, outcomes = grid
+    config, jobs, outcomes = grid.config, grid.jobs, grid.outcomes
     by_chain = {o["chain"]: o for o in outcomes}
     # the alpha=1 job was requeued once by submitit and its second attempt trained epoch 2 only
     assert by_chain["alpha=1"]["attempt"] == 1
     assert by_chain["alpha=1"]["trained"] == [("alpha=1", 2, 2)]
-    assert by_chain["alpha=0"]["attempt"] == 0 and by_chain["alpha=0"]["trained"] == [("alpha=0", 2, 1),
-                                                                                      ("alpha=0", 2, 2)]
     # the alpha-hat job trained its own alpha = 0 probe, then its step
+    assert by_chain["alpha_hat"]["attempt"] == 0
     assert by_chain["alpha_hat"]["trained"] == [("alpha_hat_probe", 2, 1), ("alpha_hat_probe", 2, 2),
                                                 ("alpha_hat", 2, 1), ("alpha_hat", 2, 2)]
     log = (jobs[2].job.stdout() or "") + (jobs[2].job.stderr() or "")
@@ -120,8 +144,24 @@ def test_preempted_job_resumed_from_its_epoch_checkpoint(grid):
          ("alpha=1", 2, 2), ("alpha_hat", 2, 1), ("alpha_hat", 2, 2)])
 
 
+def test_killed_job_resumes_when_the_sweep_is_submitted_again(grid, tmp_path):
+    config, jobs, failure = grid.config, grid.jobs, grid.failure
+    # wait() waited for every job, then named the killed one (and only it) with its log file
+    assert [j.name for j in failure.failed] == ["seed0-alpha=0"] and failure.failed[0] is jobs[1]
+    assert f"sweep job seed0-alpha=0 (id {jobs[1].job.job_id}) failed (logs: " in str(failure)
+    assert "1 of 4 sweep job(s) failed; submit the sweep again" in str(failure)
+    assert [r is None for r in failure.results] == [False, True, False, False]
+    # the second submission left out the three finished jobs; the killed job went on from its checkpoint
+    assert [(j.seed, j.chain) for j in grid.resumed] == [(0, "alpha=0")]
+    outcome = next(o for o in grid.outcomes if o["chain"] == "alpha=0")
+    assert outcome["attempt"] == 0 and outcome["trained"] == [("alpha=0", 2, 2)]
+    # a finished grid: nothing left to submit
+    assert pending_tasks(config) == []
+    assert sweep.submit_sweep(config, "local", tmp_path / "submitit", progress=False) == []
+
+
 def test_aggregated_results_equal_a_sequential_run(grid):
-    reference, reference_records, config, _, _ = grid
+    reference, reference_records, config = grid.reference, grid.reference_records, grid.config
     assert config.config_hash() == reference.config_hash()
     records = read_jsonl(Path(config.results_dir) / "records.jsonl")
     ours = {(r["seed"], r["chain"], r["step"]): r for r in records}
@@ -139,8 +179,34 @@ def test_aggregated_results_equal_a_sequential_run(grid):
           f"{min(images_per_s):.1f} to {max(images_per_s):.1f} images/s")
 
 
+def test_notebook_trains_through_the_sweep(grid, tmp_path):
+    """Notebook 05 with executor="local": the missing chain of a results folder trained as a sweep job."""
+    config, reference_records = grid.config, grid.reference_records
+    results_dir = tmp_path / "results"
+    shutil.copytree(config.results_dir, results_dir)
+    for name in ("records.jsonl", "epochs.jsonl"):  # as if the alpha=1 chain had never run
+        rows = [r for r in read_jsonl(results_dir / name) if r["chain"] != "alpha=1"]
+        (results_dir / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "trained.ipynb"
+    papermill.execute_notebook(
+        str(NOTEBOOK), str(out), kernel_name="python3", cwd=str(REPO / "notebooks"), progress_bar=False,
+        parameters=dict(train=True, executor="local", profile="paper", epochs=2, batch_size=32, seeds=[0], steps=2,
+                        alphas=[0.0, 1.0], include_alpha_hat=True, n_val=40, subset=64, device="cpu",
+                        data_root=config.data_root, results_dir=str(results_dir),
+                        checkpoint_dir=str(tmp_path / "checkpoints"),  # alpha = 1 needs no teacher
+                        sweep_options={"num_threads": 1, "timeout_min": 20, "folder": str(tmp_path / "submitit")}))
+    text = "".join(o.get("text", "") for c in nbformat.read(out, as_version=4).cells if c.cell_type == "code"
+                   for o in c.get("outputs", []) if o.output_type == "stream")
+    assert "1 unfinished job(s) submitted (local)" in text and "seed0-alpha=1 (" in text
+    records = {(r["seed"], r["chain"], r["step"]): r for r in read_jsonl(results_dir / "records.jsonl")}
+    assert set(records) == KEYS
+    expected = next(r for r in reference_records if r["chain"] == "alpha=1")
+    assert {k: records[(0, "alpha=1", 2)][k] for k in RESULT_FIELDS} == {k: expected[k] for k in RESULT_FIELDS}
+    assert f"6 (seed, chain, step) rows from {results_dir / 'records.jsonl'}" in text  # and it reported them
+
+
 def test_papermill_sweep_keeps_every_executed_notebook(grid, tmp_path):
-    _, _, config, _, _ = grid
+    config = grid.config
     empty = tmp_path / "no_results"
     sets = tmp_path / "sets.yaml"
     sets.write_text(f"- name: sweep-report\n  parameters:\n    results_dir: {config.results_dir}\n"
@@ -179,7 +245,10 @@ echo "Submitted batch job $((1000 + n))"
 """
 
 
-def test_slurm_chain_arrays_depend_on_their_step1_job(tmp_path, monkeypatch):
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch) -> Path:
+    """sbatch and srun stand-ins on PATH; returns the folder where every submitted sbatch script is kept
+    (0.sh, 1.sh, ... in submission order; job ids 1000, 1001, ...)."""
     bin_dir, log = tmp_path / "bin", tmp_path / "sbatch"
     bin_dir.mkdir(), log.mkdir()
     (bin_dir / "sbatch").write_text(FAKE_SBATCH)
@@ -188,6 +257,14 @@ def test_slurm_chain_arrays_depend_on_their_step1_job(tmp_path, monkeypatch):
         (bin_dir / tool).chmod(stat.S_IRWXU)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("SBATCH_LOG", str(log))
+    return log
+
+
+def sbatch_scripts(log: Path) -> list[str]:
+    return [(log / f"{k}.sh").read_text() for k in range(len(list(log.iterdir())))]
+
+
+def test_slurm_chain_arrays_depend_on_their_step1_job(tmp_path, fake_slurm):
     config = tiny_config(tmp_path, tmp_path / "data", seeds=(0, 1))
     jobs = sweep.submit_sweep(config, "slurm", tmp_path / "submitit", partition="gpu", gpus_per_job=1,
                               timeout_min=600, cpus_per_job=8, mem_gb=32, array_parallelism=2,
@@ -196,7 +273,8 @@ def test_slurm_chain_arrays_depend_on_their_step1_job(tmp_path, monkeypatch):
         (0, "shared", "1000_0"), (1, "shared", "1000_1"),
         (0, "alpha=0", "1001_0"), (0, "alpha=1", "1001_1"), (0, "alpha_hat", "1001_2"),
         (1, "alpha=0", "1002_0"), (1, "alpha=1", "1002_1"), (1, "alpha_hat", "1002_2")]
-    scripts = [(log / f"{k}.sh").read_text() for k in range(3)]
+    scripts = sbatch_scripts(fake_slurm)
+    assert len(scripts) == 3
     for script in scripts:
         for line in ("--partition=gpu", "--time=600", "--cpus-per-task=8", "--mem=32GB", "--account=proj",
                      "--gpus-per-node=1"):
@@ -214,8 +292,117 @@ def test_slurm_chain_arrays_depend_on_their_step1_job(tmp_path, monkeypatch):
     assert job_config.config_hash() == config.config_hash()
 
 
+def test_slurm_resubmission_leaves_out_finished_jobs(tmp_path, fake_slurm):
+    """Seed 0's step 1 and its alpha=1 chain have records: seed 0's other chains go without a dependency."""
+    config = tiny_config(tmp_path, tmp_path / "data", seeds=(0, 1))
+    results_dir = Path(config.results_dir)
+    results_dir.mkdir(parents=True)
+    finished = [(0, "shared", 1), (0, "alpha=1", 2), (1, "alpha=0", 2)]  # seed 1 has no step 1: not finished
+    (results_dir / "records.jsonl").write_text("".join(
+        json.dumps({"seed": s, "chain": c, "step": t, "config_hash": config.config_hash()}) + "\n"
+        for s, c, t in finished) + json.dumps({"seed": 0, "chain": "alpha=0", "step": 2, "config_hash": "other"}))
+    assert pending_tasks(config) == [(0, "alpha=0", 2), (0, "alpha_hat", 2), (1, "shared", 1), (1, "alpha=1", 2),
+                                     (1, "alpha_hat", 2)]
+    jobs = sweep.submit_sweep(config, "slurm", tmp_path / "submitit", partition="gpu")
+    assert [(j.seed, j.chain, j.job.job_id) for j in jobs] == [
+        (1, "shared", "1000"), (0, "alpha=0", "1001_0"), (0, "alpha_hat", "1001_1"),
+        (1, "alpha=0", "1002_0"), (1, "alpha=1", "1002_1"), (1, "alpha_hat", "1002_2")]
+    scripts = sbatch_scripts(fake_slurm)  # submitit submits an array of one job as a plain job
+    assert "#SBATCH --array" not in scripts[0] and "--dependency" not in scripts[0]
+    assert "#SBATCH --array=0-1%" in scripts[1] and "--dependency" not in scripts[1]  # step 1 is finished
+    assert "#SBATCH --dependency=afterok:1000\n" in scripts[2]
+    assert len(sweep.submit_sweep(config, "slurm", tmp_path / "submitit", skip_finished=False)) == 8
+
+
+def test_sweep_file_sets_the_cluster_and_the_command_line_overrides_it(tmp_path, fake_slurm):
+    train = {k: v for k, v in tiny_config(tmp_path, tmp_path / "data", seeds=(0, 1)).to_dict().items()
+             if k != "profile"}
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(yaml.safe_dump({
+        "profile": "paper", "train": train,
+        "cluster": {"executor": "slurm", "partition": "gpu-a", "gpus_per_job": 2, "timeout_min": 90,
+                    "cpus_per_job": 4, "array_parallelism": 2, "folder": str(tmp_path / "submitit"),
+                    "slurm_parameters": {"qos": "high"}}}))
+    jobs = sweep.main(["--config", str(sweep_file), "--partition", "gpu-b", "--seeds", "1", "--no-wait",
+                       "--no-progress"])
+    assert [(j.seed, j.chain) for j in jobs] == [(1, "shared"), (1, "alpha=0"), (1, "alpha=1"), (1, "alpha_hat")]
+    scripts = sbatch_scripts(fake_slurm)
+    assert len(scripts) == 2
+    for script in scripts:
+        for line in ("--partition=gpu-b", "--gpus-per-node=2", "--time=90", "--cpus-per-task=4", "--qos=high"):
+            assert f"#SBATCH {line}" in script, (line, script)
+    assert "#SBATCH --array=0-2%2" in scripts[1] and "#SBATCH --dependency=afterok:1000\n" in scripts[1]
+    assert all(Path(j.job.paths.submitted_pickle).is_relative_to(tmp_path / "submitit") for j in jobs)
+    job_config = cloudpickle.loads(jobs[1].job.paths.submitted_pickle.read_bytes()).function.config
+    assert job_config.seeds == (1,) and job_config.alphas == (0.0,) and job_config.epochs == 2
+    assert job_config.config_hash() == tiny_config(tmp_path, tmp_path / "data").config_hash()
+
+
+def test_committed_sweep_files(tmp_path, fake_slurm, monkeypatch):
+    monkeypatch.chdir(REPO)  # the files' paths are relative to the repository root
+    # the paper's grid on SLURM: 4 step-1 jobs, then 4 arrays of 12 chain jobs waiting for them
+    config, options = sweep.load_sweep_config(REPO / "sweeps" / "paper-slurm.yaml")
+    paper = TrainConfig.from_profile("paper")
+    assert config.config_hash() == paper.config_hash()
+    assert (config.seeds, config.steps, config.alphas, config.include_alpha_hat, config.epochs) == \
+        (paper.seeds, paper.steps, paper.alphas, True, 75)
+    assert options["executor"] == "slurm" and options["gpus_per_job"] == 1
+    assert not Path(config.results_dir).exists()
+    jobs = sweep.main(["--config", "sweeps/paper-slurm.yaml", "--log-folder", str(tmp_path / "submitit"),
+                       "--no-wait", "--no-progress"])
+    assert len(jobs) == 52 and sweep.grid_cost(config)["jobs"] == 52
+    scripts = sbatch_scripts(fake_slurm)
+    assert len(scripts) == 5 and "#SBATCH --array=0-3%" in scripts[0]  # at most len(array) at once
+    for k, script in enumerate(scripts[1:]):
+        assert "#SBATCH --array=0-11%" in script and f"#SBATCH --dependency=afterok:1000_{k}" in script
+    for script in scripts:
+        assert "#SBATCH --time=1440" in script and "#SBATCH --gpus-per-node=1" in script
+    # the grid behind the committed results: every job finished, nothing to submit
+    config, options = sweep.load_sweep_config(REPO / "sweeps" / "h100-fast-4epochs.yaml")
+    records = read_jsonl(REPO / "results" / "cifar10" / "records.jsonl")
+    assert {r["config_hash"] for r in records} == {config.config_hash()}
+    # every record's configuration is the file's, but for what the sweep cut to each job's seed and chain, and
+    # for results_dir: the second run (seeds 2 and 3) wrote to results/cifar10b, then its records were appended
+    cut = ("seeds", "alphas", "include_alpha_hat", "steps", "results_dir")
+    expected = {k: v for k, v in config.to_dict().items() if k not in cut}
+    assert all({k: v for k, v in r["config"].items() if k not in cut} == expected for r in records)
+    assert {(r["seed"], r["config"]["results_dir"]) for r in records} == {
+        (0, "results/cifar10"), (1, "results/cifar10"), (2, "results/cifar10b"), (3, "results/cifar10b")}
+    assert len(records) == len(pending_tasks(dataclasses.replace(config, results_dir=str(tmp_path)))) == 76
+    assert pending_tasks(config) == []
+    assert sweep.submit_sweep(config, **{**options, "folder": tmp_path / "local"}, progress=False) == []
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"profile": "paper", "trian": {}}, r"unknown sweep file key\(s\) \['trian'\]"),
+    ({"cluster": {"gpus": 1}}, r"unknown cluster option\(s\) \['gpus'\]; valid options: \['array_parallelism'"),
+    ({"train": {"epoch": 3}}, r"unknown TrainConfig field\(s\) \['epoch'\]"),
+    ({"train": {"epochs": 0}}, "TrainConfig.epochs must be an integer >= 1"),
+    ({"profile": "turbo"}, "profile must be one of"),
+    ([1, 2], "a sweep file must be a mapping"),
+    ({"train": [1]}, "the sweep's 'train' must be a mapping"),
+])
+def test_bad_sweep_files(tmp_path, content, message):
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=message):
+        sweep.load_sweep_config(path)
+
+
+def test_cli_rejects_bad_sweep_files_before_any_submission(tmp_path):
+    bad = tmp_path / "sweep.yaml"
+    bad.write_text(f"cluster: {{timeout_min: 0, folder: {tmp_path / 'logs'}}}\n")
+    for path, message in ((tmp_path / "missing.yaml", "sweep file"), (bad, "timeout_min must be an integer >= 1")):
+        done = subprocess.run([sys.executable, "-m", "sdlib.sweep", "--config", str(path)], cwd=tmp_path,
+                              capture_output=True, text=True)
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert not (tmp_path / "logs").exists()
+
+
 @pytest.mark.parametrize("options, message", [
     (dict(executor="cloud"), "executor must be one of"),
+    (dict(gpus=1), r"unknown cluster option\(s\) \['gpus'\]"),
+    (dict(skip_finished="yes"), "skip_finished must be True or False"),
     (dict(gpus_per_job=-1), "gpus_per_job must be an integer >= 0"),
     (dict(timeout_min=0), "timeout_min must be an integer >= 1"),
     (dict(partition=""), "partition must be a non-empty string"),
@@ -232,6 +419,8 @@ def test_bad_sweep_options_raise_before_any_submission(tmp_path, options, messag
         sweep.submit_sweep({"epochs": 1}, folder=tmp_path / "submitit")
     with pytest.raises(ValueError, match="jobs must be a list of SweepJob"):
         sweep.wait([object()])
+    with pytest.raises(ValueError, match="config must be a TrainConfig"):
+        pending_tasks({"epochs": 1})
 
 
 def test_cli_rejects_bad_values(tmp_path):
@@ -266,7 +455,7 @@ def test_papermill_sweep_rejects_bad_parameter_sets(tmp_path):
 
 
 def test_grid_cost_counts_what_the_sweep_trained(grid):
-    _, _, config, jobs, outcomes = grid
+    config, jobs, outcomes = grid.config, grid.jobs, grid.outcomes
     trained = {(chain, step) for o in outcomes for chain, step, _ in o["trained"]}
     epochs = read_jsonl(Path(config.results_dir) / "epochs.jsonl") + \
         read_jsonl(Path(config.results_dir) / "probe_epochs.jsonl")
