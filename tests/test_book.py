@@ -271,3 +271,26 @@ def test_chapter_5_shows_the_committed_results_and_their_protocol(book):
     assert "chance is 10%" in text and "inside [0, 1]: True" in text
     chapter = _text(_html(root, "book/05_cifar10"))
     assert "The committed run is not the paper's protocol" in chapter.replace("’", "'")
+
+
+def test_reproduce_at_scale_shows_the_committed_sweep_file(book):
+    root, _ = book
+    text = _text(_html(root, "book/reproduce_at_scale"))
+    settings = [line.split("#")[0].strip() for line in (REPO / "sweeps" / "paper-slurm.yaml").read_text().splitlines()]
+    for line in filter(None, settings):
+        assert " ".join(line.split()) in text, line
+
+
+def test_reproduce_page_lists_every_notebook_parameter():
+    """The parameter table of the Reproduce page against each notebook's `parameters` cell."""
+    import papermill
+
+    table = {}
+    for line in (REPO / "book" / "reproduce.md").read_text(encoding="utf-8").splitlines():
+        match = re.match(r"\|\s*`notebooks/([^`]+\.ipynb)`\s*\|(.*)\|\s*$", line)
+        if match:
+            table[match.group(1)] = set(re.findall(r"`([^`]+)`", match.group(2)))
+    notebooks = sorted(p.name for p in (REPO / "notebooks").glob("*.ipynb"))
+    assert sorted(table) == notebooks
+    for name in notebooks:
+        assert table[name] == set(papermill.inspect_notebook(str(REPO / "notebooks" / name))), name
