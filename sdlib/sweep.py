@@ -441,8 +441,9 @@ def load_sweep_config(source, *, profile: str | None = None, train: dict | None 
     sections = {}
     for key, override in (("train", train), ("cluster", options)):
         section = sweep.get(key) or {}
-        if not isinstance(section, dict) or (override is not None and not isinstance(override, dict)):
-            raise ValueError(f"the sweep's {key!r} must be a mapping, got {section!r}")
+        for value in (section, override or {}):
+            if not isinstance(value, dict):
+                raise ValueError(f"the sweep's {key!r} must be a mapping, got {value!r}")
         sections[key] = {**section, **(override or {})}
     _check_options(sections["cluster"])
     train_fields = dict(sections["train"])
