@@ -541,7 +541,8 @@ def _parser() -> argparse.ArgumentParser:
     p = train_parser()
     p.prog = "python -m sdlib.sweep"
     p.description = ("Submit the grid of self-distillation chains as jobs (submitit): one step-1 job per seed, "
-                     "then one job per (seed, chain) depending on it; jobs already finished are left out. "
+                     "then one job per (seed, chain) depending on it; jobs already finished are left out (the queue "
+                     "is not consulted: do not submit a sweep again while its jobs still run). "
                      "Training options as in sdlib.train; options given here override --config.")
     p.add_argument("--config", metavar="SWEEP_FILE",
                    help="a YAML/JSON sweep file (profile, train, cluster), e.g. sweeps/paper-slurm.yaml")
