@@ -50,7 +50,7 @@ from sdlib import data as cifar
 from sdlib.batched import batched_distillation_loss, batched_l2_penalty, stack_models
 from sdlib.records import write_atomically
 from sdlib.sweep import grid_cost
-from sdlib.train import TrainConfig, _resolve_device, build_model, distill_step, evaluate, provenance
+from sdlib.train import TrainConfig, resolve_device, build_model, distill_step, evaluate, provenance
 
 VARIANTS = ("reference", "paper", "fast", "batched")
 ALPHA = 0.5  # any alpha < 1: the teacher's forward pass is part of every batch
@@ -269,7 +269,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     splits = cifar.load_splits(args.data_root, n_val=args.n_val, subset=args.subset, device="cpu")

@@ -23,7 +23,8 @@ torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 import torchvision  # noqa: E402
 
-from sdlib import train  # noqa: E402
+from sdlib import chains, train  # noqa: E402
+from sdlib import step as step_module  # noqa: E402
 from sdlib.train import (  # noqa: E402
     TrainConfig,
     build_model,
@@ -409,7 +410,7 @@ def test_finished_config_does_no_work(reference_run, monkeypatch, capsys):
     def forbidden(*args, **kwargs):
         raise AssertionError("a finished config must not train or load data")
 
-    monkeypatch.setattr(train, "distill_step", forbidden)
+    monkeypatch.setattr(chains, "distill_step", forbidden)
     monkeypatch.setattr(train.cifar, "load_splits", forbidden)
     events = []
     assert run_chains(config, progress=False, callback=events.append) == records
@@ -473,7 +474,7 @@ def test_nan_loss_stops_the_run_and_keeps_earlier_results(reference_run, tiny_da
     def nan_loss(logits, labels, alpha, teacher_probs=None):
         return real_loss(logits, labels, alpha, teacher_probs) * float("nan")
 
-    monkeypatch.setattr(train, "distillation_loss", nan_loss)
+    monkeypatch.setattr(step_module, "distillation_loss", nan_loss)
     with pytest.raises(FloatingPointError, match=r"seed=0, chain='alpha=0', step=3, epoch=1"):
         run_chains(config, progress=False)
     assert (tmp_path / "results" / "records.jsonl").read_bytes() == before
@@ -485,6 +486,6 @@ def test_provenance_takes_the_commit_named_by_the_launcher(monkeypatch):
     prov = train.provenance(torch.device("cpu"))
     assert prov["git_commit"] == "a" * 40 and prov["git_dirty"] is None
     monkeypatch.delenv("SDLIB_GIT_COMMIT")
-    monkeypatch.setattr(train, "_git", lambda *args: None)
+    monkeypatch.setattr(chains, "_git", lambda *args: None)
     prov = train.provenance(torch.device("cpu"))
     assert prov["git_commit"] == "unknown" and prov["git_dirty"] is None

@@ -1,0 +1,354 @@
+"""Chains of self-distillation steps: the shared step-1 model per seed, the fixed-alpha chains and the alpha-hat
+chain (Algorithm 1), resumable, with their records and provenance.
+
+Layout of a run (see :func:`run_chains`)::
+
+    results_dir/records.jsonl        one JSON object per (seed, chain, step): final metrics, config, provenance
+    results_dir/epochs.jsonl         one per (seed, chain, step, epoch): the training curves
+    results_dir/probe_epochs.jsonl   the same for the alpha-hat chain's alpha = 0 probes (chain "alpha_hat_probe")
+    checkpoint_dir/<config_hash>/seed<s>/<chain>/step<t>.pt        final weights, the next step's teacher
+    checkpoint_dir/<config_hash>/seed<s>/<chain>/step<t>.state.pt  resumable state while the step trains
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import json
+import os
+import platform
+import subprocess
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from tqdm.auto import tqdm
+
+from sdlib import data as cifar
+from sdlib.alpha import least_squares_alpha
+from sdlib.config import NUM_CLASSES, TrainConfig, effective_config, resolve_device
+from sdlib.records import (ALPHA_HAT_CHAIN, EPOCHS_FILE, PROBE_CHAIN, PROBE_EPOCHS_FILE, RECORDS_FILE, SHARED_CHAIN,
+                           chain_name, write_atomically)
+from sdlib.step import atomic_torch_save, build_model, cpu_state, distill_step
+
+__all__ = ["run_chains", "pending_tasks", "provenance"]
+
+
+# --------------------------------------------------------------------------------------- records and provenance
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive advisory lock on ``path`` + ".lock" (concurrent jobs writing one results_dir)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(path) + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
+    write_atomically(path, lambda handle: handle.writelines(json.dumps(row) + "\n" for row in rows))
+
+
+def _upsert_jsonl(path: Path, new_rows: list[dict], key_fields: tuple[str, ...]) -> None:
+    """Rewrite ``path`` atomically (under its lock) with ``new_rows`` replacing rows of the same key."""
+    with _locked(path):
+        keys = {tuple(row[k] for k in key_fields) for row in new_rows}
+        rows = [row for row in _read_jsonl(path) if tuple(row.get(k) for k in key_fields) not in keys]
+        _write_jsonl_atomic(path, rows + new_rows)
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True,
+                             timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or device.type
+
+
+def provenance(device: torch.device) -> dict:
+    """Where and with what a result was produced (the date is filled in per record).
+
+    ``git_commit`` is the environment variable ``SDLIB_GIT_COMMIT`` where set (a launcher that ran a copy of a
+    commit says which; ``git_dirty`` is then None: unknown), else git's HEAD, else "unknown".
+    """
+    # A launcher that ships a copy of the working tree (a batch machine) names the commit it sent: that copy's
+    # .git, if any, need not be the one the tree was taken from.
+    commit = os.environ.get("SDLIB_GIT_COMMIT") or None
+    status = None
+    if commit is None:
+        commit = _git("rev-parse", "HEAD")
+        status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {
+        "git_commit": commit or "unknown",
+        "git_dirty": None if status is None else bool(status),
+        "device_name": _device_name(device),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def _utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------------------------------- chains
+
+
+class _ChainRunner:
+    """The bookkeeping of :func:`run_chains`: which model of (seed, chain, step) exists where, and training
+    the missing ones with the right teacher."""
+
+    def __init__(self, config: TrainConfig, device: torch.device, progress: bool, callback):
+        self.config, self.device, self.progress, self.callback = config, device, progress, callback
+        self.hash = config.config_hash()
+        self.results_dir = Path(config.results_dir)
+        self.ckpt_root = Path(config.checkpoint_dir) / self.hash
+        self.records = {(r["seed"], r["chain"], r["step"]): r
+                        for r in _read_jsonl(self.results_dir / RECORDS_FILE) if r.get("config_hash") == self.hash}
+        self.data = None
+        self.provenance = None
+        self.models: dict[tuple, torch.nn.Module] = {}  # final models of the latest step, as teachers
+        self.summaries: dict[tuple, dict] = {}  # metrics + val_probs of every model met so far
+
+    def final_path(self, seed, chain, step) -> Path:
+        return self.ckpt_root / f"seed{seed}" / chain / f"step{step}.pt"
+
+    def state_path(self, seed, chain, step) -> Path:
+        return self.ckpt_root / f"seed{seed}" / chain / f"step{step}.state.pt"
+
+    def ensure_data(self):
+        if self.data is None:
+            c = self.config
+            self.data = cifar.load_splits(c.data_root, n_val=c.n_val, split_seed=c.split_seed, subset=c.subset,
+                                          device=self.device, download=c.download)
+            self.provenance = provenance(self.device)
+
+    def teacher_key(self, seed, chain, step):
+        """The model a step of ``chain`` distills from: the previous step of its chain (the shared model at 2)."""
+        previous = ALPHA_HAT_CHAIN if chain in (ALPHA_HAT_CHAIN, PROBE_CHAIN) else chain
+        return (seed, SHARED_CHAIN, 1) if step == 2 else (seed, previous, step - 1)
+
+    def _load_or_train(self, key, cache: dict):
+        """``cache[key]``: in memory, else from the final checkpoint of ``key``, else trained (again)."""
+        if key not in cache:
+            if self.final_path(*key).is_file():
+                self.load_final(key)
+            else:
+                self.train(key)
+        return cache[key]
+
+    def model(self, key) -> torch.nn.Module:
+        """The final model of ``key`` (a teacher)."""
+        return self._load_or_train(key, self.models)
+
+    def summary(self, key) -> dict:
+        """Metrics and validation softmax outputs of ``key`` (a probe's are all the alpha-hat chain needs)."""
+        return self._load_or_train(key, self.summaries)
+
+    def load_final(self, key):
+        checkpoint = torch.load(self.final_path(*key), map_location="cpu", weights_only=True)
+        memory_format = torch.channels_last if (self.config.channels_last and self.device.type == "cuda") \
+            else torch.contiguous_format
+        model = build_model().to(self.device, memory_format=memory_format)
+        model.load_state_dict(checkpoint["model"])
+        self.models[key] = model.eval()
+        self.summaries[key] = checkpoint["summary"]
+
+    def alpha_for(self, key) -> tuple[float, dict]:
+        """The alpha of a step and, for the alpha-hat chain, the probe's alpha_hat / accuracies."""
+        seed, chain, step = key
+        if chain == SHARED_CHAIN:
+            return 1.0, {}
+        if chain == PROBE_CHAIN:
+            return 0.0, {}
+        if chain != ALPHA_HAT_CHAIN:
+            return float(chain.split("=", 1)[1]), {}
+        probe = self.summary(self.probe_key(seed, step))
+        f1 = self.summary((seed, SHARED_CHAIN, 1))["val_probs"]
+        self.ensure_data()
+        onehot = F.one_hot(self.data.y_val.cpu(), NUM_CLASSES).double().numpy()
+        f1, g = f1.cpu().double().numpy(), probe["val_probs"].cpu().double().numpy()
+        alpha_hat = least_squares_alpha(onehot, f1, g)
+        return alpha_hat, {"alpha_hat": alpha_hat, "probe_val_acc": probe["val_acc"],
+                           "probe_test_acc": probe["test_acc"]}
+
+    def probe_key(self, seed, step):
+        # At step 2 the probe (alpha = 0, teacher = the shared model, init and data order seeded by (seed, 2))
+        # is exactly the alpha = 0 chain's step 2: reuse it when that chain is part of the run.
+        if step == 2 and 0.0 in self.config.alphas:
+            return (seed, chain_name(0.0), 2)
+        return (seed, PROBE_CHAIN, step)
+
+    def train(self, key):
+        seed, chain, step = key
+        alpha, extra = self.alpha_for(key)
+        teacher = self.model(self.teacher_key(*key)) if alpha < 1.0 else None
+        self.ensure_data()
+        epochs_file = self.results_dir / (PROBE_EPOCHS_FILE if chain == PROBE_CHAIN else EPOCHS_FILE)
+        self.results_dir.mkdir(parents=True, exist_ok=True)
+        state_path = self.state_path(*key)
+
+        def on_epoch(log):
+            _upsert_jsonl(epochs_file, [{**log, "config_hash": self.hash}], ("seed", "chain", "step", "epoch"))
+
+        result = distill_step(self.config, self.data, seed=seed, step=step, alpha=alpha, teacher=teacher,
+                              chain=chain, device=self.device, state_path=state_path, callback=self.callback,
+                              on_epoch=on_epoch, progress=self.progress)
+        summary = {**result.summary(), "alpha": float(alpha), **extra, "val_probs": result.val_probs}
+        atomic_torch_save({"model": cpu_state(result.model), "summary": summary, "config_hash": self.hash,
+                            "seed": seed, "chain": chain, "step": step}, self.final_path(*key))
+        with contextlib.suppress(FileNotFoundError):
+            state_path.unlink()
+        self.summaries[key] = summary
+        if chain != PROBE_CHAIN:  # a probe is never a teacher: only its summary is kept
+            self.models[key] = result.model
+            self.write_record(key)
+        if self.callback is not None:
+            metrics = {k: v for k, v in summary.items() if k != "val_probs"}
+            self.callback({"event": "step_end", "seed": seed, "chain": chain, "step": step,
+                           "epoch": self.config.epochs, **metrics, "record": self.records.get(key)})
+
+    def write_record(self, key):
+        seed, chain, step = key
+        s = self.summaries[key]
+        self.ensure_data()
+        record = {
+            "seed": seed, "chain": chain, "step": step, "alpha": s["alpha"],
+            "alpha_hat": s.get("alpha_hat"), "probe_val_acc": s.get("probe_val_acc"),
+            "probe_test_acc": s.get("probe_test_acc"),
+            "epochs": s["epochs"], "val_acc": s["val_acc"], "val_loss": s["val_loss"], "test_acc": s["test_acc"],
+            "test_loss": s["test_loss"], "train_loss": s["train_loss"], "wall_time_s": s["wall_time_s"],
+            "images_per_s": s["images_per_s"],
+            "profile": self.config.profile, "config_hash": self.hash, "config": self.config.to_dict(),
+            "provenance": {**self.provenance, "date": _utc_now()}, "data": self.data.meta,
+        }
+        # One record per (seed, chain, step) in a results_dir: a record of another config is replaced.
+        _upsert_jsonl(self.results_dir / RECORDS_FILE, [record], ("seed", "chain", "step"))
+        self.records[key] = record
+
+    def release_before(self, seed, step):
+        """Free the models no later step needs (teachers are always the previous step)."""
+        for key in [k for k in self.models if k[0] != seed or k[2] < step]:
+            del self.models[key]
+
+
+def _tasks(config: TrainConfig) -> list[tuple[int, str, int]]:
+    """(seed, chain, step) in training order: per seed, step by step, every chain of a step in turn (the
+    chains of one step are independent of each other, which a batched trainer can exploit)."""
+    tasks = []
+    for seed in config.seeds:
+        tasks.append((seed, SHARED_CHAIN, 1))
+        for step in range(2, config.steps + 1):
+            tasks.extend((seed, chain, step) for chain in config.chains)
+    return tasks
+
+
+def pending_tasks(config: TrainConfig) -> list[tuple[int, str, int]]:
+    """The (seed, chain, step) of ``config`` with no record of its ``config_hash`` in ``results_dir`` yet, in
+    training order: what :func:`run_chains` would train (the alpha-hat probes, which have no records, aside).
+    Reads ``records.jsonl`` only (no torch work, no data). With ``device="auto"`` the records sought are those
+    of the config as given (a CUDA run's); with a named device, those of :func:`effective_config` there."""
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if config.device != "auto":
+        with warnings.catch_warnings():  # the run itself warns about bf16 / channels_last off the GPU
+            warnings.simplefilter("ignore", RuntimeWarning)
+            config = effective_config(config, torch.device(config.device))
+    config_hash = config.config_hash()
+    done = {(r["seed"], r["chain"], r["step"]) for r in _read_jsonl(Path(config.results_dir) / RECORDS_FILE)
+            if r.get("config_hash") == config_hash}
+    return [task for task in _tasks(config) if task not in done]
+
+
+def run_chains(config: TrainConfig, progress: bool = True, callback: Callable[[dict], None] | None = None
+               ) -> list[dict]:
+    """Train every (seed, chain, step) of ``config`` that is not finished yet; return all their records.
+
+    Per seed: the shared step-1 model (labels only, chain ``"shared"``), then for each step t >= 2 every fixed
+    alpha chain (teacher: the chain's step t-1, or the shared model at t = 2) and the alpha-hat chain (an
+    alpha = 0 probe from the previous alpha-hat model, alpha-hat = :func:`sdlib.alpha.least_squares_alpha` of
+    one-hot validation labels, step-1 and probe validation softmax outputs, then step t with alpha-hat).
+
+    Finished steps (a record with this config's ``config_hash`` in ``results_dir/records.jsonl``) are skipped
+    without loading data; an unfinished one resumes from its last epoch checkpoint. As ``config_hash`` leaves
+    out seeds, chains and steps, a run can be extended (more seeds, alphas or steps) and reuses what exists.
+    The records file keeps one record per (seed, chain, step): a record of another config is replaced (with
+    a warning at the start). Data are loaded once per call (:func:`sdlib.data.load_splits`).
+
+    ``callback(event)`` receives a dict at every epoch end (``event="epoch_end"``: seed, chain, step, epoch,
+    epochs and the epoch's metrics) and at every step end (``event="step_end"``: seed, chain, step, epoch,
+    the step's metrics incl. train_images and train_time_s, and ``record``, None for a probe); raising from it
+    stops the run, which a later call resumes. The alpha-hat probes have chain ``"alpha_hat_probe"``.
+
+    Returns one record per (seed, chain, step) of the config, in training order (step 1 once per seed, chain
+    ``"shared"``; the other chains from step 2): seed, chain, step, alpha (alpha-hat for the alpha-hat chain),
+    alpha_hat, probe_val_acc, probe_test_acc (alpha-hat chain; else None), epochs, val_acc, val_loss, test_acc,
+    test_loss (accuracies in [0, 1]; losses: MSE of softmax outputs to one-hot labels), train_loss (last epoch,
+    objective incl. the L2 term), wall_time_s, images_per_s (training images per second), profile,
+    config_hash, config (the effective :meth:`TrainConfig.to_dict`), provenance, data (the splits' meta).
+    """
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if callback is not None and not callable(callback):
+        raise ValueError(f"callback must be callable or None, got {callback!r}")
+    device = resolve_device(config.device)
+    config = effective_config(config, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
+
+    runner = _ChainRunner(config, device, progress, callback)
+    tasks = _tasks(config)
+    pending = [task for task in tasks if task not in runner.records]
+    stale = {r.get("config_hash") for r in _read_jsonl(runner.results_dir / RECORDS_FILE)} - {runner.hash}
+    if pending and stale:
+        warnings.warn(f"{runner.results_dir / RECORDS_FILE} holds records of other configs {sorted(stale)}; "
+                      f"records of this config ({runner.hash}) replace them step by step", RuntimeWarning,
+                      stacklevel=2)
+    bar = tqdm(total=len(tasks), initial=len(tasks) - len(pending), desc="self-distillation", unit="step",
+               disable=not progress or not pending)
+    for seed, chain, step in tasks:
+        if (seed, chain, step) in runner.records:
+            continue
+        bar.set_description(f"seed {seed} step {step} {chain}")
+        runner.release_before(seed, step - 1)
+        if runner.final_path(seed, chain, step).is_file():  # trained, but stopped before its record
+            runner.load_final((seed, chain, step))
+            runner.write_record((seed, chain, step))
+        else:
+            runner.train((seed, chain, step))
+        bar.update(1)
+    bar.close()
+    return [runner.records[task] for task in tasks]
