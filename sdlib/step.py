@@ -32,10 +32,11 @@ import torchvision
 from tqdm.auto import tqdm
 
 from sdlib import data as cifar
-from sdlib.config import AUGMENT, INIT, NUM_CLASSES, ORDER, TrainConfig, derive_seed
+from sdlib.config import AUGMENT, DATA_ORDERS, INIT, NUM_CLASSES, ORDER, TEACHER_BN_MODES, TrainConfig, derive_seed
 from sdlib.records import write_atomically
 
-__all__ = ["build_model", "distillation_loss", "l2_penalty", "evaluate", "StepResult", "distill_step"]
+__all__ = ["build_model", "distillation_loss", "l2_penalty", "evaluate", "teacher_probs", "epoch_order", "StepResult",
+           "distill_step"]
 
 # Host syncs to look for a NaN/inf loss: one per this many batches (and one at every epoch end).
 _NAN_CHECK_EVERY = 200
@@ -93,9 +94,11 @@ def evaluate(model: torch.nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, bat
 
     loss: MSE between softmax outputs and one-hot labels, mean over N x classes (the alpha = 1 loss without the
     L2 term). Returns ``{"acc", "loss"}`` as floats (one host sync), plus ``"probs"``: float32 (N, C) on the CPU
-    with ``return_probs``.
+    with ``return_probs``. With N = 0 (no validation split: ``n_val=0``) acc and loss are None.
     """
     model.eval()
+    if len(x_uint8) == 0:
+        return {"acc": None, "loss": None, **({"probs": torch.zeros(0, NUM_CLASSES)} if return_probs else {})}
     device = x_uint8.device
     correct = torch.zeros((), device=device, dtype=torch.int64)
     squared = torch.zeros((), device=device, dtype=torch.float64)
@@ -117,6 +120,56 @@ def evaluate(model: torch.nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, bat
     if return_probs:
         result["probs"] = torch.cat(probs_out).cpu()
     return result
+
+
+def teacher_probs(teacher: torch.nn.Module, x: torch.Tensor, bn_mode: str) -> torch.Tensor:
+    """Softmax outputs of the frozen ``teacher`` on the (augmented, normalized) batch ``x``: (B, C) float32, no grad.
+
+    x : (B, 3, H, W), the batch the student sees (under the caller's autocast, if any).
+    bn_mode : ``TrainConfig.teacher_bn``.
+        "eval": every layer in eval mode; BatchNorm normalizes with its running statistics.
+        "train": BatchNorm normalizes with the statistics of this batch (per channel: mean and biased variance
+        over B, H, W), as the authors' teacher did (under PyTorch Lightning 1.1.1 it ran in train mode, see
+        book/05_protocols.md). Its running statistics are NOT updated (no momentum step, num_batches_tracked
+        unchanged): the teacher stays bit-identical to its checkpoint, so a resumed run and the final
+        checkpoints on disk are unaffected by distillation. The outputs are the same either way, since in train
+        mode BatchNorm never reads its running statistics. Other layers stay in eval mode (ResNet-50 has none
+        that differ).
+    The teacher is left in eval mode. Called once per batch by :func:`distill_step`.
+    """
+    if bn_mode not in TEACHER_BN_MODES:
+        raise ValueError(f"bn_mode must be one of {TEACHER_BN_MODES}, got {bn_mode!r}")
+    teacher.eval()
+    norms = [m for m in teacher.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)] \
+        if bn_mode == "train" else []
+    tracked = [m.track_running_stats for m in norms]
+    try:
+        for m in norms:  # training=True, track_running_stats=False: batch statistics, no running-stat update
+            m.training, m.track_running_stats = True, False
+        with torch.inference_mode():
+            logits = teacher(x)
+    finally:
+        for m, track in zip(norms, tracked):
+            m.training, m.track_running_stats = False, track
+    # softmax outside inference_mode: the loss saves these targets for its backward pass.
+    return torch.softmax(logits.float(), dim=1)
+
+
+def epoch_order(config: TrainConfig, seed: int, step: int, epoch: int, n: int,
+                device: str | torch.device) -> torch.Tensor:
+    """The order in which ``epoch`` of ``step`` visits the ``n`` training images: an int64 permutation (n,) on
+    ``device``, drawn on the CPU (the same on every device).
+
+    ``config.data_order`` "reshuffle": a new permutation for every (seed, step, epoch), shared by every chain of
+    the step (chains differ by their targets only). "fixed": one permutation drawn once from the seed, used for
+    every epoch and every step, as the authors' DataLoader (no shuffling) over a ``random_split`` drawn once
+    did. Its stream is keyed by (seed, 0, 0): steps and epochs count from 1, so no reshuffled epoch shares it.
+    """
+    if config.data_order not in DATA_ORDERS:
+        raise ValueError(f"TrainConfig.data_order must be one of {DATA_ORDERS}, got {config.data_order!r}")
+    key = (seed, 0, 0, ORDER) if config.data_order == "fixed" else (seed, step, epoch, ORDER)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(*key)))
+    return order.to(device)
 
 
 # ----------------------------------------------------------------------------------------------- one step
@@ -173,9 +226,14 @@ class StepResult:
         return self.train_images / self.train_time_s if self.train_time_s > 0 else float("nan")
 
     def summary(self) -> dict:
-        """The metrics of the final epoch plus the step totals (the numeric part of a record)."""
+        """The metrics of the final epoch plus the step totals (the numeric part of a record), and the best test
+        accuracy over the evaluated epochs with its epoch (the first, on a tie): what the authors' checkpointing,
+        which monitored test accuracy, would have kept. The records report the last epoch; this is beside it."""
         last = self.epochs[-1]
+        evaluated = [log for log in self.epochs if log.get("test_acc") is not None]
+        best = max(evaluated, key=lambda log: log["test_acc"]) if evaluated else {}
         return {
+            "best_test_acc": best.get("test_acc"), "best_test_epoch": best.get("epoch"),
             "epochs": last["epoch"],
             "val_acc": last["val_acc"], "val_loss": last["val_loss"],
             "test_acc": last["test_acc"], "test_loss": last["test_loss"],
@@ -194,10 +252,12 @@ def distill_step(config: TrainConfig, data, *, seed: int, step: int, alpha: floa
     config : the run's :class:`TrainConfig` (epochs, batch, lr, schedule, l2_coef, bf16, channels_last, ...).
     data : a :class:`sdlib.data.CIFAR10Splits` (or anything with x_train/y_train/x_val/y_val/x_test/y_test:
         uint8 (N, 3, 32, 32) images and int64 (N,) labels on ``device``).
-    seed, step : select the initialization and, per epoch, the data order and augmentation, both shared by
-        every chain of the step (so chains differ only by their targets) and reproducible on a resume.
-    alpha : weight of the labels in the targets; ``teacher`` (used in eval mode on the same augmented batch,
-        under inference_mode) is required when alpha < 1 and ignored at alpha == 1.
+    seed, step : select the initialization and, per epoch, the data order (:func:`epoch_order`) and the
+        augmentation, both shared by every chain of the step (so chains differ only by their targets) and
+        reproducible on a resume.
+    alpha : weight of the labels in the targets (a finite number: fixed alphas lie in [0, 1], an unbounded
+        alpha-hat may not); ``teacher`` (on the same augmented batch, :func:`teacher_probs` with
+        ``config.teacher_bn``) is required when alpha != 1 and ignored at alpha == 1.
     chain : name used in logs, events and errors.
     state_path : where the resumable state (model, optimizer, scheduler, epoch, logs so far) is saved every
         ``config.checkpoint_every`` epochs; if the file exists, training resumes from it.
@@ -212,10 +272,10 @@ def distill_step(config: TrainConfig, data, *, seed: int, step: int, alpha: floa
     A NaN or inf training loss raises FloatingPointError naming seed, chain, step and epoch.
     """
     device = torch.device(device)
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must lie in [0, 1], got {alpha!r}")
-    if alpha < 1.0 and teacher is None:
-        raise ValueError(f"teacher is required for alpha < 1 (chain {chain!r}, step {step}, alpha {alpha:g})")
+    if not math.isfinite(alpha):  # fixed alphas lie in [0, 1]; an unbounded alpha-hat may lie outside
+        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+    if alpha != 1.0 and teacher is None:
+        raise ValueError(f"teacher is required for alpha != 1 (chain {chain!r}, step {step}, alpha {alpha:g})")
     n_train, batch_size = len(data.x_train), config.batch_size
     iters_per_epoch = n_train // batch_size
     if iters_per_epoch == 0:
@@ -223,7 +283,7 @@ def distill_step(config: TrainConfig, data, *, seed: int, step: int, alpha: floa
     on_cuda = device.type == "cuda"
     use_bf16 = config.bf16 and on_cuda
     memory_format = torch.channels_last if (config.channels_last and on_cuda) else torch.contiguous_format
-    use_teacher = alpha < 1.0
+    use_teacher = alpha != 1.0
 
     model = build_model(seed, step).to(device, memory_format=memory_format)
     # Adam without weight decay: the paper's regularizer is the (unsquared) L2 norm term in the loss.
@@ -263,9 +323,7 @@ def distill_step(config: TrainConfig, data, *, seed: int, step: int, alpha: floa
         epoch_start = time.perf_counter()
         model.train()
         # Same order and augmentation for every chain of (seed, step): chains differ by their targets only.
-        order = torch.randperm(n_train, generator=torch.Generator().manual_seed(derive_seed(seed, step, epoch,
-                                                                                             ORDER)))
-        order = order.to(device)
+        order = epoch_order(config, seed, step, epoch, n_train, device)
         augment_gen = torch.Generator(device=device).manual_seed(derive_seed(seed, step, epoch, AUGMENT))
         loss_sum = torch.zeros((), device=device)
         lr_used = optimizer.param_groups[0]["lr"]
@@ -275,14 +333,9 @@ def distill_step(config: TrainConfig, data, *, seed: int, step: int, alpha: floa
             x = x.contiguous(memory_format=memory_format)
             labels = data.y_train[index]
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                teacher_probs = None
-                if use_teacher:
-                    with torch.inference_mode():
-                        teacher_logits = teacher(x)
-                    # softmax outside inference_mode: the loss saves these targets for its backward pass.
-                    teacher_probs = torch.softmax(teacher_logits.float(), dim=1)
+                targets = teacher_probs(teacher, x, config.teacher_bn) if use_teacher else None
                 logits = model(x)
-            loss = distillation_loss(logits, labels, alpha, teacher_probs)
+            loss = distillation_loss(logits, labels, alpha, targets)
             if config.l2_coef:
                 loss = loss + l2_penalty(model, config.l2_coef)
             optimizer.zero_grad(set_to_none=True)
@@ -316,7 +369,7 @@ def distill_step(config: TrainConfig, data, *, seed: int, step: int, alpha: floa
             "images_per_s": iters_per_epoch * batch_size / epoch_train_time,
         }
         logs.append(log)
-        epoch_bar.set_postfix(val_acc=f"{log['val_acc']:.3f}", loss=f"{train_loss:.4f}")
+        epoch_bar.set_postfix(test_acc=f"{log['test_acc']:.3f}", loss=f"{train_loss:.4f}")
         if on_epoch is not None:
             on_epoch(log)
         if state_path is not None and epoch < config.epochs and epoch % config.checkpoint_every == 0:
