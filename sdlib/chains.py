@@ -201,9 +201,12 @@ class _ChainRunner:
         self.ensure_data()
         onehot = F.one_hot(self.data.y_val.cpu(), NUM_CLASSES).double().numpy()
         f1, g = f1.cpu().double().numpy(), probe["val_probs"].cpu().double().numpy()
-        alpha_hat = least_squares_alpha(onehot, f1, g)
-        return alpha_hat, {"alpha_hat": alpha_hat, "probe_val_acc": probe["val_acc"],
-                           "probe_test_acc": probe["test_acc"]}
+        # Algorithm 1: the least-squares alpha over all reals, then clipped to alpha_hat_bounds (None: not at all).
+        unconstrained = least_squares_alpha(onehot, f1, g, bounds=None)
+        bounds = self.config.alpha_hat_bounds
+        alpha_hat = unconstrained if bounds is None else min(max(unconstrained, bounds[0]), bounds[1])
+        return alpha_hat, {"alpha_hat": alpha_hat, "alpha_hat_unconstrained": unconstrained,
+                           "probe_val_acc": probe["val_acc"], "probe_test_acc": probe["test_acc"]}
 
     def probe_key(self, seed, step):
         # At step 2 the probe (alpha = 0, teacher = the shared model, init and data order seeded by (seed, 2))
@@ -215,7 +218,7 @@ class _ChainRunner:
     def train(self, key):
         seed, chain, step = key
         alpha, extra = self.alpha_for(key)
-        teacher = self.model(self.teacher_key(*key)) if alpha < 1.0 else None
+        teacher = self.model(self.teacher_key(*key)) if alpha != 1.0 else None
         self.ensure_data()
         epochs_file = self.results_dir / (PROBE_EPOCHS_FILE if chain == PROBE_CHAIN else EPOCHS_FILE)
         self.results_dir.mkdir(parents=True, exist_ok=True)
@@ -247,10 +250,11 @@ class _ChainRunner:
         self.ensure_data()
         record = {
             "seed": seed, "chain": chain, "step": step, "alpha": s["alpha"],
-            "alpha_hat": s.get("alpha_hat"), "probe_val_acc": s.get("probe_val_acc"),
-            "probe_test_acc": s.get("probe_test_acc"),
+            "alpha_hat": s.get("alpha_hat"), "alpha_hat_unconstrained": s.get("alpha_hat_unconstrained"),
+            "probe_val_acc": s.get("probe_val_acc"), "probe_test_acc": s.get("probe_test_acc"),
             "epochs": s["epochs"], "val_acc": s["val_acc"], "val_loss": s["val_loss"], "test_acc": s["test_acc"],
-            "test_loss": s["test_loss"], "train_loss": s["train_loss"], "wall_time_s": s["wall_time_s"],
+            "test_loss": s["test_loss"], "best_test_acc": s.get("best_test_acc"),
+            "best_test_epoch": s.get("best_test_epoch"), "train_loss": s["train_loss"], "wall_time_s": s["wall_time_s"],
             "images_per_s": s["images_per_s"],
             "profile": self.config.profile, "config_hash": self.hash, "config": self.config.to_dict(),
             "provenance": {**self.provenance, "date": _utc_now()}, "data": self.data.meta,
@@ -315,8 +319,12 @@ def run_chains(config: TrainConfig, progress: bool = True, callback: Callable[[d
 
     Returns one record per (seed, chain, step) of the config, in training order (step 1 once per seed, chain
     ``"shared"``; the other chains from step 2): seed, chain, step, alpha (alpha-hat for the alpha-hat chain),
-    alpha_hat, probe_val_acc, probe_test_acc (alpha-hat chain; else None), epochs, val_acc, val_loss, test_acc,
-    test_loss (accuracies in [0, 1]; losses: MSE of softmax outputs to one-hot labels), train_loss (last epoch,
+    alpha_hat (the value used: the least-squares alpha clipped to ``config.alpha_hat_bounds``),
+    alpha_hat_unconstrained (the least-squares alpha over all reals), probe_val_acc, probe_test_acc (alpha-hat
+    chain; else None), epochs, val_acc, val_loss (None with n_val=0), test_acc, test_loss (of the last epoch:
+    accuracies in [0, 1]; losses: MSE of softmax outputs to one-hot labels), best_test_acc, best_test_epoch (the
+    best test accuracy over the evaluated epochs and its epoch; None in a record whose step finished before
+    these fields existed), train_loss (last epoch,
     objective incl. the L2 term), wall_time_s, images_per_s (training images per second), profile,
     config_hash, config (the effective :meth:`TrainConfig.to_dict`), provenance, data (the splits' meta).
     """

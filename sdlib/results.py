@@ -17,11 +17,16 @@ Record schema (``records.jsonl``, one line per (seed, chain, step), rewritten at
 seed, chain, step   the key; step 1 appears once per seed, as chain ``"shared"``
 alpha               the weight of the labels used at that step (alpha-hat for the alpha-hat chain, 1.0
                     for ``"shared"``)
-alpha_hat           the estimate of Algorithm 1 (alpha-hat chain, steps >= 2), else null
+alpha_hat           the estimate of Algorithm 1 used (alpha-hat chain, steps >= 2), else null
+alpha_hat_          the least-squares alpha before clipping to the config's alpha_hat_bounds
+unconstrained       (alpha-hat chain; null in files written before it existed)
 probe_val_acc,      accuracies of the alpha = 0 probe behind alpha-hat (alpha-hat chain, steps >= 2),
 probe_test_acc      else null
 epochs              epochs trained
-val_acc, test_acc   accuracies as fractions in [0, 1] on the validation split and on the test set
+val_acc, test_acc   accuracies as fractions in [0, 1] on the validation split (null with n_val = 0)
+                    and on the test set, after the last epoch
+best_test_acc,      the best test accuracy over the evaluated epochs and its epoch (null in files
+best_test_epoch     written before they existed)
 val_loss, test_loss MSE between softmax outputs and one-hot labels (the alpha = 1 loss without L2)
 train_loss          mean training loss of the last epoch
 wall_time_s,        the step's wall-clock seconds and training images per second
@@ -92,6 +97,9 @@ _RECORD_REQUIRED = ("seed", "chain", "step", "alpha", "val_acc", "test_acc")
 # Numeric record fields that may be null (missing in older files, or not applicable to the chain).
 _RECORD_OPTIONAL_NUMERIC = (
     "alpha_hat",
+    "alpha_hat_unconstrained",
+    "best_test_acc",
+    "best_test_epoch",
     "probe_val_acc",
     "probe_test_acc",
     "epochs",
@@ -113,7 +121,7 @@ _EPOCH_OPTIONAL_NUMERIC = (
     "wall_time_s",
     "images_per_s",
 )
-_ACCURACY_FIELDS = ("val_acc", "test_acc", "probe_val_acc", "probe_test_acc")
+_ACCURACY_FIELDS = ("val_acc", "test_acc", "probe_val_acc", "probe_test_acc", "best_test_acc")
 
 
 # --------------------------------------------------------------------------------------------- chains
@@ -287,7 +295,8 @@ def _parse_record(obj: dict, where: str) -> dict:
         "chain": chain,
         "step": _check_int(obj["step"], "step", where, 1),
         "alpha": _check_number(obj["alpha"], "alpha", where, allow_null=False),
-        "val_acc": _check_number(obj["val_acc"], "val_acc", where, allow_null=False),
+        # null with n_val=0 (no validation split: the authors' protocol trains on all 50,000 images)
+        "val_acc": _check_number(obj["val_acc"], "val_acc", where, allow_null=True),
         "test_acc": _check_number(obj["test_acc"], "test_acc", where, allow_null=False),
     }
     for field in _RECORD_OPTIONAL_NUMERIC:
