@@ -52,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="batch of training and of the teacher's targets")
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (constant)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (1: two OpenMP threads on a busy 2-core machine run several times slower)")
     return p
 
 
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = _parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
+    produced_by = provenance(device)  # the commit and tree state at the start
     splits = cifar.load_splits(args.data_root, n_val=0, subset=args.train_images, split_seed=args.seed)
     test_order = torch.randperm(len(splits.x_test), generator=torch.Generator().manual_seed(args.seed))
     test_idx = test_order[:args.test_images]
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
         "teacher": {"epochs": [{k: e[k] for k in ("epoch", "train_loss", "test_acc")} for e in trained.epochs],
                     "train_seconds": train_seconds},
         "results": results,
-        "provenance": {**provenance(device), "date": datetime.datetime.now(datetime.timezone.utc)
+        "provenance": {**produced_by, "date": datetime.datetime.now(datetime.timezone.utc)
                        .isoformat(timespec="seconds")},
     }
     for name, r in results.items():
