@@ -15,9 +15,10 @@ import time
 
 from sdlib import data as cifar  # noqa: F401  (tests patch cifar.load_splits through here)
 from sdlib.chains import pending_tasks, provenance, run_chains
-from sdlib.config import PROFILES, TrainConfig, effective_config, resolve_device
+from sdlib.config import DATA_ORDERS, PROFILES, TEACHER_BN_MODES, TrainConfig, effective_config, resolve_device
 from sdlib.records import chain_name
-from sdlib.step import StepResult, build_model, distill_step, distillation_loss, evaluate, l2_penalty
+from sdlib.step import (StepResult, build_model, distill_step, distillation_loss, epoch_order, evaluate, l2_penalty,
+                        teacher_probs)
 
 __all__ = [
     "PROFILES",
@@ -28,6 +29,8 @@ __all__ = [
     "l2_penalty",
     "evaluate",
     "distill_step",
+    "teacher_probs",
+    "epoch_order",
     "run_chains",
     "pending_tasks",
     "effective_config",
@@ -53,12 +56,29 @@ def _parse_list(kind, name):
     return parse
 
 
+def _parse_bounds_token(text: str):
+    """argparse type for one token of --alpha-hat-bounds: numbers ("0,1" or "0" then "1") or "none"."""
+    if text.strip().lower() in ("none", "null"):
+        return "none"
+    return _parse_list(float, "--alpha-hat-bounds")(text)
+
+
+def _alpha_hat_bounds(tokens: list) -> tuple[float, ...] | None:
+    if "none" in tokens:
+        if tokens != ["none"]:
+            raise ValueError(f"--alpha-hat-bounds takes two numbers or 'none', got {tokens!r}")
+        return None
+    return tuple(value for token in tokens for value in token)  # TrainConfig checks there are two
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sdlib.train",
                                 description="Self-distillation chains of ResNet-50 on CIFAR-10 (resumable).")
     p.add_argument("--profile", choices=sorted(PROFILES),
-                   help="paper (default): the authors' protocol; fast: batch 256, lr 1e-3, warmup+cosine, bf16 "
-                        "(CUDA)")
+                   help="paper (default): the protocol as the paper describes it (batch 16, Adam 1e-4, 75 epochs, "
+                        "eval-mode teacher, 5,000 held out, alpha-hat unbounded); official: the authors' code as "
+                        "it ran (teacher BatchNorm in train mode, all 50,000 images, one fixed data order, fixed "
+                        "alphas only); fast: batch 256, lr 1e-3, warmup+cosine, bf16 (CUDA)")
     p.add_argument("--epochs", type=int, help="epochs per step")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
@@ -70,7 +90,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--alphas", type=_parse_list(float, "--alphas"), nargs="+",
                    help="fixed alphas, e.g. 0,0.5,1 or 0 0.5 1 ('' for none)")
     p.add_argument("--no-alpha-hat", action="store_true", help="leave out the alpha-hat chain")
-    p.add_argument("--n-val", type=int)
+    p.add_argument("--alpha-hat-bounds", nargs="+", metavar="LOW HIGH | none", type=_parse_bounds_token,
+                   help="clip Algorithm 1's least-squares alpha to [LOW, HIGH] (e.g. 0 1, 0,1, or =-1,2 for a "
+                        "negative LOW), or 'none' for the unbounded estimate (default: the profile's; paper: none, "
+                        "official and fast: 0 1)")
+    p.add_argument("--teacher-bn", choices=TEACHER_BN_MODES,
+                   help="the teacher's BatchNorm: eval (running statistics) or train (each batch's statistics, as "
+                        "the authors' teacher ran; its running statistics are not changed) (default: the "
+                        "profile's; paper and fast: eval, official: train)")
+    p.add_argument("--data-order", choices=DATA_ORDERS,
+                   help="reshuffle (a new order every epoch) or fixed (one permutation of the seed for every epoch "
+                        "and step, as the authors' DataLoader) (default: the profile's; paper and fast: "
+                        "reshuffle, official: fixed)")
+    p.add_argument("--n-val", type=int, help="validation images held out of the 50,000 (default: the profile's; "
+                                             "paper and fast: 5000, official: 0 = train on all, no alpha-hat)")
     p.add_argument("--split-seed", type=int)
     p.add_argument("--subset", type=int, help="cut every part to this many images (smoke runs)")
     p.add_argument("--data-root")
@@ -99,6 +132,8 @@ def config_overrides(args: argparse.Namespace) -> dict:
     for name in ("seeds", "alphas"):  # nargs="+" of comma lists -> one flat tuple
         if name in overrides:
             overrides[name] = tuple(value for token in overrides[name] for value in token)
+    if "alpha_hat_bounds" in overrides:  # "none" -> None (unbounded), else the two numbers
+        overrides["alpha_hat_bounds"] = _alpha_hat_bounds(overrides["alpha_hat_bounds"])
     overrides.update(setting for flag, setting in _FLAGS.items() if getattr(args, flag))
     return overrides
 
