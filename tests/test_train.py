@@ -565,12 +565,14 @@ def test_run_chains_end_to_end(reference_run, tiny_data_root):
 
     # alpha-hat chain: at step 2 the probe is the alpha = 0 chain's step 2 (same init, data order and teacher).
     hat = by_key[(0, "alpha_hat", 2)]
-    assert 0.0 <= hat["alpha_hat"] <= 1.0 and hat["alpha"] == hat["alpha_hat"]
+    assert config.alpha_hat_bounds is None  # the paper profile: Algorithm 1 as written, over all real alphas
+    assert hat["alpha"] == hat["alpha_hat"] == hat["alpha_hat_unconstrained"]
     assert hat["probe_val_acc"] == by_key[(0, "alpha=0", 2)]["val_acc"]
     assert hat["probe_test_acc"] == by_key[(0, "alpha=0", 2)]["test_acc"]
 
     # Checkpoints: the final weights load with weights_only=True and reproduce the recorded metrics; from the
-    # step-1 and probe validation outputs, alpha-hat is the clipped least-squares mix <y-g, f1-g>/||f1-g||^2.
+    # step-1 and probe validation outputs, alpha-hat is the least-squares mix <y-g, f1-g>/||f1-g||^2 (not clipped:
+    # wherever it falls, the alpha-hat step trained with it, a weight outside [0, 1] included).
     from sdlib.data import load_splits
 
     data = load_splits(tiny_data_root, n_val=40, split_seed=0, subset=64)
@@ -591,8 +593,7 @@ def test_run_chains_end_to_end(reference_run, tiny_data_root):
     y = np.eye(10)[data.y_val.numpy()]
     f1, g = val_probs["shared"], val_probs["alpha=0"]
     unclipped = np.sum((y - g) * (f1 - g)) / np.sum((f1 - g) ** 2)
-    assert hat["alpha_hat"] == pytest.approx(min(max(unclipped, 0.0), 1.0), abs=1e-6)
-    assert hat["alpha_hat_unconstrained"] == pytest.approx(unclipped, abs=1e-6)  # before clipping to [0, 1]
+    assert hat["alpha_hat_unconstrained"] == pytest.approx(unclipped, abs=1e-6)
     assert all(by_key[key]["alpha_hat_unconstrained"] is None for key in KEYS[:3])
 
     # Per-epoch logs: one line per (seed, chain, step, epoch); the last epoch is the record.
@@ -715,32 +716,39 @@ def test_provenance_takes_the_commit_named_by_the_launcher(monkeypatch):
 def test_results_from_before_the_protocol_fields_are_reused(reference_run, tiny_data_root, run_dir, monkeypatch):
     """A results folder written before teacher_bn, data_order and alpha_hat_bounds existed: its config keeps its
     hash, its records are found, and a step whose final checkpoint exists but whose record does not (a run
-    stopped in between) gets its record from the checkpoint, with nothing trained."""
+    stopped in between) gets its record from the checkpoint, with nothing trained.
+
+    The folder is made from the reference run's fixed-alpha steps, which do not depend on alpha_hat_bounds:
+    relabeled with the hash of the same config with the bounds the pipeline had ([0, 1]), they are what a run
+    of that config before the change wrote, less the new fields (stripped from records and checkpoints)."""
     tmp_path = run_dir
     reference_config, reference_records, _ = reference_run
-    shutil.copytree(reference_config.checkpoint_dir, tmp_path / "checkpoints", copy_function=os.link)
-    old_records = [{**{k: v for k, v in r.items() if k not in NEW_RECORD_FIELDS},
-                    "config": {k: v for k, v in r["config"].items() if k not in NEW_CONFIG_FIELDS}}
-                   for r in reference_records]
+    config = tiny_config(tmp_path, tiny_data_root, alpha_hat_bounds=(0.0, 1.0), include_alpha_hat=False)
+    old_hash = config.config_hash()
+    assert old_hash == _hash_before_the_protocol_fields(config) != reference_config.config_hash()
+    for chain in ("shared", "alpha=0", "alpha=1"):
+        shutil.copytree(Path(reference_config.checkpoint_dir) / reference_config.config_hash() / "seed0" / chain,
+                        tmp_path / "checkpoints" / old_hash / "seed0" / chain, copy_function=os.link)
+    old_config = {k: v for k, v in config.to_dict().items() if k not in NEW_CONFIG_FIELDS}
+    old_records = [{**{k: v for k, v in r.items() if k not in NEW_RECORD_FIELDS}, "config": old_config,
+                    "config_hash": old_hash} for r in reference_records[:3]]
     (tmp_path / "results").mkdir()
-    (tmp_path / "results" / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old_records[:3]))
+    (tmp_path / "results" / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old_records[:2]))
     for path in (tmp_path / "checkpoints").rglob("step*.pt"):  # replaced, not edited: the links stay intact
         checkpoint = torch.load(path, weights_only=True)
         checkpoint["summary"] = {k: v for k, v in checkpoint["summary"].items() if k not in NEW_RECORD_FIELDS}
-        step_module.atomic_torch_save(checkpoint, path)
-    config = tiny_config(tmp_path, tiny_data_root)
-    assert config.config_hash() == reference_config.config_hash() == _hash_before_the_protocol_fields(config)
+        step_module.atomic_torch_save({**checkpoint, "config_hash": old_hash}, path)
 
     def forbidden(*args, **kwargs):
         raise AssertionError("results written before the new fields must not be trained again")
 
     monkeypatch.setattr(chains, "distill_step", forbidden)
     records = run_chains(config, progress=False)
-    assert [(r["seed"], r["chain"], r["step"]) for r in records] == KEYS
-    assert records[:3] == old_records[:3]  # found as they were
-    hat = records[3]
-    assert {k: hat[k] for k in RESULT_FIELDS} == {k: reference_records[3][k] for k in RESULT_FIELDS}
-    assert all(hat[k] is None for k in NEW_RECORD_FIELDS)  # unknown for a step finished before they existed
+    assert [(r["seed"], r["chain"], r["step"]) for r in records] == KEYS[:3]
+    assert records[:2] == old_records[:2]  # found as they were
+    rewritten = records[2]  # alpha=1 step 2: from its final checkpoint
+    assert {k: rewritten[k] for k in RESULT_FIELDS} == {k: reference_records[2][k] for k in RESULT_FIELDS}
+    assert all(rewritten[k] is None for k in NEW_RECORD_FIELDS)  # unknown for a step finished before they existed
     assert results_module.load_records(tmp_path / "results")["best_test_acc"].isna().all()
 
 
