@@ -73,7 +73,7 @@ def _check_effect(frame, run: dict):
             assert 0.0 <= row[column] <= 1.0
         # agreement counts whole images
         assert math.isclose(row["argmax_agreement"] * row["images"], round(row["argmax_agreement"] * row["images"]),
-                            abs_tol=1e-6)
+                            abs_tol=1e-3)  # a float32 mean
     assert {"git_commit", "device_name", "torch", "date"} <= set(frame.attrs["provenance"])
 
 
