@@ -309,7 +309,9 @@ def test_protocol_fields_defaults_profiles_and_hash():
 
     # The hash: unchanged for the values that reproduce the pipeline before these fields existed (so results
     # written before are found), changed by any other value.
-    for config in (default, fast, TrainConfig(lr=2e-4, subset=100), TrainConfig(n_val=100)):
+    # (a paper-profile run from before the paper profile dropped the bounds: found with alpha_hat_bounds (0, 1))
+    before = TrainConfig.from_profile("paper", alpha_hat_bounds=(0, 1))
+    for config in (default, fast, before, TrainConfig(lr=2e-4, subset=100), TrainConfig(n_val=100)):
         assert config.config_hash() == _hash_before_the_protocol_fields(config)
     hashes = {default.config_hash()}
     for change in (dict(teacher_bn="train"), dict(data_order="fixed"), dict(alpha_hat_bounds=None),
