@@ -63,7 +63,7 @@ def distillation_loss(logits: torch.Tensor, labels: torch.Tensor, alpha: float,
 
     logits : (B, C) student outputs s (any float dtype; the loss is computed in float32, also under autocast).
     labels : (B,) int64 class indices.
-    alpha : weight of the ground truth in [0, 1].
+    alpha : weight of the ground truth: in [0, 1] for a fixed chain, any real for an unbounded alpha-hat.
     teacher_probs : (B, C) teacher softmax outputs; may be None only when alpha == 1.
     MSE is the mean over batch x classes (``F.mse_loss``). Returns a float32 scalar.
     """
