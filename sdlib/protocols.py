@@ -79,7 +79,9 @@ def teacher_bn_effect(path: str | os.PathLike | None = None) -> pd.DataFrame:
     """The committed measurement of ``benchmarks/teacher_bn.py`` as a DataFrame: one row per set of images
     (``test``: test images in a random order; ``targets``: augmented training batches as a student sees them),
     columns images, mean_abs_diff (mean |p_train - p_eval| over images x classes), mean_total_variation,
-    max_abs_diff, argmax_agreement, accuracy_eval, accuracy_train.
+    max_abs_diff, argmax_agreement, accuracy_eval, accuracy_train (of either mode's argmax on those images),
+    teacher_epochs and teacher_test_acc (how far the teacher was trained: its epochs and its test accuracy after
+    them, on the benchmark's test images).
 
     ``frame.attrs`` holds ``settings``, ``teacher`` (its training curve) and ``provenance`` (commit, device,
     library versions, date). ``path`` defaults to the committed file (:data:`TEACHER_BN_RESULTS` under the
@@ -96,6 +98,9 @@ def teacher_bn_effect(path: str | os.PathLike | None = None) -> pd.DataFrame:
         rows[name] = {k: r[k] for k in ("images", "mean_abs_diff", "mean_total_variation", "max_abs_diff",
                                         "argmax_agreement")}
         rows[name].update({f"accuracy_{mode}": acc for mode, acc in r["accuracy"].items()})
+    for row in rows.values():  # how far the teacher got: its test accuracy (eval mode) after its last epoch
+        row["teacher_epochs"] = run["teacher"]["epochs"][-1]["epoch"]
+        row["teacher_test_acc"] = run["teacher"]["epochs"][-1]["test_acc"]
     frame = pd.DataFrame.from_dict(rows, orient="index")
     frame.index.name = "images compared"
     frame.attrs.update(settings=run["settings"], teacher=run["teacher"], provenance=run["provenance"])

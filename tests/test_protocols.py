@@ -75,6 +75,8 @@ def _check_effect(frame, run: dict):
         assert math.isclose(row["argmax_agreement"] * row["images"], round(row["argmax_agreement"] * row["images"]),
                             abs_tol=1e-3)  # a float32 mean
     assert {"git_commit", "device_name", "torch", "date"} <= set(frame.attrs["provenance"])
+    last = run["teacher"]["epochs"][-1]
+    assert (frame["teacher_epochs"] == last["epoch"]).all() and (frame["teacher_test_acc"] == last["test_acc"]).all()
 
 
 def test_committed_teacher_bn_measurement():
