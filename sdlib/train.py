@@ -90,10 +90,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--alphas", type=_parse_list(float, "--alphas"), nargs="+",
                    help="fixed alphas, e.g. 0,0.5,1 or 0 0.5 1 ('' for none)")
     p.add_argument("--no-alpha-hat", action="store_true", help="leave out the alpha-hat chain")
-    p.add_argument("--alpha-hat-bounds", nargs="+", metavar="LOW HIGH | none", type=_parse_bounds_token,
-                   help="clip Algorithm 1's least-squares alpha to [LOW, HIGH] (e.g. 0 1, 0,1, or =-1,2 for a "
-                        "negative LOW), or 'none' for the unbounded estimate (default: the profile's; paper: none, "
-                        "official and fast: 0 1)")
+    p.add_argument("--alpha-hat-bounds", nargs="+", metavar="BOUND", type=_parse_bounds_token,
+                   help="two numbers LOW HIGH to clip Algorithm 1's least-squares alpha to (0 1, 0,1, or =-1,2 "
+                        "for a negative LOW), or 'none' for the unbounded estimate (default: the profile's; paper: "
+                        "none, official and fast: 0 1)")
     p.add_argument("--teacher-bn", choices=TEACHER_BN_MODES,
                    help="the teacher's BatchNorm: eval (running statistics) or train (each batch's statistics, as "
                         "the authors' teacher ran; its running statistics are not changed) (default: the "
