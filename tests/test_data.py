@@ -320,7 +320,7 @@ def test_download_uses_torchvision_only_when_needed(tiny_cifar_pickle_root, tmp_
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
     root = tmp_path / "fresh"
     x, y = load_cifar10(root, "test", download=True)
-    assert calls == [(str(root), False, True)]
+    assert calls == [(str(root), True, True)]  # one archive holds both splits: always fetched as train=True
     assert torch.equal(x, load_cifar10(tiny_cifar_pickle_root, "test")[0])
     load_splits(root, n_val=50, download=True)  # already there: no second download
     assert len(calls) == 1

@@ -280,7 +280,6 @@ GOOD = {"seed": 0, "chain": "alpha=0", "step": 2, "alpha": 0.0, "val_acc": 0.5, 
         ([{**GOOD, "chain": "teacher"}], ValueError, "chain"),
         ([{**GOOD, "step": 1}], ValueError, "shared"),
         ([{**GOOD, "chain": "shared", "step": 2}], ValueError, "step-1"),
-        ([GOOD, GOOD], ValueError, "already recorded on line 1"),
         ([{**GOOD, "alpha_hat": "high"}], ValueError, "alpha_hat"),
         ([{**GOOD, "chain": "alpha_hat_probe"}], ValueError, "no records"),
         ([{**GOOD, "epochs": 2.5}], ValueError, "epochs"),
@@ -359,19 +358,41 @@ def test_results_module_needs_no_torch(records_dir):
 
 
 def test_config_hash_selects_one_configuration_and_mixed_files_warn(tmp_path):
-    old = [{**r, "config_hash": "old", "test_acc": 0.1} for r in synthetic_records() if r["seed"] == 0]
-    new = [r for r in synthetic_records() if r["seed"] != 0]  # config_hash "abc"
+    old = [{**r, "config_hash": "old", "test_acc": 0.1, "profile": "fast"} for r in synthetic_records()
+           if r["seed"] == 0]
+    new = [r for r in synthetic_records() if r["seed"] != 0]  # config_hash "abc", profile "paper"
     directory = write_jsonl(tmp_path / "r", old + new)
-    with pytest.warns(RuntimeWarning, match=r"2 configurations.*'abc', 'old'"):
-        mixed = results.load_records(directory)
-    assert set(mixed["seed"]) == set(SEEDS)
+    # a folder of two configs: the newest (appended last) is read, and the warning names both
+    with pytest.warns(RuntimeWarning, match=r"holds 2 configs \(newest first: abc \(profile paper.*old \(profile "
+                                            r"fast.*reading the newest, abc"):
+        newest = results.load_records(directory)
+    assert set(newest["seed"]) == set(SEEDS) - {0} and (newest["config_hash"] == "abc").all()
     kept = results.load_records(directory, config_hash="abc")
     assert set(kept["seed"]) == set(SEEDS) - {0} and (kept["config_hash"] == "abc").all()
     only_old = results.load_records(directory, config_hash="old")
     assert set(only_old["seed"]) == {0} and (only_old["test_acc"] == 0.1).all()
     assert len(only_old) == len(CHAINS) * (1 + len(STEPS))
-    with pytest.raises(ValueError, match="config_hash 'nope' has no records.*'abc', 'old'"):
+    with pytest.warns(RuntimeWarning, match="reading the newest of profile 'fast', old"):
+        by_profile = results.load_records(directory, profile="fast")
+    assert by_profile.equals(only_old)
+    with pytest.raises(ValueError, match=r"config_hash 'nope' has no lines in .*present \(newest first\): abc "
+                                         r"\(profile paper, 26 line\(s\)\); old \(profile fast"):
         results.load_records(directory, config_hash="nope")
+    with pytest.raises(ValueError, match="profile 'official' has no lines"):
+        results.load_records(directory, profile="official")
+
+
+def test_a_key_recorded_twice_reads_as_its_last_line(tmp_path):
+    """A step re-recorded after a crash (append-only store): one row, the last line's values."""
+    first = synthetic_records()
+    again = {**first[3], "test_acc": 0.99}
+    directory = write_jsonl(tmp_path / "r", first + [again])
+    records = results.load_records(directory)
+    key = (again["seed"], again["chain"], again["step"])
+    rows = records[(records["seed"] == key[0]) & (records["chain"] == key[1]) & (records["step"] == key[2])
+                   & ~records["from_shared"]]
+    assert len(rows) == 1 and rows["test_acc"].item() == 0.99
+    assert len(records) == len(results.load_records(write_jsonl(tmp_path / "once", first)))
 
 
 def test_load_epochs_reads_the_probes_on_request(tmp_path):
