@@ -312,3 +312,65 @@ def dataclasses_replace(config, **changes):
     import dataclasses
 
     return dataclasses.replace(config, **changes)
+
+
+# ------------------------------------------------------------------------------------ migrating old records
+
+
+def test_migration_gives_old_records_the_hash_with_the_data(tmp_path, data_root):
+    """Records of the old config_hash (no data in it) are found again after scripts/migrate_results.py."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import migrate_results
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    config = step1_config(tmp_path, data_root, seeds=(0, 1))
+    run_chains(config, progress=False)
+    results_dir = Path(config.results_dir)
+    # as the old code wrote them: its hash, no fingerprint in config or data
+    legacy = "57d110a77b06"
+    for name in ("records.jsonl", "epochs.jsonl"):
+        rows = lines(results_dir / name)
+        for row in rows:
+            row["config_hash"] = legacy
+            if name == "records.jsonl":
+                row["data"].pop("fingerprint")
+        (results_dir / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert pending_tasks(config) == [(0, "shared", 1), (1, "shared", 1)]  # the current code finds nothing
+    fingerprint = cifar.data_fingerprint(data_root)
+    assert migrate_results.main([str(results_dir), "--data-root", str(data_root)]) == {
+        legacy: config.config_hash()}
+    assert pending_tasks(config) == []
+    records = lines(results_dir / "records.jsonl")
+    assert all(r["legacy_config_hash"] == legacy and r["config"]["data_fingerprint"] == fingerprint
+               and r["data"]["fingerprint"] == fingerprint for r in records)
+    assert {e["config_hash"] for e in lines(results_dir / "epochs.jsonl")} == {config.config_hash()}
+    before = (results_dir / "records.jsonl").read_text()
+    assert migrate_results.main([str(results_dir), "--data-fingerprint", fingerprint]) == {}  # idempotent
+    assert (results_dir / "records.jsonl").read_text() == before
+
+
+def test_committed_results_carry_the_hash_of_their_config_and_data():
+    """The committed records (migrated) are those of sweeps/h100-fast-4epochs.yaml, whose fingerprint is the
+    shared JPEG copy's; the book reads them (one config in the folder: no warning)."""
+    import warnings
+
+    from sdlib import sweep
+
+    config, _ = sweep.load_sweep_config(REPO / "sweeps" / "h100-fast-4epochs.yaml")
+    records = lines(REPO / "results" / "cifar10" / "records.jsonl")
+    assert {r["config_hash"] for r in records} == {config.config_hash()}
+    assert {r["legacy_config_hash"] for r in records} == {"57d110a77b06"}
+    assert {r["data"]["fingerprint"] for r in records} == {config.data_fingerprint}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(results.load_records(REPO / "results" / "cifar10")) > 0
+        assert len(results.load_epochs(REPO / "results" / "cifar10")) == 304
+        assert len(results.load_epochs(REPO / "results" / "cifar10", probes=True)) == 48
+
+
+def test_the_pinned_fingerprint_is_the_shared_jpeg_copy(cifar_jpeg_root):
+    from sdlib import sweep
+
+    config, _ = sweep.load_sweep_config(REPO / "sweeps" / "h100-fast-4epochs.yaml")
+    assert cifar.data_fingerprint(cifar_jpeg_root) == config.data_fingerprint
