@@ -129,7 +129,7 @@ def _parser() -> argparse.ArgumentParser:
                         "and line)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved config, its config_hash, the pending (seed, chain, step) and the grid's "
-                        "cost, then exit without training or writing anything")
+                        "cost, then exit without training or writing anything (default: train)")
     return p
 
 
