@@ -3,6 +3,7 @@ a hand computation on a synthetic records.jsonl written here."""
 
 import json
 import math
+import re
 import statistics
 import subprocess
 import sys
@@ -17,6 +18,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from sdlib import results  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
 
 SEEDS = (0, 1, 2)
 FIXED_ALPHAS = (0.0, 0.5, 1.0)
@@ -446,3 +449,40 @@ def test_training_runs_group_overlapping_models_and_count_the_probes(tmp_path):
 def test_training_runs_need_dated_records(records_dir):
     with pytest.raises(ValueError, match="provenance.date and wall_time_s"):
         results.training_runs(records_dir[0])
+
+
+def test_the_readers_need_only_the_core_dependencies():
+    """Old: sdlib.results imported pandas, which only the notebooks extra installed (`pip install -e .` then
+    failed on import). Every module-level import of the torch-free modules is the standard library's or a core
+    dependency of pyproject.toml; and they do not import torch."""
+    import ast
+    import tomllib
+
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    core = {re.split(r"[<>=!~ \[]", dep)[0].lower() for dep in pyproject["project"]["dependencies"]}
+    for module in ("results", "store", "records"):
+        tree = ast.parse((REPO / "sdlib" / f"{module}.py").read_text())
+        for node in tree.body:  # module level only: imports inside functions are optional
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
+            for name in names:
+                top = name.split(".")[0]
+                assert top in sys.stdlib_module_names or top in core or top in ("sdlib", "__future__"), \
+                    f"sdlib/{module}.py imports {top}, which is not a core dependency"
+    code = "import sys, sdlib.results, sdlib.store; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
+
+
+def test_license_and_citation():
+    import tomllib
+
+    import yaml
+
+    assert tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["license"] == "MIT"
+    assert (REPO / "LICENSE").read_text().startswith("MIT License")
+    citation = yaml.safe_load((REPO / "CITATION.cff").read_text())
+    assert citation["cff-version"] == "1.2.0" and citation["license"] == "MIT" and citation["type"] == "software"
+    paper = citation["preferred-citation"]
+    assert paper["title"].startswith("Even your Teacher Needs Guidance") and paper["year"] == 2021
+    assert [a["family-names"] for a in paper["authors"]] == ["Borup", "Andersen"]
