@@ -374,3 +374,25 @@ def test_the_pinned_fingerprint_is_the_shared_jpeg_copy(cifar_jpeg_root):
 
     config, _ = sweep.load_sweep_config(REPO / "sweeps" / "h100-fast-4epochs.yaml")
     assert cifar.data_fingerprint(cifar_jpeg_root) == config.data_fingerprint
+
+
+@pytest.mark.parametrize("train, results_dir, expected", [
+    (False, None, "results/cifar10"),  # the book reads the committed results
+    (True, None, "runs/cifar10"),  # a training run goes to the git-ignored folder
+    (True, "results/cifar10", "results/cifar10"),  # ... and into the committed one only when it is named
+])
+def test_notebook_05_trains_into_runs_unless_named(train, results_dir, expected, monkeypatch):
+    """Old: notebook 05's results_dir defaulted to results/cifar10 for training too (the README's "smaller run"
+    overwrote the committed records)."""
+    import nbformat
+
+    nb = nbformat.read(REPO / "notebooks" / "05_cifar10_self_distillation.ipynb", as_version=4)
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    namespace = {}
+    exec(next(c for c in code if "parameters" in c.metadata.get("tags", [])).source, namespace)  # noqa: S102
+    assert namespace["results_dir"] is None
+    namespace.update(train=train, results_dir=results_dir)
+    setup = next(c for c in code if "results_path =" in c.source)
+    monkeypatch.chdir(REPO / "notebooks")
+    exec(setup.source, namespace)  # noqa: S102 - the notebook's own cell that resolves the folder
+    assert namespace["results_path"] == REPO / expected
