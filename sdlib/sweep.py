@@ -580,6 +580,8 @@ def _read_mapping(source, what: str) -> dict:
                 where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
                 problem = "; ".join(str(part) for part in (getattr(error, "context", None),
                                                           getattr(error, "problem", None)) if part) or str(error)
+                if "'\\t'" in problem:
+                    problem += " (YAML indents with spaces, not tabs)"
                 raise ValueError(f"{what} {path}{where}: not valid YAML: {problem}") from None
         elif path.suffix.lower() == ".json":
             try:
