@@ -3,8 +3,9 @@ chain (Algorithm 1), resumable, with their records and provenance.
 
 Layout of a run (see :func:`run_chains`)::
 
-    results_dir/records.jsonl        one JSON object per (seed, chain, step): final metrics, config, provenance
-    results_dir/epochs.jsonl         one per (seed, chain, step, epoch): the training curves
+    results_dir/records.jsonl        one JSON object per (config_hash, seed, chain, step): final metrics, config,
+                                     provenance (appended through sdlib.store; other configs' records stay)
+    results_dir/epochs.jsonl         one per (config_hash, seed, chain, step, epoch): the training curves
     results_dir/probe_epochs.jsonl   the same for the alpha-hat chain's alpha = 0 probes (chain "alpha_hat_probe")
     checkpoint_dir/<config_hash>/seed<s>/<chain>/step<t>.pt        final weights, the next step's teacher
     checkpoint_dir/<config_hash>/seed<s>/<chain>/step<t>.state.pt  resumable state while the step trains

@@ -391,16 +391,27 @@ def _write_cache(dirs: list[Path], name: str, stale_prefix: str, images: np.ndar
             write_atomically(d / name, lambda f: np.savez(f, images=images, labels=labels), binary=True)
         except OSError:
             continue  # e.g. a read-only data root: try the next cache folder
-        # A changed folder leaves its old cache behind under another fingerprint; drop it.
-        for old in d.glob(stale_prefix + "*.npz"):
-            if old.name != name:
-                try:
-                    old.unlink()
-                except OSError:
-                    pass
+        # A changed folder leaves its old cache behind under another fingerprint; drop it, and what a decode
+        # killed while saving left (an hour old: another process may be saving its own right now).
+        stale = [old for old in d.glob(stale_prefix + "*.npz") if old.name != name]
+        stale += [tmp for tmp in d.glob(stale_prefix + "*.npz.*.tmp") if _older_than(tmp, 3600.0)]
+        for old in stale:
+            try:
+                old.unlink()
+            except OSError:
+                pass
         return
     warnings.warn(f"could not write a CIFAR-10 cache in any of {[str(d) for d in dirs]}; images will be decoded "
                   f"again next time", RuntimeWarning, stacklevel=3)
+
+
+def _older_than(path: Path, seconds: float) -> bool:
+    import time
+
+    try:
+        return time.time() - path.stat().st_mtime > seconds
+    except OSError:
+        return False
 
 
 # ------------------------------------------------------------------------------------------------------ loading

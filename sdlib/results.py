@@ -11,7 +11,8 @@ Algorithm 1) and ``"shared"``: the step-1 model of a seed, trained on the labels
 start of every chain of that seed. :func:`load_records` copies that shared record into step 1 of every chain,
 so that each chain's curve starts at the common model.
 
-Record schema (``records.jsonl``, one line per (seed, chain, step), rewritten atomically by the trainer):
+Record schema (``records.jsonl``, one line per (config_hash, seed, chain, step), appended by the trainer through
+:mod:`sdlib.store`; the readers here choose one config, and the last line of a key counts):
 
 ==================  =================================================================================
 seed, chain, step   the key; step 1 appears once per seed, as chain ``"shared"``

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from sdlib.records import EPOCHS_FILE, PROBE_EPOCHS_FILE, RECORDS_FILE
+from sdlib.records import EPOCHS_FILE, PROBE_EPOCHS_FILE, RECORDS_FILE, remove_stale_temporaries
 
 __all__ = [
     "StoreError",
@@ -270,13 +270,15 @@ class ResultsStore:
         return self.results_dir / filename
 
     def check_writable(self) -> None:
-        """:class:`NotWritableError` now, before any work, if results can not be written here; removes lock
-        files the old store left behind."""
+        """:class:`NotWritableError` now, before any work, if results can not be written here; removes the lock
+        files and the temporaries of a killed full rewrite that the old store left behind."""
         check_writable_dir(self.results_dir, "results_dir")
         with _locked(self.results_dir):
             for name in _LEGACY_LOCKS:
                 with contextlib.suppress(FileNotFoundError):
                     (self.results_dir / name).unlink()
+            for name in (RECORDS_FILE, EPOCHS_FILE, PROBE_EPOCHS_FILE):
+                remove_stale_temporaries(self.results_dir / name)
 
     def read(self, filename: str) -> list[tuple[int, dict]]:
         return read_jsonl(self.path(filename), self.skip_bad_lines)

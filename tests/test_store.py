@@ -396,3 +396,21 @@ def test_notebook_05_trains_into_runs_unless_named(train, results_dir, expected,
     monkeypatch.chdir(REPO / "notebooks")
     exec(setup.source, namespace)  # noqa: S102 - the notebook's own cell that resolves the folder
     assert namespace["results_path"] == REPO / expected
+
+
+def test_temporaries_of_the_old_store_and_of_a_killed_decode_are_removed(tmp_path, data_root):
+    results_dir = tmp_path / "results"
+    results_dir.mkdir()
+    leftovers = [results_dir / "records.jsonl.lock", results_dir / "epochs.jsonl.ab12.tmp"]
+    for path in leftovers:
+        path.write_text("x")
+    store.ResultsStore(results_dir).check_writable()
+    assert not any(p.exists() for p in leftovers)
+    cache = data_root / ".sdlib_cache"
+    cache.mkdir()
+    old, fresh = cache / "test-imagefolder-0000.npz.k3.tmp", cache / "test-imagefolder-1111.npz.k4.tmp"
+    for path in (old, fresh):
+        path.write_bytes(b"\0" * 100)
+    os.utime(old, (0, 0))  # a decode killed long ago; the fresh one may be another process saving now
+    cifar.load_cifar10(data_root, "test")
+    assert not old.exists() and fresh.exists()
