@@ -414,3 +414,14 @@ def test_temporaries_of_the_old_store_and_of_a_killed_decode_are_removed(tmp_pat
     os.utime(old, (0, 0))  # a decode killed long ago; the fresh one may be another process saving now
     cifar.load_cifar10(data_root, "test")
     assert not old.exists() and fresh.exists()
+
+
+def test_store_benchmark_runs(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import store_append
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    timings = store_append.main(["--lines", "200", "--repeat", "2", "--dir", str(tmp_path)])
+    assert set(timings) == {"append", "full rewrite"} and all(t > 0 for t in timings.values())
+    assert "ms per epoch line (200 lines in the file)" in capsys.readouterr().out
