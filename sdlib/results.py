@@ -47,7 +47,6 @@ import json
 import math
 import os
 import re
-import warnings
 from pathlib import Path
 
 import numpy as np
