@@ -68,8 +68,11 @@ _HASHED_UNLESS = {"teacher_bn": "eval", "data_order": "reshuffle", "alpha_hat_bo
 
 # Fields that do not change results: left out of config_hash, so a run may move between machines or folders,
 # or add seeds, chains or steps, and still reuse every finished step.
+# data_root is left out for the data's content: config_hash holds the data's fingerprint instead (data_fingerprint,
+# or that of the copy under data_root).
 _NOT_HASHED = ("profile", "seeds", "steps", "alphas", "include_alpha_hat", "data_root", "results_dir",
-               "checkpoint_dir", "device", "eval_batch_size", "download", "checkpoint_every")
+               "checkpoint_dir", "device", "eval_batch_size", "download", "checkpoint_every", "data_fingerprint")
+_FINGERPRINT = re.compile(r"^[0-9a-f]{16}$")
 
 
 def _is_int(value) -> bool:
@@ -104,6 +107,14 @@ class TrainConfig:
     part for smoke runs), ``data_root``, ``download``. Where: ``results_dir``,
     ``checkpoint_dir``, ``device`` ("auto": cuda if available, else cpu), ``eval_batch_size``, and
     ``checkpoint_every`` (epochs between resumable checkpoints; 1 = every epoch).
+
+    ``data_fingerprint`` (None, or the 16 hex digits of :func:`sdlib.data.data_fingerprint`) pins the data a
+    config is for: its hash then needs no data on this machine (a sweep file, a dry run), and a run refuses
+    other data under ``data_root``. None: the fingerprint of the copy under ``data_root``.
+
+    Results go to the git-ignored ``runs/cifar10`` unless ``results_dir`` says otherwise: the committed
+    ``results/`` of the repository is written only when a caller names it (``--results-dir results/cifar10``,
+    ``results_dir=`` in a TrainConfig, a sweep file or a notebook parameter); no default points there.
     """
 
     profile: str = "paper"
@@ -126,12 +137,13 @@ class TrainConfig:
     split_seed: int = 0
     subset: int | None = None
     data_root: str = "data/cifar10"
-    results_dir: str = "results/cifar10"
+    results_dir: str = "runs/cifar10"
     checkpoint_dir: str = "checkpoints/cifar10"
     device: str = "auto"
     eval_batch_size: int = 1000
     download: bool = False
     checkpoint_every: int = 1
+    data_fingerprint: str | None = None
 
     @classmethod
     def from_profile(cls, profile: str = "paper", **overrides) -> "TrainConfig":
@@ -223,6 +235,9 @@ class TrainConfig:
 
         for name in ("data_root", "results_dir", "checkpoint_dir"):
             path(name)
+        if self.data_fingerprint is not None and (not isinstance(self.data_fingerprint, str)
+                                                  or not _FINGERPRINT.match(self.data_fingerprint)):
+            fail("data_fingerprint", "None or 16 lower-case hex digits (sdlib.data.data_fingerprint of the data)")
         if not isinstance(self.device, str) or not (self.device == "auto" or _valid_device(self.device)):
             fail("device", "'auto', 'cpu', 'cuda', 'cuda:<index>' or another torch device name")
 
@@ -230,14 +245,32 @@ class TrainConfig:
         """All fields as a JSON-serializable dict (tuples become lists)."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
-    def config_hash(self) -> str:
-        """12 hex digits identifying what changes results (not seeds/chains/steps, paths, device, eval batch).
+    def hashed_fields(self) -> dict:
+        """The fields that enter :meth:`config_hash`, with the pipeline version (the data's fingerprint aside).
 
         teacher_bn, data_order and alpha_hat_bounds enter only when they differ from the behaviour the pipeline
         had before they existed ("eval", "reshuffle", [0, 1]), so configs written before keep their hash."""
         payload = {k: v for k, v in self.to_dict().items()
                    if k not in _NOT_HASHED and not (k in _HASHED_UNLESS and v == _HASHED_UNLESS[k])}
         payload["pipeline_version"] = _PIPELINE_VERSION
+        return payload
+
+    def resolved_data_fingerprint(self) -> str | None:
+        """``data_fingerprint`` if set, else :func:`sdlib.data.data_fingerprint` of ``data_root`` (None where
+        no CIFAR-10 is there). Reads and hashes the files once per process (about 1 s), then only stats them."""
+        if self.data_fingerprint is not None:
+            return self.data_fingerprint
+        from sdlib.data import data_fingerprint
+
+        return data_fingerprint(self.data_root)
+
+    def config_hash(self, data_fingerprint: str | None = None) -> str:
+        """12 hex digits identifying what changes results: the hashed fields (not seeds/chains/steps, paths,
+        device, eval batch) and the data's identity, ``data_fingerprint`` if given, else
+        :meth:`resolved_data_fingerprint` (None, hashed as such, where there are no data: no record of real data
+        matches it). Records and teachers are reused only under the same hash, so never across data."""
+        payload = self.hashed_fields()
+        payload["data"] = data_fingerprint if data_fingerprint is not None else self.resolved_data_fingerprint()
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
     @property

@@ -11,7 +11,8 @@ Algorithm 1) and ``"shared"``: the step-1 model of a seed, trained on the labels
 start of every chain of that seed. :func:`load_records` copies that shared record into step 1 of every chain,
 so that each chain's curve starts at the common model.
 
-Record schema (``records.jsonl``, one line per (seed, chain, step), rewritten atomically by the trainer):
+Record schema (``records.jsonl``, one line per (config_hash, seed, chain, step), appended by the trainer through
+:mod:`sdlib.store`; the readers here choose one config, and the last line of a key counts):
 
 ==================  =================================================================================
 seed, chain, step   the key; step 1 appears once per seed, as chain ``"shared"``
@@ -51,12 +52,11 @@ import json
 import math
 import os
 import re
-import warnings
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
+from sdlib import store
 from sdlib.records import (ALPHA_HAT_CHAIN, EPOCHS_FILE, PROBE_CHAIN, PROBE_EPOCHS_FILE, RECORDS_FILE, SHARED_CHAIN,
                            chain_name)
 
@@ -219,8 +219,10 @@ def no_results_message(results_dir: str | os.PathLike) -> str:
     return f"No results committed yet under {_display_path(Path(results_dir))}: {_HOW_TO_PRODUCE}."
 
 
-def _read_jsonl(results_dir: str | os.PathLike, filename: str, what: str) -> tuple[Path, list[dict]]:
-    """The JSON objects of ``results_dir/filename`` with their line numbers checked; clear errors otherwise."""
+def _read_jsonl(results_dir: str | os.PathLike, filename: str, what: str, skip_bad_lines: bool = False
+                ) -> tuple[Path, list[tuple[int, dict]]]:
+    """``(line_number, object)`` of ``results_dir/filename`` (:func:`sdlib.store.read_jsonl`: an unreadable line
+    raises naming the file and line unless ``skip_bad_lines``); clear errors for a missing folder or file."""
     if results_dir is None:
         raise ValueError(f"results_dir must be a directory holding {filename}, got None")
     directory = Path(results_dir)
@@ -237,18 +239,7 @@ def _read_jsonl(results_dir: str | os.PathLike, filename: str, what: str) -> tup
             f"no {filename} in results_dir {str(directory)!r}: expected {what} as written by "
             f"sdlib.train.run_chains; {_HOW_TO_PRODUCE}"
         )
-    objects = []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}, line {line_number}: not valid JSON ({error.msg})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}, line {line_number}: expected a JSON object, got {type(obj).__name__}")
-            objects.append((line_number, obj))
+    objects = store.read_jsonl(path, skip_bad_lines)
     if not objects:
         raise ValueError(f"{path} is empty: expected one JSON object per line ({what}); {_HOW_TO_PRODUCE}")
     return path, objects
@@ -334,12 +325,16 @@ def _ordered(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     return frame.reset_index(drop=True)
 
 
-def load_records(results_dir: str | os.PathLike, config_hash: str | None = None) -> pd.DataFrame:
-    """The step records of ``results_dir/records.jsonl`` as a DataFrame, one row per (seed, chain, step).
+def load_records(results_dir: str | os.PathLike, config_hash: str | None = None, profile: str | None = None,
+                 skip_bad_lines: bool = False) -> pd.DataFrame:
+    """The step records of one configuration in ``results_dir/records.jsonl`` as a DataFrame, one row per
+    (seed, chain, step).
 
-    ``config_hash`` keeps only the records of that configuration (ValueError if it has none). Without it,
-    records of several configurations (a file being rewritten by a run of another config) are all kept, with a
-    RuntimeWarning naming the hashes.
+    Which configuration (:func:`sdlib.store.select_config`): ``config_hash`` if given, else the newest one of
+    ``profile`` if given, else the newest (the one whose record was appended last); where the file holds
+    several, a RuntimeWarning names them all and the one read. Records are keyed by (config_hash, seed, chain,
+    step); where a key was recorded more than once (a step re-recorded after a crash), the last line counts.
+    ``skip_bad_lines`` skips unreadable lines (with a warning) instead of raising.
 
     The shared step-1 record of each seed (chain ``"shared"``) becomes step 1 of every chain of that seed:
     the chains seen for that seed plus those named in the shared record's ``config`` (``alphas``,
@@ -352,36 +347,20 @@ def load_records(results_dir: str | os.PathLike, config_hash: str | None = None)
     ``chain_alpha`` (the chain's fixed alpha, NaN for ``"alpha_hat"``) and ``from_shared``.
     Rows are sorted by chain (fixed alphas ascending, then ``"alpha_hat"``), seed, step.
 
-    Raises FileNotFoundError when the directory or its records.jsonl is missing, ValueError when the file
-    is empty or a line is malformed (not JSON, a missing or ill-typed field, an accuracy outside [0, 1],
-    step 1 under a chain other than ``"shared"``, or a (seed, chain, step) recorded twice).
+    Raises FileNotFoundError when the directory or its records.jsonl is missing; ValueError when the file
+    is empty, a line is unreadable (:class:`sdlib.store.UnreadableLineError`: file and line) or malformed (a
+    missing or ill-typed field, an accuracy outside [0, 1], step 1 under a chain other than ``"shared"``),
+    or the asked config is not there (:class:`sdlib.store.UnknownConfigError`, listing those present).
     """
-    if config_hash is not None and not isinstance(config_hash, str):
-        raise ValueError(f"config_hash must be a string such as '3f2a9c01be47' or None, got {config_hash!r}")
-    path, objects = _read_jsonl(results_dir, RECORDS_FILE, "one JSON record per (seed, chain, step)")
-    rows, seen = [], {}
-    for line_number, obj in objects:
-        where = f"{path}, line {line_number}"
-        row = _parse_record(obj, where)
-        if config_hash is not None and row["config_hash"] != config_hash:
-            continue
-        key = (row["seed"], row["chain"], row["step"])
-        if key in seen:
-            raise ValueError(
-                f"{where}: (seed, chain, step) = {key} already recorded on line {seen[key]}; "
-                "expected one record per (seed, chain, step)"
-            )
-        seen[key] = line_number
+    path, objects = _read_jsonl(results_dir, RECORDS_FILE, "one JSON record per (seed, chain, step)",
+                                skip_bad_lines)
+    chosen = store.select_config(objects, path, config_hash, profile)
+    rows = []
+    for line_number, obj in store.last_per_key([(n, o) for n, o in objects if o.get("config_hash") == chosen],
+                                               store.RECORD_KEY):
+        row = _parse_record(obj, f"{path}, line {line_number}")
         row["from_shared"] = False
         rows.append(row)
-
-    hashes = sorted({str(row["config_hash"]) for row in rows})
-    if config_hash is not None and not rows:
-        present = sorted({str(obj.get("config_hash")) for _, obj in objects})
-        raise ValueError(f"config_hash {config_hash!r} has no records in {path}; present: {present}")
-    if len(hashes) > 1:
-        warnings.warn(f"{path} mixes records of {len(hashes)} configurations (config_hash {hashes}); pass "
-                      "config_hash= to load_records to keep one", RuntimeWarning, stacklevel=2)
 
     expanded = [row for row in rows if row["chain"] != SHARED_CHAIN]
     for shared in (row for row in rows if row["chain"] == SHARED_CHAIN):
@@ -399,8 +378,14 @@ def load_records(results_dir: str | os.PathLike, config_hash: str | None = None)
     return _ordered(frame, ["seed", "step"])
 
 
-def load_epochs(results_dir: str | os.PathLike, probes: bool = False) -> pd.DataFrame:
-    """The per-epoch training curves of ``results_dir/epochs.jsonl``, one row per (seed, chain, step, epoch).
+def load_epochs(results_dir: str | os.PathLike, probes: bool = False, config_hash: str | None = None,
+                profile: str | None = None, skip_bad_lines: bool = False) -> pd.DataFrame:
+    """The per-epoch training curves of one configuration in ``results_dir/epochs.jsonl``, one row per
+    (seed, chain, step, epoch).
+
+    The configuration is chosen as in :func:`load_records` (``config_hash``, else the newest of ``profile``,
+    else the newest; a RuntimeWarning where the file holds several): curves of different configurations are
+    never mixed. Epoch lines without a profile (the old store's) take it from records.jsonl.
 
     Columns: seed, chain, step, epoch, then train_loss, val_acc, val_loss, test_acc, test_loss, lr,
     wall_time_s, images_per_s (NaN where null or absent) and config_hash (None where absent). The shared
@@ -411,9 +396,16 @@ def load_epochs(results_dir: str | os.PathLike, probes: bool = False) -> pd.Data
     if not isinstance(probes, bool):
         raise ValueError(f"probes must be True or False, got {probes!r}")
     filename = PROBE_EPOCHS_FILE if probes else EPOCHS_FILE
-    path, objects = _read_jsonl(results_dir, filename, "one JSON object per (seed, chain, step, epoch)")
-    rows, seen = [], {}
-    for line_number, obj in objects:
+    path, objects = _read_jsonl(results_dir, filename, "one JSON object per (seed, chain, step, epoch)",
+                                skip_bad_lines)
+    profiles = {}
+    if profile is not None and (Path(results_dir) / RECORDS_FILE).is_file():
+        profiles = {r.get("config_hash"): r.get("profile")
+                    for _, r in store.read_jsonl(Path(results_dir) / RECORDS_FILE, skip_bad_lines=True)}
+    chosen = store.select_config(objects, path, config_hash, profile, profiles=profiles)
+    rows = []
+    for line_number, obj in store.last_per_key([(n, o) for n, o in objects if o.get("config_hash") == chosen],
+                                               store.EPOCH_KEY):
         where = f"{path}, line {line_number}"
         missing = [field for field in _EPOCH_REQUIRED if field not in obj]
         if missing:
@@ -434,13 +426,7 @@ def load_epochs(results_dir: str | os.PathLike, probes: bool = False) -> pd.Data
         row["config_hash"] = obj.get("config_hash")
         for field in ("val_acc", "test_acc"):
             _check_fraction(row[field], field, where)
-        key = (row["seed"], row["chain"], row["step"], row["epoch"])
-        if key in seen:
-            # A resumed step may rewrite its epochs; the later line is the one that counts.
-            rows[seen[key]] = row
-        else:
-            seen[key] = len(rows)
-            rows.append(row)
+        rows.append(row)
     return _ordered(pd.DataFrame(rows), ["seed", "step", "epoch"])
 
 
@@ -453,7 +439,8 @@ def _images_per_epoch(config, data) -> float:
     return float(n_train // batch * batch)
 
 
-def training_runs(results_dir: str | os.PathLike, max_gap_s: float = 60.0) -> pd.DataFrame:
+def training_runs(results_dir: str | os.PathLike, max_gap_s: float = 60.0, config_hash: str | None = None,
+                  profile: str | None = None) -> pd.DataFrame:
     """The wall-clock runs behind ``results_dir``: how long the models took together, and at what throughput.
 
     Each trained model occupies the interval ``[end - wall_time_s, end]``, ``end`` being its record's
@@ -470,12 +457,15 @@ def training_runs(results_dir: str | os.PathLike, max_gap_s: float = 60.0) -> pd
     """
     if isinstance(max_gap_s, bool) or not isinstance(max_gap_s, (int, float)) or not max_gap_s >= 0:
         raise ValueError(f"max_gap_s must be a number of seconds >= 0, got {max_gap_s!r}")
-    records = load_records(results_dir)
+    records = load_records(results_dir, config_hash=config_hash, profile=profile)
     # One row per trained model: the shared step-1 record was copied into every chain of its seed.
     models = records[~records["from_shared"] | ~records.duplicated(["seed", "step"])]
     probe_time, probe_epochs = {}, {}
-    if (Path(results_dir) / PROBE_EPOCHS_FILE).is_file():
-        probes = load_epochs(results_dir, probes=True)
+    chosen = records["config_hash"].iloc[0]
+    probe_hashes = {line.get("config_hash")
+                    for _, line in store.read_jsonl(Path(results_dir) / PROBE_EPOCHS_FILE, skip_bad_lines=True)}
+    if chosen in probe_hashes or probe_hashes == {None}:  # {None}: lines that name no config (one config only)
+        probes = load_epochs(results_dir, probes=True, config_hash=chosen if chosen in probe_hashes else None)
         grouped = probes.groupby(["seed", "step"])
         probe_time = grouped["wall_time_s"].sum().to_dict()
         probe_epochs = grouped["epoch"].count().to_dict()

@@ -189,6 +189,25 @@ def atomic_torch_save(obj, path: Path) -> None:
     write_atomically(path, lambda handle: torch.save(obj, handle), binary=True)
 
 
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file that torch cannot read; the message names it and says to delete it."""
+
+
+def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    """``torch.load`` of a checkpoint written by :func:`atomic_torch_save`; an unreadable one (truncated, not
+    a torch file) raises :class:`CorruptCheckpointError` naming the path and what to delete."""
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        if not isinstance(checkpoint, dict):
+            raise TypeError(f"expected a dict, got {type(checkpoint).__name__}")
+    except Exception as error:  # RuntimeError (zip), EOFError, UnpicklingError, ...
+        raise CorruptCheckpointError(
+            f"checkpoint {str(path)!r} is unreadable ({type(error).__name__}: {str(error)[:200]}). Delete it "
+            f"(rm {str(path)!r}) and run again: the step it belongs to is trained again from its last readable "
+            f"checkpoint, or from the start") from None
+    return checkpoint
+
+
 def cpu_state(module_or_optimizer) -> dict:
     return _to_cpu(module_or_optimizer.state_dict())
 
@@ -302,7 +321,7 @@ def distill_step(config: TrainConfig, data, *, seed: int, step: int, alpha: floa
     state_path = Path(state_path) if state_path is not None else None
     state = None
     if state_path is not None and state_path.is_file():
-        state = torch.load(state_path, map_location=device, weights_only=True)
+        state = load_checkpoint(state_path, map_location=device)
         if (state["seed"], state["chain"], state["step"], state["alpha"]) != (seed, chain, step, float(alpha)):
             warnings.warn(f"ignoring {state_path}: it holds seed={state['seed']}, chain={state['chain']!r}, "
                           f"step={state['step']}, alpha={state['alpha']}, not this step's", RuntimeWarning)

@@ -24,6 +24,7 @@ import torch.nn.functional as F  # noqa: E402
 import torchvision  # noqa: E402
 
 from sdlib import chains, train  # noqa: E402
+from sdlib.store import ResultsStore  # noqa: E402
 from sdlib import results as results_module  # noqa: E402
 from sdlib import step as step_module  # noqa: E402
 from sdlib.config import ORDER, derive_seed  # noqa: E402
@@ -277,8 +278,10 @@ def _hash_before_the_protocol_fields(config: TrainConfig) -> str:
 
     payload = {k: v for k, v in config.to_dict().items() if k not in NEW_CONFIG_FIELDS
                and k not in ("profile", "seeds", "steps", "alphas", "include_alpha_hat", "data_root", "results_dir",
-                             "checkpoint_dir", "device", "eval_batch_size", "download", "checkpoint_every")}
+                             "checkpoint_dir", "device", "eval_batch_size", "download", "checkpoint_every",
+                             "data_fingerprint")}
     payload["pipeline_version"] = 1
+    payload["data"] = config.resolved_data_fingerprint()  # the data's identity, in the hash since the store
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -429,7 +432,8 @@ def test_alpha_hat_unconstrained_and_used(bounds, tmp_path):
     alpha_hat_bounds (None: not clipped), from one-hot validation labels and the step-1 and probe outputs."""
     config = TrainConfig(seeds=(0,), steps=2, alphas=(), alpha_hat_bounds=bounds, device="cpu",
                          results_dir=str(tmp_path / "r"), checkpoint_dir=str(tmp_path / "c"))
-    runner = chains._ChainRunner(config, torch.device("cpu"), progress=False, callback=None)
+    runner = chains._ChainRunner(config, torch.device("cpu"), progress=False, callback=None,
+                                 store=ResultsStore(config.results_dir), config_hash="0" * 12)
     rng = np.random.default_rng(0)
     y = rng.integers(0, 10, size=30)
     onehot = np.eye(10)[y]
@@ -501,9 +505,9 @@ def test_cli_protocol_options(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for words in ("official: the authors' code as it ran", "paper and fast: eval, official: train",
-                  "paper and fast: reshuffle, official: fixed", "paper: none, official and fast: 0 1",
-                  "official: 0 = train on all"):
+    for words in ("official: the authors' code as it ran", "paper eval, official train, fast eval",
+                  "paper reshuffle, official fixed, fast reshuffle", "paper none, official 0,1, fast 0,1",
+                  "0 trains on all of it", "paper 5000, official 0, fast 5000"):
         assert words in text, words
 
 
