@@ -259,18 +259,20 @@ def _kernel_params(kernel) -> tuple[str, ...]:
     return ()
 
 
-def _check_psd(K: np.ndarray, eigenvalues: np.ndarray | None = None) -> None:
-    """Raise KernelError unless K is symmetric PSD within PSD_RTOL (see the module constant)."""
+def _check_symmetric(K: np.ndarray) -> None:
+    """Raise KernelError unless max|K - K^T| <= PSD_RTOL max|K|."""
     scale = float(np.abs(K).max())
     asymmetry = float(np.abs(K - K.T).max())
     if asymmetry > PSD_RTOL * scale:
         raise KernelError(f"the kernel's Gram matrix is not symmetric: max|K - K^T| = {asymmetry:.3g} against "
                           f"max|K| = {scale:.3g} (tolerance {PSD_RTOL:g} relative); a kernel must satisfy "
                           f"k(a, b) = k(b, a)")
-    if eigenvalues is None:
-        eigenvalues = scipy.linalg.eigvalsh(0.5 * (K + K.T), driver="evd", check_finite=False)
+
+
+def _check_spectrum(eigenvalues: np.ndarray) -> None:
+    """Raise KernelError if the most negative eigenvalue is below -PSD_RTOL times the largest."""
     largest, smallest = float(np.max(eigenvalues)), float(np.min(eigenvalues))
-    if smallest < -PSD_RTOL * max(largest, 0.0) or largest < 0:
+    if smallest < -PSD_RTOL * max(largest, 0.0):
         raise KernelError(f"the kernel's Gram matrix is not positive semi-definite: its most negative eigenvalue "
                           f"is {smallest:.6g} against a largest eigenvalue of {largest:.6g} (tolerance "
                           f"{PSD_RTOL:g} relative). The closed form assumes a positive semi-definite kernel "
@@ -378,13 +380,13 @@ class SelfDistillation(RegressorMixin, BaseEstimator):
         for name in ("eigenvalues_", "eigenvectors_", "projected_targets_", "_cholesky", "_spectrum"):
             self.__dict__.pop(name, None)  # nothing from an earlier fit survives
         K = self._gram(X, X)
-        if callable(self.kernel) and solver == "cholesky":
-            _check_psd(K)
+        if callable(self.kernel):  # built-in kernels are symmetric PSD by construction
+            _check_symmetric(K)
+            if solver == "cholesky":  # the spectrum, values only; eigh below has it anyway
+                _check_spectrum(scipy.linalg.eigvalsh(K, driver="evd", check_finite=False))
         Y = y if y.ndim == 2 else y[:, None]
         if solver == "eigh":
             K = 0.5 * (K + K.T)  # exact symmetry for eigh
-            if callable(self.kernel):
-                _check_psd(K, eigenvalues=None)
             try:
                 eigenvalues, eigenvectors = scipy.linalg.eigh(K, driver="evd", overwrite_a=True, check_finite=False)
             except np.linalg.LinAlgError:
@@ -393,6 +395,8 @@ class SelfDistillation(RegressorMixin, BaseEstimator):
             eigenvalues, eigenvectors = eigenvalues[::-1], eigenvectors[:, ::-1]  # descending
             if not np.all(np.isfinite(eigenvalues)):
                 raise KernelError("the Gram matrix's eigenvalues overflowed float64; standardize the features")
+            if callable(self.kernel):
+                _check_spectrum(eigenvalues)
             # A PSD kernel has no negative eigenvalues; round-off ones are zeros.
             self.eigenvalues_ = np.clip(eigenvalues, 0.0, None)
             self.eigenvectors_ = np.ascontiguousarray(eigenvectors)
