@@ -218,12 +218,14 @@ def kernel_matrix(A, B, kernel: Kernel = "rbf", gamma: float = 1.0, degree: int 
             sq = euclidean_distances(A, B, squared=True)
             if not np.all(np.isfinite(sq)):
                 raise _overflow("rbf", "squared distances between the inputs exceed the float64 range")
-            return np.exp(-gamma * sq)
+            sq *= -gamma  # in place: the Gram matrix is the largest array of a fit
+            return np.exp(sq, out=sq)
         if kernel == "laplacian":
             dist = cdist(A, B, "cityblock")
             if not np.all(np.isfinite(dist)):
                 raise _overflow("laplacian", "L1 distances between the inputs exceed the float64 range")
-            return np.exp(-gamma * dist)
+            dist *= -gamma
+            return np.exp(dist, out=dist)
         if kernel == "polynomial":
             G = (gamma * (A @ B.T) + coef0) ** degree
             if not np.all(np.isfinite(G)):
@@ -238,9 +240,12 @@ def kernel_matrix(A, B, kernel: Kernel = "rbf", gamma: float = 1.0, degree: int 
     raise ValueError(f"kernel must be one of {KERNELS} or a callable k(A, B) -> Gram, got {kernel!r}")
 
 
-def _check_kernel(kernel, gamma, degree, coef0) -> None:
+def _check_kernel(kernel, gamma, degree, coef0, precomputed_ok: bool = False) -> None:
+    if precomputed_ok and isinstance(kernel, str) and kernel == "precomputed":
+        return
     if not callable(kernel) and kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS} or a callable k(A, B) -> Gram, got {kernel!r}")
+        extra = ', "precomputed"' if precomputed_ok else ""
+        raise ValueError(f"kernel must be one of {KERNELS}{extra} or a callable k(A, B) -> Gram, got {kernel!r}")
     if kernel in ("rbf", "laplacian", "polynomial"):
         _check_positive("gamma", gamma)
     if kernel == "polynomial":
@@ -298,9 +303,11 @@ class SelfDistillation(RegressorMixin, BaseEstimator):
 
     Parameters
     ----------
-    kernel : {"rbf", "laplacian", "polynomial", "linear"} or callable ``k(A, B) -> Gram``
+    kernel : {"rbf", "laplacian", "polynomial", "linear", "precomputed"} or callable ``k(A, B) -> Gram``
         A callable must give a symmetric positive semi-definite Gram matrix; fit checks it (:class:`KernelError`
-        names the most negative eigenvalue otherwise).
+        names the most negative eigenvalue otherwise). ``"precomputed"``: fit takes the (n, n) Gram matrix of
+        the training points as X (checked the same way) and predict an (m, n) matrix of kernel values between
+        new points and the training points (one Gram matrix shared by many fits: label sets, noise levels).
     gamma : float > 0
         Kernel width (rbf, laplacian) or scale (polynomial).
     lam : float > 0
@@ -314,8 +321,11 @@ class SelfDistillation(RegressorMixin, BaseEstimator):
         See the module docstring: both are exact; "auto" is "eigh" for n <= AUTO_EIGH_MAX_N, else "cholesky".
 
     All parameters are validated in :meth:`fit` (scikit-learn's convention), so ``GridSearchCV`` can search
-    lam, gamma, step and alpha. Changing kernel, its parameters or lam after fit makes the next prediction
-    raise :class:`StaleFitError` (fit again); step and alpha may be changed freely.
+    lam, gamma, step and alpha. Changing the kernel or its parameters after fit makes the next prediction
+    raise :class:`StaleFitError` (fit again); so does lam with solver "cholesky" (the factor depends on it).
+    With solver "eigh" lam may be changed after fit (``set_params(lam=...)``): the eigendecomposition does not
+    depend on it, so the next query uses the new value exactly (validated), at O(n^2 k) instead of a refit —
+    a lambda sweep. step and alpha may always be changed.
 
     Attributes (after :meth:`fit`)
     ------------------------------
@@ -349,23 +359,46 @@ class SelfDistillation(RegressorMixin, BaseEstimator):
         tags = super().__sklearn_tags__()
         tags.target_tags.multi_output = True
         tags.target_tags.single_output = True
+        tags.input_tags.pairwise = isinstance(self.kernel, str) and self.kernel == "precomputed"
         return tags
 
     # -- fitting --------------------------------------------------------------------------------------------
+    def _precomputed(self) -> bool:
+        return isinstance(self.kernel, str) and self.kernel == "precomputed"
+
     def _gram(self, A: np.ndarray, B: np.ndarray) -> np.ndarray:
+        if self._precomputed():
+            return A  # validated kernel values between the query points and the training points
         return kernel_matrix(A, B, self.kernel, gamma=self.gamma, degree=self.degree, coef0=self.coef0)
 
+    def _query(self, name: str, X) -> np.ndarray:
+        """Validated query points X (m, d), or (precomputed) kernel values (m, n) against the training points."""
+        X = _as_features(name, X, n_features=None if self._precomputed() else self.n_features_in_)
+        if self._precomputed() and X.shape[1] != self.n_features_in_:
+            raise ValueError(f"{name} must hold kernel values against the {self.n_features_in_} training points "
+                             f"(kernel='precomputed'): expected shape (m, {self.n_features_in_}), got {X.shape}")
+        return X
+
     def _factor_params(self) -> dict:
-        return {name: getattr(self, name) for name in ("kernel", "lam", *_kernel_params(self.kernel))}
+        names = ("kernel", *_kernel_params(self.kernel))
+        if getattr(self, "solver_", None) != "eigh":
+            names += ("lam",)  # the Cholesky factor is of K + lam I; the eigendecomposition is of K alone
+        return {name: getattr(self, name) for name in names}
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return hasattr(self, "solver_")
 
     def fit(self, X, y) -> "SelfDistillation":
         """Factor the Gram matrix of X (n,) or (n, d) once; y: (n,) or (n, k) targets (k outputs)."""
         lam = _check_positive("lam", self.lam)
-        _check_kernel(self.kernel, self.gamma, self.degree, self.coef0)
+        _check_kernel(self.kernel, self.gamma, self.degree, self.coef0, precomputed_ok=True)
         step = _check_step(self.step)
         _check_alpha(self.alpha, step)
         solver = _check_solver(self.solver)
         X = _as_features("X", X)
+        if self._precomputed() and X.shape[0] != X.shape[1]:
+            raise ValueError(f"X must be the square (n, n) Gram matrix of the training points for "
+                             f"kernel='precomputed', got shape {X.shape}")
         y = _as_targets("y", y, X.shape[0])
         n = X.shape[0]
         if solver == "auto":
@@ -379,8 +412,9 @@ class SelfDistillation(RegressorMixin, BaseEstimator):
 
         for name in ("eigenvalues_", "eigenvectors_", "projected_targets_", "_cholesky", "_spectrum"):
             self.__dict__.pop(name, None)  # nothing from an earlier fit survives
-        K = self._gram(X, X)
-        if callable(self.kernel):  # built-in kernels are symmetric PSD by construction
+        K = np.array(X) if self._precomputed() else self._gram(X, X)
+        user_kernel = callable(self.kernel) or self._precomputed()
+        if user_kernel:  # built-in kernels are symmetric PSD by construction
             _check_symmetric(K)
             if solver == "cholesky":  # the spectrum, values only; eigh below has it anyway
                 _check_spectrum(scipy.linalg.eigvalsh(K, driver="evd", check_finite=False))
@@ -395,7 +429,7 @@ class SelfDistillation(RegressorMixin, BaseEstimator):
             eigenvalues, eigenvectors = eigenvalues[::-1], eigenvectors[:, ::-1]  # descending
             if not np.all(np.isfinite(eigenvalues)):
                 raise KernelError("the Gram matrix's eigenvalues overflowed float64; standardize the features")
-            if callable(self.kernel):
+            if user_kernel:
                 _check_spectrum(eigenvalues)
             # A PSD kernel has no negative eigenvalues; round-off ones are zeros.
             self.eigenvalues_ = np.clip(eigenvalues, 0.0, None)
@@ -416,6 +450,8 @@ class SelfDistillation(RegressorMixin, BaseEstimator):
     def _check_fitted(self) -> None:
         if not hasattr(self, "solver_"):
             raise NotFittedError("this SelfDistillation is not fitted yet: call fit(X, y) before predict/damping")
+        if self.solver_ == "eigh":
+            _check_positive("lam", self.lam)  # may have changed since fit: exact with the new value
         current = self._factor_params()
         for name, fitted in self._fitted_params.items():
             now = current.get(name)
@@ -485,6 +521,24 @@ class SelfDistillation(RegressorMixin, BaseEstimator):
         P = self.projected_targets_
         return P if P.ndim == 2 else P[:, None]
 
+    def _phi_is_cheaper(self, m: int, queries: int) -> bool:
+        """Whether K_new V (m n^2 flops, once) beats a dual product V (s P) per query (n^2 k each)."""
+        n, k = self._Y.shape
+        return m * n * n + queries * m * n * k < queries * (n * n * k + m * n * k)
+
+    def _eigh_outputs(self, K_new: np.ndarray, scalings, phi: np.ndarray | None = None) -> np.ndarray:
+        """(len(scalings), m, k): K_new V (s * V^T Y) for each (n,) dual scaling s, by the cheaper order."""
+        P = self._projected()
+        S = np.stack(scalings)  # (q, n)
+        if phi is None and not self._phi_is_cheaper(K_new.shape[0], len(S)):
+            # Dual coefficients of all queries in one product, then one product with K_new.
+            coefs = self.eigenvectors_ @ (S.T[:, :, None] * P[:, None, :]).reshape(len(P), -1)  # (n, q k)
+            out = K_new @ coefs  # (m, q k)
+            return out.reshape(K_new.shape[0], len(S), P.shape[1]).transpose(1, 0, 2)
+        if phi is None:
+            phi = K_new @ self.eigenvectors_
+        return np.stack([phi @ (s[:, None] * P) for s in S])
+
     # -- the chain (cholesky) -------------------------------------------------------------------------------
     def _solve(self, Z: np.ndarray) -> np.ndarray:
         return scipy.linalg.cho_solve(self._cholesky, Z, check_finite=False)
@@ -506,7 +560,7 @@ class SelfDistillation(RegressorMixin, BaseEstimator):
         """Dual coefficients of the limit, ridge regression with lam / alpha (cholesky: one more factor)."""
         if alpha == 0.0:
             return np.zeros_like(self._Y)
-        K = self._gram(self.X_fit_, self.X_fit_)
+        K = np.array(self._gram(self.X_fit_, self.X_fit_))  # a copy: X_fit_ is the Gram matrix if precomputed
         K[np.diag_indices_from(K)] += self.lam / alpha
         return scipy.linalg.cho_solve(_factor(K, "K + (lam / alpha) I"), self._Y, check_finite=False)
 
@@ -548,7 +602,7 @@ class SelfDistillation(RegressorMixin, BaseEstimator):
             constructor's ``alpha``.
         """
         self._check_fitted()
-        X = _as_features("X", X, n_features=self.n_features_in_)
+        X = self._query("X", X)
         step, alpha = self._step_alpha(step, alpha)
         return self._output(self._gram(X, self.X_fit_) @ self._coef(step, alpha))
 
@@ -570,14 +624,13 @@ class SelfDistillation(RegressorMixin, BaseEstimator):
         (m, n) x (n, n) product plus O(steps n m k); cholesky: one solve per step. alpha: as :meth:`predict`.
         """
         self._check_fitted()
-        X = _as_features("X", X, n_features=self.n_features_in_)
+        X = self._query("X", X)
         _check_steps(steps)
         alpha = _check_alpha(self.alpha if alpha is None else alpha, steps)
         if self.solver_ == "eigh":
-            phi = self._gram(X, self.X_fit_) @ self.eigenvectors_
-            P = self._projected()
-            out = np.stack([phi @ (self._dual_scaling(t, alpha if isinstance(alpha, float) else alpha[: t - 1])[:, None]
-                                   * P) for t in range(1, steps + 1)])
+            scalings = [self._dual_scaling(t, alpha if isinstance(alpha, float) else alpha[: t - 1])
+                        for t in range(1, steps + 1)]
+            out = self._eigh_outputs(self._gram(X, self.X_fit_), scalings)
         else:
             K_new = self._gram(X, self.X_fit_)
             out = np.stack([K_new @ coef for coef in self._chain_coefs(steps, alpha)])
@@ -590,7 +643,7 @@ class SelfDistillation(RegressorMixin, BaseEstimator):
         per step, one multi-right-hand-side solve for all alphas (and all outputs).
         """
         self._check_fitted()
-        X = _as_features("X", X, n_features=self.n_features_in_)
+        X = self._query("X", X)
         _check_steps(steps)
         alphas = np.asarray(alphas, dtype=np.float64)
         if alphas.ndim != 1 or alphas.size == 0 or not np.all(np.isfinite(alphas)):
@@ -600,11 +653,8 @@ class SelfDistillation(RegressorMixin, BaseEstimator):
         n, k = Y.shape
         out = np.empty((alphas.size, steps, X.shape[0], k))
         if self.solver_ == "eigh":
-            phi = K_new @ self.eigenvectors_
-            P = self._projected()
-            for i, alpha in enumerate(alphas):
-                for t in range(1, steps + 1):
-                    out[i, t - 1] = phi @ (self._dual_scaling(t, float(alpha))[:, None] * P)
+            scalings = [self._dual_scaling(t, float(alpha)) for alpha in alphas for t in range(1, steps + 1)]
+            out[:] = self._eigh_outputs(K_new, scalings).reshape(out.shape)
             return self._output(out)
         # Columns grouped by alpha: (n, n_alphas * k).
         weights = np.repeat(alphas, k)
@@ -630,7 +680,7 @@ class SelfDistillation(RegressorMixin, BaseEstimator):
         constrained optimum; ``bounds=None`` keeps the unconstrained least-squares solution.
         """
         self._check_fitted()
-        X_val = _as_features("X_val", X_val, n_features=self.n_features_in_)
+        X_val = self._query("X_val", X_val)
         y_val = _as_targets("y_val", y_val, X_val.shape[0])
         Y_val = y_val if y_val.ndim == 2 else y_val[:, None]
         if Y_val.shape[1] != self._Y.shape[1]:
@@ -640,14 +690,15 @@ class SelfDistillation(RegressorMixin, BaseEstimator):
         alphas = np.empty(steps - 1)
         K_val = self._gram(X_val, self.X_fit_)
         if self.solver_ == "eigh":
-            # Validation outputs of any step are Phi @ (scaling * V^T y): compute Phi once.
-            phi = K_val @ self.eigenvectors_
-            scaled = self._projected() / (self.eigenvalues_ + self.lam)[:, None]
-            f1 = phi @ scaled
+            # Validation outputs of any step are K_val V (scaling * V^T y); the eigenbasis product K_val V is
+            # formed once where that is cheaper than a dual product per step (_eigh_outputs' rule).
+            denominator = self.eigenvalues_ + self.lam
+            phi = K_val @ self.eigenvectors_ if self._phi_is_cheaper(K_val.shape[0], steps) else None
+            f1 = self._eigh_outputs(K_val, [1.0 / denominator], phi=phi)[0]
             a = self._shrinkage(self.eigenvalues_)
             b = a.copy()  # B(1)
             for i in range(steps - 1):
-                g = phi @ (b[:, None] * scaled)  # alpha = 0 step from the current fit
+                g = self._eigh_outputs(K_val, [b / denominator], phi=phi)[0]  # alpha = 0 step from the current fit
                 alphas[i] = least_squares_alpha(Y_val, f1, g, bounds=bounds)
                 b = a * ((1.0 - alphas[i]) * b + alphas[i])
             return alphas

@@ -289,14 +289,58 @@ def test_changed_hyperparameter_after_fit_never_uses_stale_factors(solver):
     np.testing.assert_allclose(refit, SelfDistillation(gamma=2.0, lam=0.2).fit(X, y).predict(X_new, step=3, alpha=0.5),
                                atol=1e-10)
     assert np.abs(refit - before).max() > 1e-3
-    sd.lam = -1
-    with pytest.raises(StaleFitError, match="lam was changed after fit"):
+    sd.lam = -1  # the failure: not rejected
+    with pytest.raises(StaleFitError if solver == "cholesky" else ValueError, match="lam"):
         sd.predict(X_new)
     with pytest.raises(ValueError, match="lam must be a finite number > 0"):
         sd.fit(X, y)
     sd.set_params(lam=0.2, kernel="laplacian")
     with pytest.raises(StaleFitError, match="kernel was changed"):
         sd.predict(X_new)
+
+
+def test_eigh_lambda_sweep_after_fit_is_exact_and_cholesky_refuses_it():
+    """With eigh, lam is not part of the factors: a new lam after fit answers exactly like a refit."""
+    X, y, X_new = problem(k=2, seed=12)
+    X_val, y_val, _ = problem(n=20, k=2, seed=13)
+    sd = SelfDistillation(gamma=0.5, lam=0.2, solver="eigh").fit(X, y)
+    for lam in (0.01, 3.0):
+        sd.set_params(lam=lam)
+        fresh = SelfDistillation(gamma=0.5, lam=lam, solver="cholesky").fit(X, y)
+        np.testing.assert_allclose(sd.predict(X_new, step=4, alpha=0.3), fresh.predict(X_new, step=4, alpha=0.3),
+                                   atol=1e-9)
+        np.testing.assert_allclose(sd.predict(X_new, step=math.inf, alpha=0.3),
+                                   fresh.predict(X_new, step=math.inf, alpha=0.3), atol=1e-9)
+        np.testing.assert_allclose(sd.optimal_alphas(X_val, y_val, 4), fresh.optimal_alphas(X_val, y_val, 4), atol=1e-8)
+    chol = SelfDistillation(gamma=0.5, lam=0.2, solver="cholesky").fit(X, y)
+    chol.set_params(lam=0.3)
+    with pytest.raises(StaleFitError, match=r"lam was changed after fit \(fitted with 0.2, now 0.3\)"):
+        chol.predict(X_new)
+
+
+@pytest.mark.parametrize("solver", ["eigh", "cholesky"])
+def test_precomputed_kernel_equals_the_builtin_one(solver):
+    X, y, X_new = problem(k=3, seed=14)
+    X_val, y_val, _ = problem(n=20, k=3, seed=15)
+    params = dict(kernel="polynomial", gamma=0.3, degree=2, coef0=1.0)
+    builtin = SelfDistillation(lam=0.1, solver=solver, **params).fit(X, y)
+    gram = lambda A, B: krr.kernel_matrix(A, B, **params)  # noqa: E731
+    pre = SelfDistillation(kernel="precomputed", lam=0.1, solver=solver).fit(gram(X, X), y)
+    K_new = gram(X_new, X)
+    for step, alpha in [(1, None), (4, 0.3), (math.inf, 0.5)]:
+        np.testing.assert_allclose(pre.predict(K_new, step=step, alpha=alpha),
+                                   builtin.predict(X_new, step=step, alpha=alpha), atol=1e-10)
+    np.testing.assert_allclose(pre.predict_chains(K_new, 4, [0.0, 0.6]), builtin.predict_chains(X_new, 4, [0.0, 0.6]),
+                               atol=1e-10)
+    np.testing.assert_allclose(pre.optimal_alphas(gram(X_val, X), y_val, 4), builtin.optimal_alphas(X_val, y_val, 4),
+                               atol=1e-9)
+    np.testing.assert_allclose(pre.damping(3, 0.5), builtin.damping(3, 0.5), atol=1e-10)
+    with pytest.raises(ValueError, match=r"X must be the square \(n, n\) Gram matrix"):
+        SelfDistillation(kernel="precomputed").fit(X, y)
+    with pytest.raises(ValueError, match=r"expected shape \(m, 40\)"):
+        pre.predict(X_new)
+    with pytest.raises(KernelError, match="not positive semi-definite"):
+        SelfDistillation(kernel="precomputed", solver=solver).fit(tanh_kernel(X, X), y)
 
 
 @pytest.mark.parametrize("solver", ["eigh", "cholesky"])
