@@ -8,7 +8,7 @@ test points (rbf kernel), three ways:
   baseline   the best explicit implementation: one Gram matrix and one Cholesky factor of K + lam I, then per
              step one multi-right-hand-side solve for all 11 alphas, fitted values from K c = z - lam c;
   ours       ``SelfDistillation(solver="auto").fit(X, y).predict_chains(X_new, 50, alphas)`` (fit included):
-             "auto" is the eigendecomposition for n <= 1000 and the Cholesky factor above;
+             "auto" is the eigendecomposition for n <= 300 and the Cholesky factor above;
   eigh       the same with ``solver="eigh"`` (one eigendecomposition; the spectrum's price, for reference).
 
 Ours and the baseline are timed best of ``--repeat`` alternating runs; sklearn and eigh once.

@@ -22,9 +22,10 @@ Two exact solvers (``SelfDistillation(solver=...)``):
     once, one multi-right-hand-side solve per step. The spectrum (``damping``) is computed on first use with
     ``eigvalsh`` (values only); the limit ``step=math.inf`` factors :math:`K + (\lambda/\alpha) I` once more.
 ``"auto"`` (default)
-    ``"eigh"`` for n <= :data:`AUTO_EIGH_MAX_N` (1000: it costs under a second and gives the spectrum, which the
-    theory chapters read as ``eigenvalues_``), ``"cholesky"`` above (where a fixed grid of queries is the
-    common use and the factor is ten times cheaper). ``solver_`` says what was used.
+    ``"eigh"`` for n <= :data:`AUTO_EIGH_MAX_N` (300: milliseconds either way, and the spectrum comes with it,
+    which the theory chapters read as ``eigenvalues_``), ``"cholesky"`` above (the factor is about ten times
+    cheaper, and a fixed grid of queries is the common use). ``solver_`` says what was used; ask for
+    ``"eigh"`` explicitly for lambda sweeps (``set_params(lam=...)`` after fit) and many limit queries.
 
 Both are exact for any positive semi-definite Gram matrix, singular ones included: the eigh path computes
 :math:`D^{-1}B^{(t)} = (D+\lambda I)^{-1}((1-\alpha)B^{(t-1)} + \alpha I)`, which never divides by an
@@ -59,8 +60,9 @@ __all__ = [
 
 KERNELS = ("rbf", "laplacian", "polynomial", "linear")
 SOLVERS = ("auto", "eigh", "cholesky")
-# solver="auto" uses the eigendecomposition up to this many training points, the Cholesky factor above.
-AUTO_EIGH_MAX_N = 1000
+# solver="auto" uses the eigendecomposition up to this many training points (a few milliseconds either way, and
+# the spectrum comes with it), the Cholesky factor above (ten times cheaper than the eigendecomposition).
+AUTO_EIGH_MAX_N = 300
 # fit warns (LargeFitWarning) above this many training points, with its memory and time estimate.
 LARGE_N_WARNING = 10_000
 # A Gram matrix counts as symmetric positive semi-definite if max|K - K^T| <= PSD_RTOL * max|K| and its most
@@ -286,7 +288,7 @@ def _check_spectrum(eigenvalues: np.ndarray) -> None:
 
 def _factor(regularized: np.ndarray, what: str):
     """Lower Cholesky factor of ``regularized`` (overwritten), or a KernelError instead of LinAlgError."""
-    largest = float(np.abs(regularized).max())
+    largest = float(np.abs(np.diagonal(regularized)).max())  # the largest entry of a PSD matrix is on its diagonal
     try:
         return scipy.linalg.cho_factor(regularized, lower=True, overwrite_a=True, check_finite=False)
     except np.linalg.LinAlgError:
@@ -318,7 +320,8 @@ class SelfDistillation(RegressorMixin, BaseEstimator):
     alpha : float, sequence of step - 1 floats, or None
         The mixing weight :meth:`predict` uses when called without one (required for step > 1).
     solver : {"auto", "eigh", "cholesky"}
-        See the module docstring: both are exact; "auto" is "eigh" for n <= AUTO_EIGH_MAX_N, else "cholesky".
+        See the module docstring: both are exact; "auto" is "eigh" for n <= AUTO_EIGH_MAX_N (300), else
+        "cholesky".
 
     All parameters are validated in :meth:`fit` (scikit-learn's convention), so ``GridSearchCV`` can search
     lam, gamma, step and alpha. Changing the kernel or its parameters after fit makes the next prediction

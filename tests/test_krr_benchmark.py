@@ -13,7 +13,7 @@ def test_krr_scaling_runs_and_reports(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "krr.json"
-    returned = bench.main(["--sizes", "60", "1100", "--steps", "4", "--sklearn-steps", "2", "--sklearn-alphas", "2",
+    returned = bench.main(["--sizes", "60", "400", "--steps", "4", "--sklearn-steps", "2", "--sklearn-alphas", "2",
                            "--repeat", "1", "--threads", "1", "--no-eigh", "--out", str(out)])
     written = json.loads(out.read_text())
     assert written == json.loads(json.dumps(returned))
