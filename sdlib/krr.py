@@ -413,8 +413,9 @@ class SelfDistillation(RegressorMixin, BaseEstimator):
                           f"{memory_gb:.1f} GB of memory and of the order of {minutes:.0f} min on a 2-core CPU "
                           f"(both grow as n^2 and n^3); subsample for a quick look", LargeFitWarning, stacklevel=2)
 
-        for name in ("eigenvalues_", "eigenvectors_", "projected_targets_", "_cholesky", "_spectrum"):
-            self.__dict__.pop(name, None)  # nothing from an earlier fit survives
+        for name in ("solver_", "_fitted_params", "X_fit_", "n_features_in_", "_Y", "_y_1d", "eigenvalues_",
+                     "eigenvectors_", "projected_targets_", "_cholesky", "_spectrum"):
+            self.__dict__.pop(name, None)  # nothing of an earlier fit survives, not even a failed refit
         K = np.array(X) if self._precomputed() else self._gram(X, X)
         user_kernel = callable(self.kernel) or self._precomputed()
         if user_kernel:  # built-in kernels are symmetric PSD by construction

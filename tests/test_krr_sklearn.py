@@ -351,6 +351,15 @@ def test_overflow_in_a_builtin_kernel_is_a_named_error(kernel, scale, solver):
         SelfDistillation(kernel=kernel, lam=0.1, solver=solver).fit(X * scale, y)
 
 
+def test_a_failed_refit_leaves_no_fitted_model_behind():
+    X, y, X_new = problem(n=20, seed=10)
+    sd = SelfDistillation(kernel="polynomial", gamma=0.5, lam=0.1).fit(X, y)
+    with pytest.raises(KernelError):
+        sd.fit(X * 1e120, y)
+    with pytest.raises(ValueError, match="not fitted"):
+        sd.predict(X_new)
+
+
 def test_large_fit_warns_with_memory_and_time(monkeypatch):
     X, y, _ = problem(n=60, seed=9)
     with warnings.catch_warnings():
