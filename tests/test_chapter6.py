@@ -125,3 +125,12 @@ def test_non_default_run_writes_results_that_explicit_refitting_reproduces(tmp_p
 def test_bad_parameters_stop_before_any_work(tmp_path, parameters, message):
     with pytest.raises(pm.PapermillExecutionError, match=message):
         execute(tmp_path, "bad", parameters)
+
+
+def test_papermill_sees_every_parameter():
+    """papermill's own parser reads every name the parameters cell assigns (a comment can break it)."""
+    from sdlib.notebook import assigned_names
+
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    cell = next(c for c in notebook.cells if "parameters" in c.metadata.get("tags", []))
+    assert list(pm.inspect_notebook(str(NOTEBOOK))) == assigned_names(cell.source)
