@@ -30,13 +30,14 @@
     function close() {
       document.removeEventListener("keydown", onKey);
       overlay.remove();
-      img.focus();
+      (img.closest("a") || img).focus();
     }
     function onKey(event) {
       if (event.key === "Escape" || event.key === "Enter") { event.preventDefault(); close(); }
     }
     overlay.addEventListener("click", close);
-    document.addEventListener("keydown", onKey);
+    // after the event that opened it (an Enter key press would otherwise reach this listener and close it)
+    setTimeout(function () { document.addEventListener("keydown", onKey); }, 0);
     document.body.appendChild(overlay);
     overlay.focus();
   }
@@ -44,13 +45,18 @@
   function setupLightbox() {
     var images = document.querySelectorAll("article figure img, article .cell_output img");
     images.forEach(function (img) {
-      if (img.closest("a")) { return; }  // a linked image keeps its link
+      // Sphinx links a figure's image to its file (a fallback without JavaScript); other links stay links.
+      var link = img.closest("a");
+      if (link && !link.classList.contains("image-reference")) { return; }
       img.classList.add("sd-zoomable");
-      img.tabIndex = 0;
-      img.setAttribute("role", "button");
       img.title = "Click to enlarge";
-      img.addEventListener("click", function () { openLightbox(img); });
-      img.addEventListener("keydown", function (event) {
+      var target = link || img;
+      if (!link) {
+        img.tabIndex = 0;
+        img.setAttribute("role", "button");
+      }
+      target.addEventListener("click", function (event) { event.preventDefault(); openLightbox(img); });
+      target.addEventListener("keydown", function (event) {
         if (event.key === "Enter" || event.key === " ") { event.preventDefault(); openLightbox(img); }
       });
     });
