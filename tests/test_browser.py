@@ -109,24 +109,26 @@ def browser():
         chromium.close()
 
 
-@pytest.fixture(scope="module")
-def visits(site, browser):
-    """Every page at both widths: the measurements, console errors and off-machine requests of each."""
-    base, pages = site
+def _only_loopback(remote: list):
+    """A route handler that lets requests to 127.0.0.1 through and records and aborts every other one."""
+    def route(route_):
+        url = urlparse(route_.request.url)
+        if url.scheme in ("data", "blob", "about") or url.hostname == "127.0.0.1":
+            route_.continue_()
+        else:
+            remote.append(route_.request.url)
+            route_.abort()
+    return route
+
+
+def visit(browser, base: str, pages: list[str]) -> dict:
+    """Open every page at both widths; per (viewport, page): the measurements (MEASURE), the console errors
+    and the requests to anything but 127.0.0.1 (aborted)."""
     out = {}
     for name, (width, height) in VIEWPORTS.items():
         context = browser.new_context(viewport={"width": width, "height": height}, device_scale_factor=1)
         remote, errors = [], []
-
-        def route(route_, remote=remote):
-            url = urlparse(route_.request.url)
-            if url.scheme in ("data", "blob", "about") or url.hostname == "127.0.0.1":
-                route_.continue_()
-            else:
-                remote.append(route_.request.url)
-                route_.abort()
-
-        context.route("**/*", route)
+        context.route("**/*", _only_loopback(remote))
         page = context.new_page()
         page.on("console", lambda msg, errors=errors: msg.type == "error" and errors.append(msg.text))
         page.on("pageerror", lambda exc, errors=errors: errors.append(str(exc)))
@@ -141,6 +143,40 @@ def visits(site, browser):
                                    errors=errors[before_errors:])
         context.close()
     return out
+
+
+@pytest.fixture(scope="module")
+def visits(site, browser):
+    """Every page of the book at both widths."""
+    base, pages = site
+    return visit(browser, base, pages)
+
+
+def test_the_checks_see_what_they_look_for(browser, tmp_path):
+    """The measurements on a page that breaks every rule: a code block wider than the column, a figure with
+    no caption, an image that does not load and whose alt text is a file name, a request off the machine and a
+    console error."""
+    (tmp_path / "bad.html").write_text(
+        '<html><body><main><article class="bd-article" style="width: 300px">'
+        '<div class="highlight"><pre style="width: 900px">x = 1</pre></div>'
+        '<figure id="fig-bad"><img src="missing.png" alt="missing.png"></figure>'
+        '<img src="http://example.invalid/remote.png" alt="remote">'
+        "<script>console.error('boom')</script></article></main></body></html>", encoding="utf-8")
+    handler = functools.partial(QuietHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        seen = visit(browser, f"http://127.0.0.1:{server.server_address[1]}/", ["bad.html"])["desktop", "bad.html"]
+    finally:
+        server.shutdown()
+        thread.join()
+    assert any("900 px" in line for line in seen["wide"])
+    (figure,) = seen["figures"]
+    assert figure["caption"] == "" and not figure["images"][0]["loaded"] and figure["images"][0]["alt"] == "missing.png"
+    assert seen["loose"] == ["http://example.invalid/remote.png"]
+    assert seen["remote"] == ["http://example.invalid/remote.png"]
+    assert "boom" in seen["errors"] and any("404" in error for error in seen["errors"])
 
 
 @pytest.mark.parametrize("viewport", list(VIEWPORTS))
