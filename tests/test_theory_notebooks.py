@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import nbformat
@@ -206,6 +207,13 @@ def test_committed_notebook_is_clean(name):
         assert meta.get("figure", {}).get("name", "").startswith("fig-"), cell.source[:80]
         assert len(meta["figure"].get("caption", "")) > 60 and len(meta.get("image", {}).get("alt", "")) > 40
         assert cell.source.count("plt.show()") == 1
+    # drawn at the width the book shows them (6.4 in at 100 px per inch), with 12 pt labels, at twice the pixels
+    style = "".join(c.source for c in code_cells[:3])
+    for setting in ('figure_formats = ["retina"]', '"figure.dpi": 100', '"font.size": 12', '"xtick.labelsize": 12'):
+        assert setting in style, setting
+    for cell in figure_cells:
+        for width in re.findall(r"figsize=\(([0-9.]+)", cell.source):
+            assert float(width) <= 6.4, cell.source[:80]
     names = [c.metadata["mystnb"]["figure"]["name"] for c in figure_cells]
     text = "".join(c.source for c in nb.cells if c.cell_type == "markdown")
     for fig_name in names + [n for n in ("fig-toy-player", "fig-damping-player") if n in text]:
