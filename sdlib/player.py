@@ -57,7 +57,8 @@ def player_html(spec: dict, note: str = "") -> "IPython.display.HTML":  # noqa: 
 
     spec: ``sliders`` (from :func:`Slider`), ``series`` (each with ``y``: one list, or :func:`frames` over
     its ``depends``; optional ``x``, ``color``, ``width``, ``dash``, ``marker``, ``scatter``, ``label``),
-    shared ``x``, ``xlim``, ``ylim``, ``ylog``, ``xlabel``, ``ylabel``, ``title`` (``{name}`` is replaced by a
+    shared ``x``, ``xlim``, ``ylim``, ``ylog``, ``xticks``, ``xlabel``, ``ylabel``, ``legend`` (``"top-right"``,
+    ``"top-left"`` or ``"bottom-left"``), ``title`` (``{name}`` is replaced by a
     slider's value), ``alt`` (the figure's text alternative), ``width`` and ``height`` in SVG units.
     """
     from IPython.display import HTML

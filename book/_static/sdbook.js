@@ -134,15 +134,21 @@
       self["update_" + slider.name] = update;
     });
     root.appendChild(controls);
-    var width = spec.width || 640;
-    var height = spec.height || 360;
-    this.svg = svg("svg", {
-      viewBox: "0 0 " + width + " " + height, width: width, height: height, role: "img",
-      "aria-label": spec.alt || "interactive figure", "class": "sd-player-svg",
-    });
+    this.svg = svg("svg", { role: "img", "aria-label": spec.alt || "interactive figure", "class": "sd-player-svg" });
     root.appendChild(this.svg);
     spec.sliders.forEach(function (slider) { self["update_" + slider.name](); });
+    // drawn at the width of the column (text stays at its size on a phone), again when that width changes
+    var drawnWidth = this.width();
+    window.addEventListener("resize", function () {
+      if (self.width() !== drawnWidth) { drawnWidth = self.width(); self.draw(); }
+    });
   }
+
+  Player.prototype.width = function () {
+    var full = this.spec.width || 640;
+    var column = Math.floor(this.root.getBoundingClientRect().width) - 2;  // minus the border
+    return column > 0 ? Math.max(300, Math.min(full, column)) : full;
+  };
 
   Player.prototype.frame = function (series) {
     var depends = series.depends || [];
@@ -160,8 +166,12 @@
   Player.prototype.draw = function () {
     var spec = this.spec;
     var self = this;
-    var width = spec.width || 640;
-    var height = spec.height || 360;
+    var width = this.width();
+    var full = spec.height || 360;
+    var height = Math.round(Math.max(full * width / (spec.width || 640), Math.min(full, 0.8 * width)));
+    this.svg.setAttribute("viewBox", "0 0 " + width + " " + height);
+    this.svg.setAttribute("width", width);
+    this.svg.setAttribute("height", height);
     var m = { left: 74, right: 14, top: 30, bottom: 56 };
     var plotW = width - m.left - m.right;
     var plotH = height - m.top - m.bottom;
@@ -243,8 +253,11 @@
     // legend, top right inside the axes
     if (legend.length) {
       var lg = svg("g", { "font-size": 14, fill: "#222" }, root);
-      var lx = spec.legend === "left" ? m.left + 10 : m.left + plotW - 150, ly = m.top + 8;
-      svg("rect", { x: lx - 6, y: ly - 4, width: 150, height: 20 * legend.length + 6, fill: "#fff",
+      // spec.legend: "top-right" (the default), "top-left" or "bottom-left", inside the axes
+      var left = spec.legend === "top-left" || spec.legend === "bottom-left";
+      var lx = left ? m.left + 10 : m.left + plotW - 126;
+      var ly = spec.legend === "bottom-left" ? m.top + plotH - 20 * legend.length - 10 : m.top + 8;
+      svg("rect", { x: lx - 6, y: ly - 4, width: 126, height: 20 * legend.length + 6, fill: "#fff",
         "fill-opacity": 0.85, stroke: "#ccc" }, lg);
       legend.forEach(function (series, i) {
         var yy = ly + 10 + 20 * i;
