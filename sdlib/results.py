@@ -69,6 +69,7 @@ __all__ = [
     "ALPHA_HAT_CHAIN",
     "chain_name",
     "chain_alpha",
+    "chain_label",
     "find_repo_root",
     "resolve_repo_path",
     "has_records",
@@ -611,11 +612,23 @@ def summarize(records: pd.DataFrame, ddof: int = 1) -> pd.DataFrame:
     return _ordered(summary, ["step"])
 
 
-def accuracy_table(records: pd.DataFrame, metric: str = "test_acc", decimals: int = 2) -> pd.DataFrame:
+def chain_label(chain: str) -> str:
+    """How a reader reads a chain's name: ``"alpha=0.25"`` -> ``"α = 0.25"``, the alpha-hat chain ->
+    ``"α̂ (Algorithm 1)"``, the shared step-1 model -> ``"step 1 (shared)"``."""
+    if chain == ALPHA_HAT_CHAIN:
+        return "α̂ (Algorithm 1)"
+    if chain == SHARED_CHAIN:
+        return "step 1 (shared)"
+    return f"α = {chain_alpha(chain):g}"
+
+
+def accuracy_table(records: pd.DataFrame, metric: str = "test_acc", decimals: int = 2,
+                   readable: bool = False) -> pd.DataFrame:
     """A chain x step table of ``"mean ± std"`` accuracies in percent over seeds (the paper's layout).
 
     ``metric`` is ``"test_acc"`` or ``"val_acc"``; the std is the sample one (``"mean"`` alone for one seed).
-    Rows are chains (fixed alphas ascending, then alpha-hat), columns steps.
+    Rows are chains (fixed alphas ascending, then alpha-hat), columns steps. ``readable``: rows named as a
+    reader reads them (:func:`chain_label`: ``α = 0.25``, ``α̂ (Algorithm 1)``) instead of the chains' ids.
     """
     if metric not in ("test_acc", "val_acc"):
         raise ValueError(f"metric must be 'test_acc' or 'val_acc', got {metric!r}")
@@ -628,6 +641,8 @@ def accuracy_table(records: pd.DataFrame, metric: str = "test_acc", decimals: in
     table = summary.assign(cell=summary.apply(cell, axis=1)).pivot(index="chain", columns="step", values="cell")
     table = table.loc[sorted(table.index, key=_chain_sort_key)].fillna("")
     table.columns = [f"step {step}" for step in table.columns]
+    if readable:
+        table.index = [chain_label(chain) for chain in table.index]
     table.index.name = "chain"
     return table
 
@@ -637,7 +652,15 @@ def accuracy_table(records: pd.DataFrame, metric: str = "test_acc", decimals: in
 ALPHA_HAT_COLOR = "tab:red"
 
 
-def _axes(ax, figsize=(7.0, 4.5)):
+# Figures are drawn at the width of the book's text column (6.4 in at 100 px per inch), so that their
+# labels keep the size they are given (the book's notebooks use 12 pt) when shown.
+FIGURE_WIDTH_IN = 6.4
+_METRIC_LABELS = {"test_acc": "test accuracy", "val_acc": "validation accuracy", "train_loss": "training loss",
+                  "val_loss": "validation loss", "test_loss": "test loss", "lr": "learning rate",
+                  "wall_time_s": "wall-clock time per epoch (s)", "images_per_s": "training images per second"}
+
+
+def _axes(ax, figsize=(FIGURE_WIDTH_IN, 4.0)):
     import matplotlib.pyplot as plt
 
     if ax is None:
@@ -711,8 +734,8 @@ def plot_accuracy(records: pd.DataFrame, ax=None, metric: str = "test_acc", spre
     n_seeds = int(records["seed"].nunique())
     spread_text = {"std": "band: ± 1 std over seeds", "minmax": "band: min to max over seeds", None: ""}[spread]
     ax.set_title(f"{'Test' if metric == 'test_acc' else 'Validation'} accuracy, mean over {n_seeds} "
-                 f"seed{'s' if n_seeds != 1 else ''}" + (f" ({spread_text})" if spread_text and n_seeds > 1 else ""))
-    ax.set_xlabel("step")
+                 f"seed{'s' if n_seeds != 1 else ''}" + (f"\n({spread_text})" if spread_text and n_seeds > 1 else ""))
+    ax.set_xlabel("distillation step")
     ax.set_ylabel("test accuracy" if metric == "test_acc" else "validation accuracy")
     _step_axis(ax, summary["step"])
     ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
@@ -731,7 +754,7 @@ def plot_alpha_hat(records: pd.DataFrame, ax=None):
     if rows.empty:
         raise ValueError("records hold no alpha_hat chain with alpha_hat values (steps >= 2): "
                          "train with include_alpha_hat=True and at least 2 steps")
-    fig, ax = _axes(ax, figsize=(6.0, 3.8))
+    fig, ax = _axes(ax, figsize=(FIGURE_WIDTH_IN, 3.6))
     seeds = sorted(rows["seed"].unique())
     # A small horizontal offset per seed keeps coinciding estimates visible.
     offsets = {seed: 0.06 * (index - (len(seeds) - 1) / 2) for index, seed in enumerate(seeds)}
@@ -740,11 +763,11 @@ def plot_alpha_hat(records: pd.DataFrame, ax=None):
     means = rows.groupby("step")["alpha_hat"].mean()
     ax.plot(means.index, means.to_numpy(), color=ALPHA_HAT_COLOR, marker="D", linewidth=2.2,
             label=f"mean over {len(seeds)} seed{'s' if len(seeds) != 1 else ''}", zorder=4)
-    ax.set_xlabel("step")
-    ax.set_ylabel(r"$\hat\alpha$")
+    ax.set_xlabel("distillation step")
+    ax.set_ylabel(r"estimated weight $\hat\alpha$")
     ax.set_ylim(-0.03, 1.03)
     _step_axis(ax, rows["step"])
-    ax.set_title(r"$\hat\alpha$ per step (Algorithm 1, validation split)")
+    ax.set_title(r"$\hat\alpha$ per step (Algorithm 1 on the validation split)")
     ax.legend(loc="best")
     ax.grid(alpha=0.3)
     return fig
@@ -765,19 +788,20 @@ def plot_epochs(epochs: pd.DataFrame, chain: str, ax=None, metric: str = "test_a
     rows = epochs[(epochs["chain"] == chain) | ((epochs["chain"] == SHARED_CHAIN) & (epochs["step"] == 1))]
     if not (epochs["chain"] == chain).any():
         raise ValueError(f"chain {chain!r} not in epochs; chains present: {sorted(epochs['chain'].unique())}")
-    fig, ax = _axes(ax, figsize=(7.0, 3.8))
+    fig, ax = _axes(ax, figsize=(FIGURE_WIDTH_IN, 3.6))
     means = rows.groupby(["step", "epoch"])[metric].mean().reset_index()
     offset = 0
     for step, curve in means.groupby("step"):
         x = offset + curve["epoch"].to_numpy() - curve["epoch"].min() + 1
         ax.plot(x, curve[metric].to_numpy(), marker=".", label=f"step {step}")
         offset = x.max()
-    ax.set_xlabel("epoch (steps laid end to end)")
-    ax.set_ylabel(metric)
+    ax.set_xlabel("epoch (the steps laid end to end)")
+    ax.set_ylabel(_METRIC_LABELS.get(metric, metric))
     if metric.endswith("_acc"):
         ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title(f"{metric} per epoch, chain {chain}, mean over seeds")
+    ax.set_title(f"{_METRIC_LABELS.get(metric, metric).capitalize()} per epoch, chain {chain_label(chain)}, "
+                 "mean over seeds")
     ax.legend(loc="best", fontsize="small")
     ax.grid(alpha=0.3)
     return fig
@@ -791,11 +815,12 @@ def plot_summary(records: pd.DataFrame, metric: str = "test_acc", spread: str | 
     _check_records(records)
     with_alpha_hat = bool(((records["chain"] == ALPHA_HAT_CHAIN) & records["alpha_hat"].notna()).any())
     if with_alpha_hat:
-        fig, (ax_acc, ax_alpha) = plt.subplots(1, 2, figsize=(12.5, 4.5), layout="constrained",
-                                               gridspec_kw={"width_ratios": [1.5, 1.0]})
+        # stacked, at the width of the book's column
+        fig, (ax_acc, ax_alpha) = plt.subplots(2, 1, figsize=(FIGURE_WIDTH_IN, 7.6), layout="constrained",
+                                               gridspec_kw={"height_ratios": [1.5, 1.0]})
         plot_accuracy(records, ax=ax_acc, metric=metric, spread=spread)
         plot_alpha_hat(records, ax=ax_alpha)
     else:
-        fig, ax_acc = plt.subplots(figsize=(7.0, 4.5), layout="constrained")
+        fig, ax_acc = plt.subplots(figsize=(FIGURE_WIDTH_IN, 4.4), layout="constrained")
         plot_accuracy(records, ax=ax_acc, metric=metric, spread=spread)
     return fig
