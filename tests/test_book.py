@@ -96,8 +96,13 @@ def test_each_chapter_is_one_page_its_notebook(book):
     # no leftover prose copies of the chapters (book/05_protocols.md is included by chapter 5, not a page)
     assert sorted(p.name for p in (REPO / "book").glob("0*.md")) == ["05_protocols.md"]
     chapter5 = _html(root, "notebooks/05_cifar10_self_distillation")
-    assert "The authors’ protocol, the paper’s, and ours" in chapter5 or \
-        "The authors' protocol, the paper's, and ours" in chapter5
+    text5 = _text(chapter5)
+    assert "Three protocols: the authors’ code, the paper, and ours" in text5 or \
+        "Three protocols: the authors' code, the paper, and ours" in text5
+    # the profiles' table computed from sdlib.config.PROFILES, and the committed teacher BatchNorm measurement
+    assert "The three training profiles, read from sdlib.config.PROFILES" in text5
+    assert "one permutation for every epoch and step" in text5
+    assert "The teacher’s BatchNorm in train mode" in text5 or "The teacher's BatchNorm in train mode" in text5
     assert not (root / "_build" / "html" / "book" / "05_protocols.html").exists()
     # the sidebar lists each chapter once
     nav = re.search(r'<nav class="[^"]*bd-docs-nav[^"]*".*?</nav>', _html(root, "book/intro"), re.S).group(0)
