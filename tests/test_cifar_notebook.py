@@ -75,7 +75,14 @@ def test_notebook_is_committed_clean_and_parameterized():
         assert len(cell.metadata["mystnb"]["figure"]["caption"]) > 60
         assert len(cell.metadata["mystnb"]["image"]["alt"]) > 40
         assert f"{{numref}}`{cell.metadata['mystnb']['figure']['name']}`" in text
-    assert "## The authors' protocol, the paper's, and ours\n\n```{include} ../book/05_protocols.md\n```" in text
+    # book/05_protocols.md in two parts, around the profile table computed from the profiles
+    assert "```{include} ../book/05_protocols.md\n:end-before: <!-- the computed profile table goes here -->\n```" \
+        in text
+    assert "```{include} ../book/05_protocols.md\n:start-after: <!-- the computed profile table goes here -->\n```" \
+        in text
+    assert "<!-- the computed profile table goes here -->" in (REPO / "book" / "05_protocols.md").read_text()
+    assert any("protocols.protocol_table()" in c.source for c in code)
+    assert any("protocols.teacher_bn_effect()" in c.source for c in code)
     assert (REPO / "book" / "05_protocols.md").is_file()
 
 
