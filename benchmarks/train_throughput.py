@@ -88,6 +88,22 @@ class _PILDataset(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
 
 
+def reference_step(student, teacher, optimizer, x, y, device) -> float:
+    """One step of the plain loop: the batch to the device, teacher under no_grad, the loss with the L2 term as
+    a Python sum of per-parameter norms, backward, Adam, and ``loss.item()`` (a host sync) for the running loss."""
+    x, y = x.to(device), y.to(device)
+    with torch.no_grad():
+        teacher_probs = F.softmax(teacher(x), dim=1)
+    probs = F.softmax(student(x), dim=1)
+    loss = (ALPHA * F.mse_loss(probs, F.one_hot(y, 10).float())
+            + (1 - ALPHA) * F.mse_loss(probs, teacher_probs)
+            + 1e-4 * sum(p.norm(2) for p in student.parameters()))
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
 def reference_loop(x_train, y_train, device, *, batch_size, iters, warmup, workers, seed=0) -> dict:
     """The plain loop. x_train: uint8 (N, 3, 32, 32) CPU tensor; y_train: int64 (N,)."""
     transform = transforms.Compose([
@@ -115,17 +131,7 @@ def reference_loop(x_train, y_train, device, *, batch_size, iters, warmup, worke
             _sync(device)
             start = time.perf_counter()
         x, y = next(stream)
-        x, y = x.to(device), y.to(device)
-        with torch.no_grad():
-            teacher_probs = F.softmax(teacher(x), dim=1)
-        probs = F.softmax(student(x), dim=1)
-        loss = (ALPHA * F.mse_loss(probs, F.one_hot(y, 10).float())
-                + (1 - ALPHA) * F.mse_loss(probs, teacher_probs)
-                + 1e-4 * sum(p.norm(2) for p in student.parameters()))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        running_loss += loss.item()
+        running_loss += reference_step(student, teacher, optimizer, x, y, device)
     _sync(device)
     seconds = time.perf_counter() - start
     return {"images": iters * batch_size, "seconds": seconds, "images_per_s": iters * batch_size / seconds,

@@ -44,7 +44,7 @@ import torchvision
 from torch import nn
 
 __all__ = ["BatchedResNet50", "stack_models", "unstack", "model_slice", "batched_distillation_loss",
-           "batched_l2_penalty"]
+           "batched_l2_penalty", "BatchedStudents", "evaluate_batched"]
 
 IN_CHANNELS = 3
 FEATURES = 2048  # ResNet-50's penultimate width
@@ -356,3 +356,165 @@ def batched_distillation_loss(logits: torch.Tensor, labels: torch.Tensor, alphas
             teacher_weight = (1.0 - alpha64).to(device=logits.device, dtype=dtype)
             losses = losses + teacher_weight * (probs - target).square().mean(dim=(1, 2))
     return losses
+
+
+# ----------------------------------------------------------------------------------- the in-flight network
+
+class BatchedStudents:
+    """The students of one (seed, step) trained in flight as one :class:`BatchedResNet50`
+    (``TrainConfig.chains_in_flight = "batched"``), with the interface of the step's lockstep engine
+    (:func:`sdlib.step.distill_group` drives both).
+
+    models : n resnet50s (their initial or resumed weights, on the training device and memory format).
+    alphas : their alphas. l2_coef : the L2 term's coefficient. lr : the schedule's 0-dim device tensor.
+    The step minimizes the SUM of the n objectives (each model gets exactly its own gradient); the L2 term's
+    value and its gradient ``coef * W_i / ||W_i||`` per model slice W_i are computed without autograd, by
+    multi-tensor ops over views made once (gradients live in persistent buffers, so the views stay valid);
+    one fused Adam updates the n models (exactly n Adams, see the module's docstring).
+    """
+
+    def __init__(self, models: Sequence[nn.Module], alphas: Sequence[float], l2_coef: float, lr: torch.Tensor,
+                 *, use_bf16: bool = False, memory_format=torch.contiguous_format):
+        from sdlib.step import _BatchCounters  # noqa: PLC0415 (sdlib.step imports this module lazily)
+        self.n, self.memory_format = len(models), memory_format
+        self.net = stack_models(models).to(memory_format=memory_format)
+        self.device = next(self.net.parameters()).device
+        self.on_cuda = self.device.type == "cuda"
+        self.use_bf16, self.coef, self.lr = use_bf16, float(l2_coef), lr
+        self.counters = _BatchCounters(self.net)
+        self.names = [name for name, p in self.net.named_parameters() if p.requires_grad]
+        self.params = [p for p in self.net.parameters() if p.requires_grad]
+        for p in self.params:
+            p.grad = torch.zeros_like(p)
+        n = self.n
+        # Model-major views, p-major order: slices[j * n + i] is model i's part of parameter j.
+        self.param_slices = [s for p in self.params for s in p.detach().unflatten(0, (n, -1)).unbind(0)]
+        self.grad_slices = [s for p in self.params for s in p.grad.unflatten(0, (n, -1)).unbind(0)]
+        self.grads = [p.grad for p in self.params]
+        self.optimizer = torch.optim.Adam(self.params, lr=lr, fused=True, capturable=self.on_cuda)
+        alpha64 = torch.tensor([float(a) for a in alphas], dtype=torch.float64)
+        dtype = torch.promote_types(self.params[0].dtype, torch.float32)
+        self.alpha = alpha64.to(self.device, dtype).view(n, 1, 1)
+        # 1 - alpha rounded from float64, as Python does for distillation_loss.
+        self.teacher_weight = (1.0 - alpha64).to(self.device, dtype).view(n, 1, 1)
+        self.needs_teacher = bool((alpha64 < 1.0).any())
+        self.loss_sum = torch.zeros(n, device=self.device)
+        self.loss_sums = list(self.loss_sum.unbind(0))
+
+    def __len__(self):
+        return self.n
+
+    def networks(self) -> list[nn.Module]:
+        return [self.net]
+
+    def train(self):
+        self.net.train()
+
+    def step(self, x: torch.Tensor, onehot: torch.Tensor, targets: torch.Tensor | None) -> None:
+        """One optimizer step of the n models on the static batch x (B, 3, H, W), one-hot labels (B, C) and
+        the teachers' probabilities (n, B, C) (None when every alpha is 1)."""
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+            logits = self.net(x)  # (n, B, C)
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=2)
+            per_element = self.alpha * (probs - onehot).square()
+            if self.needs_teacher:
+                per_element = per_element + self.teacher_weight * (probs - targets).square()
+            losses = per_element.mean(dim=(1, 2))  # (n,) the distillation losses
+        torch._foreach_zero_(self.grads)
+        losses.sum().backward()
+        with torch.no_grad():
+            self.loss_sum.add_(losses)
+            if self.coef:
+                norms = torch.stack(torch._foreach_norm(self.param_slices))  # (P * n,)
+                scales = norms.clamp_min(torch.finfo(norms.dtype).tiny).reciprocal_().mul_(self.coef).unbind()
+                torch._foreach_addcmul_(self.grad_slices, self.param_slices, list(scales))
+                self.loss_sum.add_(norms.view(-1, self.n).sum(0), alpha=self.coef)
+        self.optimizer.step()
+
+    def evaluate(self, x_uint8, y, batch_size, bf16, channels_last, return_probs) -> list[dict]:
+        return evaluate_batched(self.net, x_uint8, y, batch_size, bf16=bf16, channels_last=channels_last,
+                                return_probs=return_probs)
+
+    def model_state(self, i: int, batches: int) -> dict:
+        self.counters.restore(batches)
+        state = {k: v.detach().to("cpu", copy=True) for k, v in self.net.model_state_dict(i).items()}
+        self.counters.detach()
+        return state
+
+    def load(self, i: int, optimizer_state: dict) -> None:
+        """Model i's Adam state (a one-model ``torch.optim.Adam`` state_dict) into its slices."""
+        saved = optimizer_state["state"]
+        if len(saved) != len(self.params):
+            raise ValueError(f"optimizer state of model {i} holds {len(saved)} parameters, expected "
+                             f"{len(self.params)}")
+        with torch.no_grad():
+            for j, (name, p) in enumerate(zip(self.names, self.params)):
+                state = self.optimizer.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=self.device)
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                entry = saved[j] if j in saved else saved[str(j)]
+                state["step"].copy_(entry["step"])  # shared by the n models: they stand at the same step
+                for key in ("exp_avg", "exp_avg_sq"):
+                    model_slice(name, state[key], i, self.n).copy_(entry[key])
+
+    def optimizer_state(self, i: int, lr: float) -> dict:
+        """Model i's Adam state as a one-model ``torch.optim.Adam(model.parameters())`` state_dict."""
+        group = {k: v for k, v in self.optimizer.param_groups[0].items() if k != "params"}
+        group.update(lr=lr, params=list(range(len(self.params))))
+        state = {}
+        for j, (name, p) in enumerate(zip(self.names, self.params)):
+            s = self.optimizer.state.get(p)
+            if s:
+                state[j] = {"step": s["step"].detach().to("cpu", copy=True),
+                            **{k: model_slice(name, s[k], i, self.n).detach().to("cpu", copy=True)
+                               for k in ("exp_avg", "exp_avg_sq")}}
+        return {"state": state, "param_groups": [group]}
+
+    def final_models(self, batches: int) -> list[nn.Module]:
+        """The n trained models as separate resnet50s (eval mode, on the training device)."""
+        from sdlib.step import build_model  # noqa: PLC0415
+        self.counters.restore(batches)
+        models = []
+        for i in range(self.n):
+            model = build_model().to(self.device, memory_format=self.memory_format)
+            model.load_state_dict(self.net.model_state_dict(i))
+            models.append(model.eval())
+        return models
+
+
+@torch.inference_mode()
+def evaluate_batched(net: BatchedResNet50, x_uint8: torch.Tensor, y: torch.Tensor, batch_size: int = 1000,
+                     bf16: bool = False, channels_last: bool = False, return_probs: bool = False) -> list[dict]:
+    """:func:`sdlib.step.evaluate` of each of the n models of ``net`` (put in eval mode) at once: a list of n
+    ``{"acc", "loss"}`` (plus ``"probs"``, float32 (N, C) on the CPU, with ``return_probs``)."""
+    from sdlib import data as cifar  # noqa: PLC0415
+    net.eval()
+    device, n = x_uint8.device, net.n_models
+    dtype = next(net.parameters()).dtype
+    correct = torch.zeros(n, device=device, dtype=torch.int64)
+    squared = torch.zeros(n, device=device, dtype=torch.float64)
+    probs_out = []
+    for start in range(0, len(x_uint8), batch_size):
+        x = cifar.normalize(x_uint8[start:start + batch_size]).to(dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        labels = y[start:start + batch_size]
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = net(x)
+        probs = torch.softmax(logits.float(), dim=2)  # (n, B, C)
+        correct += (probs.argmax(dim=2) == labels).sum(dim=1)
+        onehot = F.one_hot(labels, probs.shape[2]).float()
+        squared += (probs - onehot).square().sum(dim=(1, 2), dtype=torch.float64)
+        if return_probs:
+            probs_out.append(probs)
+    count = len(x_uint8)
+    acc, sq = correct.tolist(), squared.tolist()
+    results = [{"acc": acc[i] / count, "loss": sq[i] / (count * net.num_classes)} for i in range(n)]
+    if return_probs:
+        probs = torch.cat(probs_out, dim=1).cpu()
+        for i in range(n):
+            results[i]["probs"] = probs[i].clone()
+    return results

@@ -21,7 +21,7 @@ import torch
 
 from sdlib.records import ALPHA_HAT_CHAIN, chain_name
 
-__all__ = ["PROFILES", "TrainConfig", "effective_config", "resolve_device", "derive_seed", "NUM_CLASSES"]
+__all__ = ["PROFILES", "CHAINS_IN_FLIGHT", "CAPTURE_MODES", "TrainConfig", "effective_config", "resolve_device", "derive_seed", "NUM_CLASSES"]
 
 NUM_CLASSES = 10
 # Bump when a change of the training code changes results: it is part of every config_hash.
@@ -42,12 +42,22 @@ PROFILES: dict[str, dict[str, Any]] = {
     # channels_last (both used on CUDA only; on the CPU they are switched off and recorded so).
     "fast": dict(epochs=75, batch_size=256, lr=1e-3, lr_schedule="cosine", warmup_epochs=1,
                  bf16=True, channels_last=True),
+    # The paper's protocol in bf16 autocast and channels_last (CUDA only), for users who accept the rounding:
+    # benchmarks/train_throughput.py --ab compares its loss curve with the float32 one from the same start.
+    "paper-bf16": dict(epochs=75, batch_size=16, lr=1e-4, lr_schedule="constant", warmup_epochs=0,
+                       bf16=True, channels_last=True),
 }
+
+# How the models of one (seed, step) train together (TrainConfig.chains_in_flight) and how the step runs
+# (TrainConfig.capture); neither changes what is computed beyond rounding, so neither enters config_hash.
+CHAINS_IN_FLIGHT = ("off", "streams", "batched")
+CAPTURE_MODES = ("auto", "none", "graph", "reduce-overhead", "max-autotune")
 
 # Fields that do not change results: left out of config_hash, so a run may move between machines or folders,
 # or add seeds, chains or steps, and still reuse every finished step.
 _NOT_HASHED = ("profile", "seeds", "steps", "alphas", "include_alpha_hat", "data_root", "results_dir",
-               "checkpoint_dir", "device", "eval_batch_size", "download", "checkpoint_every")
+               "checkpoint_dir", "device", "eval_batch_size", "download", "checkpoint_every", "eval_every",
+               "chains_in_flight", "capture")
 
 
 def _is_int(value) -> bool:
@@ -73,7 +83,12 @@ class TrainConfig:
     validation images held out of the training set (stratified, ``split_seed``), ``subset`` (None, or an int
     >= 10 cutting every part for smoke runs), ``data_root``, ``download``. Where: ``results_dir``,
     ``checkpoint_dir``, ``device`` ("auto": cuda if available, else cpu), ``eval_batch_size``, and
-    ``checkpoint_every`` (epochs between resumable checkpoints; 1 = every epoch).
+    ``checkpoint_every`` (epochs between resumable checkpoints; 1 = every epoch). Speed (none of these enters
+    config_hash): ``eval_every`` (epochs between evaluations; the last epoch is always evaluated and is what
+    the records hold), ``chains_in_flight`` ("streams": the chains of one (seed, step) train together on the
+    same batches, each its own network, on its own CUDA stream on a GPU; "batched": as one batched network,
+    :mod:`sdlib.batched`; "off": one model at a time), ``capture`` ("auto": the step as one CUDA graph on
+    CUDA, eager elsewhere; "none"; "graph"; or the torch.compile mode "reduce-overhead" / "max-autotune").
     """
 
     profile: str = "paper"
@@ -99,6 +114,9 @@ class TrainConfig:
     eval_batch_size: int = 1000
     download: bool = False
     checkpoint_every: int = 1
+    eval_every: int = 5
+    chains_in_flight: str = "streams"
+    capture: str = "auto"
 
     @classmethod
     def from_profile(cls, profile: str = "paper", **overrides) -> "TrainConfig":
@@ -133,7 +151,7 @@ class TrainConfig:
 
         if self.profile not in PROFILES:
             fail("profile", f"one of {sorted(PROFILES)}")
-        for name in ("epochs", "batch_size", "steps", "n_val", "eval_batch_size", "checkpoint_every"):
+        for name in ("epochs", "batch_size", "steps", "n_val", "eval_batch_size", "checkpoint_every", "eval_every"):
             positive_int(name)
         positive_int("warmup_epochs", 0)
         positive_int("split_seed", 0)
@@ -175,6 +193,10 @@ class TrainConfig:
             path(name)
         if not isinstance(self.device, str) or not (self.device == "auto" or _valid_device(self.device)):
             fail("device", "'auto', 'cpu', 'cuda', 'cuda:<index>' or another torch device name")
+        if self.chains_in_flight not in CHAINS_IN_FLIGHT:
+            fail("chains_in_flight", f"one of {list(CHAINS_IN_FLIGHT)}")
+        if self.capture not in CAPTURE_MODES:
+            fail("capture", f"one of {list(CAPTURE_MODES)}")
 
     def to_dict(self) -> dict:
         """All fields as a JSON-serializable dict (tuples become lists)."""
