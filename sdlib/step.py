@@ -705,7 +705,6 @@ def distill_group(config: TrainConfig, data, *, seed: int, step: int, members: S
     train_images, train_time, wall_time = (list(t) for t in zip(*totals))
     val_probs: list = [None] * n
     chains = ", ".join(m.chain for m in members)
-    where = f"seed={seed}, chain{'s' if n > 1 else ''}={chains!r}, step={step}"
     epoch_bar = tqdm(range(start_epoch + 1, config.epochs + 1), desc=f"epochs ({chains} step {step})",
                      initial=start_epoch, total=config.epochs, leave=False, disable=not progress)
     for epoch in epoch_bar:
@@ -721,13 +720,13 @@ def distill_group(config: TrainConfig, data, *, seed: int, step: int, members: S
             group.write_batch(data.x_train, index, augment_gen)
             run_step()
             if (i + 1) % _NAN_CHECK_EVERY == 0:
-                sums = torch.stack(list(students.loss_sums))
-                if not torch.isfinite(sums).all():
-                    _raise_non_finite(sums, where, epoch, i + 1)
-        sums = torch.stack(list(students.loss_sums))
-        train_loss = (sums.double() / iters_per_epoch).tolist()  # the once-per-epoch sync
-        if not all(math.isfinite(v) for v in train_loss):
-            _raise_non_finite(sums, where, epoch, iters_per_epoch)
+                sums = torch.stack(list(students.loss_sums)).tolist()
+                if not all(math.isfinite(v) for v in sums):
+                    _raise_non_finite(sums, members, seed, step, epoch, i + 1)
+        sums = torch.stack(list(students.loss_sums)).tolist()  # the once-per-epoch sync
+        if not all(math.isfinite(v) for v in sums):
+            _raise_non_finite(sums, members, seed, step, epoch, iters_per_epoch)
+        train_loss = [v / iters_per_epoch for v in sums]
         epoch_train_time = time.perf_counter() - epoch_start
         batches = epoch * iters_per_epoch
         lr_used = schedule.value(batches - 1)
@@ -777,8 +776,11 @@ def distill_group(config: TrainConfig, data, *, seed: int, step: int, members: S
                        train_time_s=train_time[k], wall_time_s=wall_time[k]) for k in range(n)]
 
 
-def _raise_non_finite(loss_sum: torch.Tensor, where: str, epoch: int, batches: int):
+def _raise_non_finite(loss_sums: list[float], members: Sequence[Member], seed: int, step: int, epoch: int,
+                      batches: int):
+    k = next(k for k, v in enumerate(loss_sums) if not math.isfinite(v))
     raise FloatingPointError(
-        f"non-finite training loss ({loss_sum.tolist()}) at {where}, epoch={epoch} (within its first {batches} "
-        f"batches); the run stops here and earlier results are kept. Lower TrainConfig.lr or check the data."
+        f"non-finite training loss ({loss_sums[k]}) at seed={seed}, chain={members[k].chain!r}, step={step}, "
+        f"epoch={epoch} (within its first {batches} batches); the run stops here and earlier results are kept. "
+        f"Lower TrainConfig.lr or check the data."
     )
