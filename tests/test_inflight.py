@@ -12,8 +12,11 @@ for bit.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -42,21 +45,26 @@ def data_root(tiny_cifar_root, tmp_path_factory):
 
 
 def _config(root, data_root, mode, **overrides):
-    return tiny_config(root, data_root, steps=3, epochs=1, chains_in_flight=mode, **overrides)
+    # 20 training images in 2 batches of 10, 20 validation and 20 test images: 8 models per run (probe included).
+    return tiny_config(root, data_root, steps=3, epochs=1, subset=20, n_val=20, batch_size=10,
+                       chains_in_flight=mode, **overrides)
 
 
-def _run(tmp_path_factory, data_root, mode, callback=None):
+def _run(tmp_path_factory, data_root, mode, keep_checkpoints=False):
     root = tmp_path_factory.mktemp(mode)
     config = _config(root, data_root, mode)
     events = []
-    records = run_chains(config, progress=False, callback=callback or events.append)
-    shutil.rmtree(root / "checkpoints", ignore_errors=True)
+    records = run_chains(config, progress=False, callback=events.append)
+    if not keep_checkpoints:
+        shutil.rmtree(root / "checkpoints", ignore_errors=True)
     return config, records, events
 
 
 @pytest.fixture(scope="module")
 def one_at_a_time(float64, data_root, tmp_path_factory):
-    return _run(tmp_path_factory, data_root, "off")
+    config, records, events = _run(tmp_path_factory, data_root, "off", keep_checkpoints=True)
+    yield config, records, events
+    shutil.rmtree(config.checkpoint_dir, ignore_errors=True)
 
 
 def _comparable(record: dict) -> dict:
@@ -98,9 +106,20 @@ def test_batched_records_equal_one_at_a_time_to_rounding(one_at_a_time, data_roo
 
 
 def test_interrupted_in_flight_group_resumes_to_the_same_records(one_at_a_time, data_root, tmp_path_factory):
-    _, reference, _ = one_at_a_time
+    reference_config, reference, _ = one_at_a_time
     root = tmp_path_factory.mktemp("resume")
     config = _config(root, data_root, "streams")
+    assert config.config_hash() == reference_config.config_hash()
+    # Steps 1 and 2 as the reference left them (records, epochs, final weights hard-linked), step 3 to train.
+    (root / "results").mkdir()
+    for name in ("records.jsonl", "epochs.jsonl"):
+        lines = (Path(reference_config.results_dir) / name).read_text().splitlines(keepends=True)
+        (root / "results" / name).write_text("".join(line for line in lines if json.loads(line)["step"] < 3))
+    source = Path(reference_config.checkpoint_dir)
+    for path in source.rglob("step[12].pt"):
+        target = root / "checkpoints" / path.relative_to(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.link(path, target)
 
     class Interrupt(Exception):
         pass
