@@ -255,8 +255,7 @@ def ab_run(splits, device, *, steps: int, window: int, seed: int = 0) -> dict:
 
 
 def print_ab(ab: dict) -> None:
-    print(f"
-float32 vs bf16 autocast, paper profile, {ab['steps']} steps from the same start "
+    print(f"\nfloat32 vs bf16 autocast, paper profile, {ab['steps']} steps from the same start "
           f"(objective, means over {ab['window']} steps)")
     print(f"{'steps':>10} {'float32':>10} {'bf16':>10} {'gap':>10} {'rel. gap':>9}")
     for w in ab["windows"]:
