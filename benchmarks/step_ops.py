@@ -16,10 +16,12 @@ needs to dispatch its ops (see benchmarks/train_throughput.py's H100 runs). This
               ``-step3`` with 12 distinct teachers (every later step);
   batched-*   the same 12 as one batched network (``chains_in_flight="batched"``).
 
-For each: ops per step, per model-step (divided by the models in flight), split into the batch (gather,
-augmentation, copies into the static buffers), the teachers, the students' forward and loss, their backward
-(ops run by autograd), and their update (L2 gradient, Adam, loss bookkeeping, learning-rate schedule), and the
-most frequent ops. The counts do not depend on the batch size (``--batch-size`` only makes the run faster); they
+For each: ops per step, per model-step (divided by the models in flight), the same without the ops that only
+make views or aliases (``compute_ops``: no kernel, no allocation; autograd's detaches are most of them), split
+into the batch (gather, augmentation, copies into the static buffers), the teachers, the students' forward and
+loss, their backward (ops run by autograd), and their update (L2 gradient, Adam, loss bookkeeping,
+learning-rate schedule), and the most frequent ops. ``host_ops_per_step_when_captured`` is the batch's count: on
+CUDA everything else of our modes is one CUDA-graph replay (the reference is never captured). The counts do not depend on the batch size (``--batch-size`` only makes the run faster); they
 are the same ops the GPU's host dispatches, apart from the device's own kernels (one op may launch several).
 
     PYTHONPATH=. python benchmarks/step_ops.py --out benchmarks/results/step_ops_cpu.json
@@ -49,6 +51,12 @@ MODES = ("reference", "paper", "fast", "streams-step2", "streams-step3", "batche
 IN_FLIGHT_ALPHAS = tuple(round(0.1 * k, 10) for k in range(11)) + (0.0,)  # 11 fixed chains + the probe
 ALPHA = 0.5
 PHASES = ("batch", "teacher", "forward", "backward", "update")
+# Ops that only make a new view or alias of a tensor (autograd's detach of a saved output or a stolen gradient
+# among them): dispatched by the host like any op, but they launch no kernel and allocate nothing.
+METADATA_OPS = frozenset({"detach", "view", "_unsafe_view", "t", "unsqueeze", "squeeze", "expand", "select",
+                          "slice", "unbind", "alias", "as_strided", "permute", "transpose", "unflatten", "split",
+                          "_reshape_alias", "promote_types", "_record_function_enter_new",
+                          "_record_function_exit"})
 
 
 class OpCounter(TorchDispatchMode):
@@ -78,7 +86,10 @@ class OpCounter(TorchDispatchMode):
         by_phase = {phase: sum(c.values()) for phase, c in self.counts.items()}
         total = sum(by_phase.values())
         every = sum(self.counts.values(), collections.Counter())
+        compute = sum(k for name, k in every.items() if name not in METADATA_OPS)
         return {"models": n_models, "ops_per_step": total, "ops_per_model_step": total / n_models,
+                "compute_ops_per_step": compute, "compute_ops_per_model_step": compute / n_models,
+                "host_ops_per_step_when_captured": by_phase["batch"],
                 "by_phase": by_phase, "top_ops": dict(every.most_common(15))}
 
 
@@ -190,7 +201,8 @@ def main(argv=None) -> dict:
         results[mode] = count(mode, args.batch_size)
         r = results[mode]
         print(f"{mode:<15} {r['models']:>3} model(s) {r['ops_per_step']:>6} ops/step "
-              f"{r['ops_per_model_step']:>8.1f} per model  {r['by_phase']}", flush=True)
+              f"{r['ops_per_model_step']:>7.1f} per model ({r['compute_ops_per_model_step']:>6.1f} computing)  "
+              f"{r['by_phase']}", flush=True)
     out = {
         "benchmark": "step_ops",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
