@@ -7,6 +7,9 @@ needs to dispatch its ops (see benchmarks/train_throughput.py's H100 runs). This
   reference   the plain loop of benchmarks/train_throughput.py (``reference_step``: the batch to the device,
               teacher, student, the L2 term as a Python sum of norms, backward, Adam with foreach, the default
               on CUDA; the DataLoader's work in its worker processes is not counted);
+  paper-before  the body of distill_step's loop at the paper profile as it was before the lean step (commit
+              a6b4224): autograd through ``l2_penalty``, LambdaLR, fresh ``F.one_hot`` targets, batch-norm
+              counters, an unfolded teacher under inference_mode (its fused Adam as on CUDA);
   paper       :class:`sdlib.step.GroupStep` with one model at the paper profile (the lean step: writing the batch
               into the static buffers, the teacher, the student's forward, backward, L2 gradient, fused Adam);
   fast        the same at the fast profile, under bf16 autocast and channels_last (on the CPU, as the CUDA run
@@ -47,7 +50,7 @@ from sdlib.config import TrainConfig  # noqa: E402
 from sdlib.records import write_atomically  # noqa: E402
 from sdlib.step import GroupStep, Member, _Lockstep, build_model  # noqa: E402
 
-MODES = ("reference", "paper", "fast", "streams-step2", "streams-step3", "batched-step2", "batched-step3")
+MODES = ("reference", "paper-before", "paper", "fast", "streams-step2", "streams-step3", "batched-step2", "batched-step3")
 IN_FLIGHT_ALPHAS = tuple(round(0.1 * k, 10) for k in range(11)) + (0.0,)  # 11 fixed chains + the probe
 ALPHA = 0.5
 PHASES = ("batch", "teacher", "forward", "backward", "update")
@@ -119,6 +122,42 @@ def count_reference(batch_size: int) -> dict:
     return counter.summary(1)
 
 
+def count_paper_before(batch_size: int) -> dict:
+    from sdlib import data as cifar
+    from sdlib.step import distillation_loss, l2_penalty
+
+    model, teacher = build_model(0, 2), build_model(1000, 1).eval()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda iteration: 1.0)
+    x_train, y_train, index = _batch(batch_size)
+    generator = torch.Generator().manual_seed(0)
+
+    def body(counter=None):  # the loop body of sdlib/step.py at a6b4224, phase marks added
+        mark = counter.start if counter is not None else (lambda phase: None)
+        mark("batch")
+        x = cifar.augment(x_train[index], generator=generator).contiguous()
+        labels = y_train[index]
+        mark("teacher")
+        with torch.inference_mode():
+            teacher_logits = teacher(x)
+        teacher_probs = torch.softmax(teacher_logits.float(), dim=1)
+        mark("forward")
+        logits = model(x)
+        loss = distillation_loss(logits, labels, ALPHA, teacher_probs) + l2_penalty(model, 1e-4)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss_sum.add_(loss.detach())
+
+    loss_sum = torch.zeros(())
+    body()
+    counter = OpCounter()
+    with counter:
+        body(counter)
+    return counter.summary(1)
+
+
 def count_group(profile: str, alphas, distinct_teachers: bool, batched: bool, batch_size: int) -> dict:
     """One step of :class:`GroupStep` for ``len(alphas)`` members at ``profile`` (its bf16 / channels_last as
     on CUDA), on the CPU."""
@@ -162,6 +201,8 @@ def count_group(profile: str, alphas, distinct_teachers: bool, batched: bool, ba
 def count(mode: str, batch_size: int) -> dict:
     if mode == "reference":
         return count_reference(batch_size)
+    if mode == "paper-before":
+        return count_paper_before(batch_size)
     if mode in ("paper", "fast"):
         return count_group(mode, [ALPHA], distinct_teachers=False, batched=False, batch_size=batch_size)
     kind, step = mode.split("-")
