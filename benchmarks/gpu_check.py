@@ -41,7 +41,7 @@ from sdlib.config import CAPTURE_MODES, TrainConfig, resolve_device  # noqa: E40
 from sdlib.records import write_atomically  # noqa: E402
 from sdlib.step import GroupStep, Member, _step_runner, build_model  # noqa: E402
 
-MODES = ("reference", "paper", "fast", "streams", "batched")
+MODES = ("reference", "paper", "fast", "streams", "batched", "batched-matmul")
 ALPHA = 0.5
 AIMS = {"paper_per_model_vs_reference": 10.0, "in_flight_aggregate_vs_reference": 60.0,
         "fast_images_per_s": 20_000.0}
@@ -78,7 +78,7 @@ def _build(mode: str, device: torch.device, *, chains: int, batch_size: int | No
         y = y_train[:batch].cpu()
         return (lambda: bench.reference_step(student, teacher, optimizer, x, y, device)), (lambda: None), 1, batch
     profile_name = "fast" if mode == "fast" else "paper"
-    in_flight = mode in ("streams", "batched")
+    in_flight = mode in ("streams", "batched", "batched-matmul")
     config = TrainConfig.from_profile(profile_name, capture=capture,
                                       chains_in_flight=mode if in_flight else "off",
                                       **({"batch_size": batch_size} if batch_size else {}))
@@ -93,7 +93,7 @@ def _build(mode: str, device: torch.device, *, chains: int, batch_size: int | No
                for i, a in enumerate(alphas)]
     models = [build_model(0, 2).to(device, memory_format=memory_format) for _ in members]
     group = GroupStep(config, models, members, y_train, device, use_bf16=use_bf16, memory_format=memory_format,
-                      batched=mode == "batched")
+                      batched=mode.startswith("batched"))
     group.schedule.start_at(0)
     run = _step_runner(config, device, group.step, group.networks)
     generator = torch.Generator(device=device).manual_seed(0)
@@ -164,7 +164,8 @@ def summarize(paths: list[Path], profile_path: Path | None) -> dict:
     aims = {}
     if reference and "paper" in variants:
         aims["paper_per_model_vs_reference"] = variants["paper"]["per_model_ratio_to_reference"]
-    flight = [variants[k]["ratio_to_reference"] for k in ("streams", "batched") if k in variants and reference]
+    flight = [variants[k]["ratio_to_reference"] for k in ("streams", "batched", "batched-matmul")
+              if k in variants and reference]
     if flight:
         aims["in_flight_aggregate_vs_reference"] = max(flight)
     if "fast" in variants:

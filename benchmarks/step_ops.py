@@ -17,7 +17,8 @@ needs to dispatch its ops (see benchmarks/train_throughput.py's H100 runs). This
   streams-*   the 12 models of one (seed, step) in flight (11 fixed alphas and the alpha-hat probe), each its own
               network (``chains_in_flight="streams"``): ``-step2`` with the one shared teacher of step 2,
               ``-step3`` with 12 distinct teachers (every later step);
-  batched-*   the same 12 as one batched network (``chains_in_flight="batched"``).
+  batched-*   the same 12 as one batched network (``chains_in_flight="batched"``; ``batched-matmul``: its 1x1
+              convolutions as batched matrix products).
 
 For each: ops per step, per model-step (divided by the models in flight), the same without the ops that only
 make views or aliases (``compute_ops``: no kernel, no allocation; autograd's detaches are most of them), split
@@ -50,7 +51,8 @@ from sdlib.config import TrainConfig  # noqa: E402
 from sdlib.records import write_atomically  # noqa: E402
 from sdlib.step import GroupStep, Member, _Lockstep, build_model  # noqa: E402
 
-MODES = ("reference", "paper-before", "paper", "fast", "streams-step2", "streams-step3", "batched-step2", "batched-step3")
+MODES = ("reference", "paper-before", "paper", "fast", "streams-step2", "streams-step3", "batched-step2",
+         "batched-step3", "batched-matmul-step3")
 IN_FLIGHT_ALPHAS = tuple(round(0.1 * k, 10) for k in range(11)) + (0.0,)  # 11 fixed chains + the probe
 ALPHA = 0.5
 PHASES = ("batch", "teacher", "forward", "backward", "update")
@@ -158,11 +160,11 @@ def count_paper_before(batch_size: int) -> dict:
     return counter.summary(1)
 
 
-def count_group(profile: str, alphas, distinct_teachers: bool, batched: bool, batch_size: int) -> dict:
+def count_group(profile: str, alphas, distinct_teachers: bool, in_flight: str, batch_size: int) -> dict:
     """One step of :class:`GroupStep` for ``len(alphas)`` members at ``profile`` (its bf16 / channels_last as
     on CUDA), on the CPU."""
-    config = TrainConfig.from_profile(profile, batch_size=batch_size, device="cpu",
-                                      chains_in_flight="batched" if batched else "streams")
+    config = TrainConfig.from_profile(profile, batch_size=batch_size, device="cpu", chains_in_flight=in_flight)
+    batched = in_flight.startswith("batched")
     device = torch.device("cpu")
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     shared_teacher = build_model(1000, 1).eval()
@@ -204,9 +206,9 @@ def count(mode: str, batch_size: int) -> dict:
     if mode == "paper-before":
         return count_paper_before(batch_size)
     if mode in ("paper", "fast"):
-        return count_group(mode, [ALPHA], distinct_teachers=False, batched=False, batch_size=batch_size)
-    kind, step = mode.split("-")
-    return count_group("paper", IN_FLIGHT_ALPHAS, distinct_teachers=step == "step3", batched=kind == "batched",
+        return count_group(mode, [ALPHA], distinct_teachers=False, in_flight="off", batch_size=batch_size)
+    kind, step = mode.rsplit("-", 1)
+    return count_group("paper", IN_FLIGHT_ALPHAS, distinct_teachers=step == "step3", in_flight=kind,
                        batch_size=batch_size)
 
 

@@ -17,7 +17,8 @@ Adam and the paper's unsquared L2 term:
              (:func:`sdlib.step.distill_group`, ``chains_in_flight="streams"``): 11 fixed alphas and the
              alpha-hat probe, each with its own teacher (steps >= 3), each its own network on its own CUDA
              stream, one graph for all, batch 16 each on the shared batches, float32;
-  batched    the same as one batched network (:mod:`sdlib.batched`, ``chains_in_flight="batched"``).
+  batched    the same as one batched network (:mod:`sdlib.batched`, ``chains_in_flight="batched"``);
+  batched-matmul  the same with the 1x1 convolutions as batched matrix products (``"batched-matmul"``).
 
 ``--ab`` instead trains the paper profile in float32 and in bf16 autocast (``paper-bf16``) for ``--ab-steps``
 optimizer steps from the same initialization on the same real batches and prints both loss curves (means over
@@ -61,9 +62,9 @@ from sdlib.sweep import grid_cost
 from sdlib.train import TrainConfig, resolve_device, build_model, distill_step, evaluate, provenance
 from sdlib.config import AUGMENT, CAPTURE_MODES, PROFILES
 
-VARIANTS = ("reference", "paper", "paper-bf16", "fast", "streams", "batched")
+VARIANTS = ("reference", "paper", "paper-bf16", "fast", "streams", "batched", "batched-matmul")
 PROFILE_VARIANTS = ("paper", "paper-bf16", "fast")
-IN_FLIGHT_VARIANTS = ("streams", "batched")
+IN_FLIGHT_VARIANTS = ("streams", "batched", "batched-matmul")
 ALPHA = 0.5  # any alpha < 1: the teacher's forward pass is part of every batch
 EVAL_IMAGES_PER_EPOCH = 5000 + 10000  # validation + test, evaluated after every epoch
 

@@ -85,11 +85,37 @@ class _GroupedLinear(nn.Module):
         return f"n_models={self.n_models}, in_features={self.in_features}, out_features={self.out_features}"
 
 
-def _batch_modules(module: nn.Module, n: int, factory: dict) -> None:
-    """Replace, in place and recursively, every Conv2d / BatchNorm2d by its n-model grouped version."""
+class _PointwiseMatmulConv2d(nn.Conv2d):
+    """A grouped 1x1 convolution of n models (weight (n*out, in, 1, 1), ``groups=n``: the layout of the grouped
+    convolution it replaces) computed as one batched matrix product: (n, B*H*W, in) @ (n, in, out). For channels-
+    last activations the reshapes are views; whether it beats cuDNN's grouped kernels is a measurement
+    (``TrainConfig.chains_in_flight = "batched-matmul"``). A stride s subsamples first (a 1x1 convolution with
+    stride s and no padding sees every s-th pixel)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, (s_h, s_w) = self.groups, self.stride
+        if (s_h, s_w) != (1, 1):
+            x = x[:, :, ::s_h, ::s_w]
+        batch, channels, height, width = x.shape
+        c_in, c_out = channels // n, self.out_channels // n
+        pixels = x.permute(0, 2, 3, 1).reshape(batch * height * width, n, c_in).transpose(0, 1)  # (n, BHW, in)
+        weight = self.weight.reshape(n, c_out, c_in).transpose(1, 2)  # (n, in, out)
+        out = torch.bmm(pixels, weight)  # (n, BHW, out)
+        out = out.transpose(0, 1).reshape(batch, height, width, n * c_out).permute(0, 3, 1, 2)
+        return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
+
+
+POINTWISE = ("conv", "matmul")
+
+
+def _batch_modules(module: nn.Module, n: int, factory: dict, pointwise: str = "conv") -> None:
+    """Replace, in place and recursively, every Conv2d / BatchNorm2d by its n-model grouped version (1x1
+    convolutions as batched matrix products where ``pointwise == "matmul"``)."""
     for name, child in module.named_children():
         if isinstance(child, nn.Conv2d):
-            new = nn.Conv2d(n * child.in_channels, n * child.out_channels, child.kernel_size, stride=child.stride,
+            matmul = (pointwise == "matmul" and child.kernel_size == (1, 1) and child.groups == 1
+                      and child.padding == (0, 0) and child.dilation == (1, 1))
+            new = (_PointwiseMatmulConv2d if matmul else nn.Conv2d)(n * child.in_channels, n * child.out_channels, child.kernel_size, stride=child.stride,
                             padding=child.padding, dilation=child.dilation, groups=n * child.groups,
                             bias=child.bias is not None, padding_mode=child.padding_mode, **factory)
         elif isinstance(child, nn.BatchNorm2d):
@@ -98,7 +124,7 @@ def _batch_modules(module: nn.Module, n: int, factory: dict) -> None:
         elif isinstance(child, (nn.Linear, nn.Conv1d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm3d)):
             raise TypeError(f"cannot batch {type(child).__name__} at {name!r}")  # not in a ResNet-50 body
         else:
-            _batch_modules(child, n, factory)
+            _batch_modules(child, n, factory, pointwise)
             continue
         setattr(module, name, new)
 
@@ -135,8 +161,11 @@ class BatchedResNet50(nn.Module):
     """
 
     def __init__(self, n_models: int, num_classes: int = 10, *, init: bool = True,
-                 device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+                 device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                 pointwise: str = "conv"):
         super().__init__()
+        if pointwise not in POINTWISE:
+            raise ValueError(f"pointwise must be one of {list(POINTWISE)}, got {pointwise!r}")
         self.n_models = _check_n_models(n_models)
         self.num_classes = _check_num_classes(num_classes)
         # The structure comes from a template built on the meta device: no memory, no RNG draws.
@@ -146,7 +175,7 @@ class BatchedResNet50(nn.Module):
             stem = _StemConv2d(n_models, template.conv1, **factory)
             fc = _GroupedLinear(n_models, template.fc.in_features, num_classes, **factory)
             body = nn.Sequential(template.bn1, template.layer1, template.layer2, template.layer3, template.layer4)
-            _batch_modules(body, n_models, factory)
+            _batch_modules(body, n_models, factory, pointwise)
         self.conv1 = stem
         self.bn1, self.relu, self.maxpool = body[0], template.relu, template.maxpool
         template.layer1, template.layer2, template.layer3, template.layer4 = body[1], body[2], body[3], body[4]
@@ -264,9 +293,10 @@ def _check_models(models) -> list[nn.Module]:
     return models
 
 
-def stack_models(models: Sequence[nn.Module]) -> BatchedResNet50:
+def stack_models(models: Sequence[nn.Module], pointwise: str = "conv") -> BatchedResNet50:
     """Fuse n torchvision resnet50 models (same num_classes; the same module may repeat) into one
-    :class:`BatchedResNet50` on their device and dtype, in train mode; the inputs are not modified."""
+    :class:`BatchedResNet50` on their device and dtype, in train mode; the inputs are not modified.
+    ``pointwise="matmul"``: its 1x1 convolutions as batched matrix products (same weights, same function)."""
     models = _check_models(models)
     fc = getattr(models[0], "fc", None)
     if not isinstance(fc, nn.Linear):
@@ -283,7 +313,8 @@ def stack_models(models: Sequence[nn.Module]) -> BatchedResNet50:
         if p.device != first.device or p.dtype != first.dtype:
             raise ValueError(f"models must share one device and dtype: models[0] is {first.device}/{first.dtype}, "
                              f"models[{i}] is {p.device}/{p.dtype}")
-    batched = BatchedResNet50(len(models), num_classes, init=False, device=first.device, dtype=first.dtype)
+    batched = BatchedResNet50(len(models), num_classes, init=False, device=first.device, dtype=first.dtype,
+                              pointwise=pointwise)
     for i, m in enumerate(models):
         batched.load_model_state_dict(i, m.state_dict())
     return batched
@@ -367,6 +398,7 @@ class BatchedStudents:
 
     models : n resnet50s (their initial or resumed weights, on the training device and memory format).
     alphas : their alphas. l2_coef : the L2 term's coefficient. lr : the schedule's 0-dim device tensor.
+    pointwise : "conv" (grouped 1x1 convolutions) or "matmul" (batched matrix products), see stack_models.
     The step minimizes the SUM of the n objectives (each model gets exactly its own gradient); the L2 term's
     value and its gradient ``coef * W_i / ||W_i||`` per model slice W_i are computed without autograd, by
     multi-tensor ops over views made once (gradients live in persistent buffers, so the views stay valid);
@@ -374,10 +406,10 @@ class BatchedStudents:
     """
 
     def __init__(self, models: Sequence[nn.Module], alphas: Sequence[float], l2_coef: float, lr: torch.Tensor,
-                 *, use_bf16: bool = False, memory_format=torch.contiguous_format):
+                 *, use_bf16: bool = False, memory_format=torch.contiguous_format, pointwise: str = "conv"):
         from sdlib.step import _BatchCounters  # noqa: PLC0415 (sdlib.step imports this module lazily)
         self.n, self.memory_format = len(models), memory_format
-        self.net = stack_models(models).to(memory_format=memory_format)
+        self.net = stack_models(models, pointwise).to(memory_format=memory_format)
         self.device = next(self.net.parameters()).device
         self.on_cuda = self.device.type == "cuda"
         self.use_bf16, self.coef, self.lr = use_bf16, float(l2_coef), lr

@@ -50,7 +50,7 @@ PROFILES: dict[str, dict[str, Any]] = {
 
 # How the models of one (seed, step) train together (TrainConfig.chains_in_flight) and how the step runs
 # (TrainConfig.capture); neither changes what is computed beyond rounding, so neither enters config_hash.
-CHAINS_IN_FLIGHT = ("off", "streams", "batched")
+CHAINS_IN_FLIGHT = ("off", "streams", "batched", "batched-matmul")
 CAPTURE_MODES = ("auto", "none", "graph", "reduce-overhead", "max-autotune")
 
 # Fields that do not change results: left out of config_hash, so a run may move between machines or folders,
@@ -72,7 +72,7 @@ def _is_real(value) -> bool:
 class TrainConfig:
     """Everything that defines a run; recorded in full with every result.
 
-    Build with ``TrainConfig.from_profile("paper" | "fast", **overrides)`` (or directly: the defaults are the
+    Build with ``TrainConfig.from_profile("paper" | "paper-bf16" | "fast", **overrides)`` (or directly: the defaults are the
     paper profile). Invalid values raise ValueError naming the field and what was expected.
 
     ``profile`` names the profile the values came from (a label: ``from_profile`` applies a profile's values).
@@ -87,7 +87,8 @@ class TrainConfig:
     config_hash): ``eval_every`` (epochs between evaluations; the last epoch is always evaluated and is what
     the records hold), ``chains_in_flight`` ("streams": the chains of one (seed, step) train together on the
     same batches, each its own network, on its own CUDA stream on a GPU; "batched": as one batched network,
-    :mod:`sdlib.batched`; "off": one model at a time), ``capture`` ("auto": the step as one CUDA graph on
+    :mod:`sdlib.batched`; "batched-matmul": the same with its 1x1 convolutions as batched matrix
+    products; "off": one model at a time), ``capture`` ("auto": the step as one CUDA graph on
     CUDA, eager elsewhere; "none"; "graph"; or the torch.compile mode "reduce-overhead" / "max-autotune").
     """
 
@@ -120,7 +121,8 @@ class TrainConfig:
 
     @classmethod
     def from_profile(cls, profile: str = "paper", **overrides) -> "TrainConfig":
-        """The named profile (``"paper"`` or ``"fast"``) with ``overrides`` applied (any field names)."""
+        """The named profile (``"paper"``, ``"paper-bf16"`` or ``"fast"``) with ``overrides`` applied (any
+        field names)."""
         if profile not in PROFILES:
             raise ValueError(f"profile must be one of {sorted(PROFILES)}, got {profile!r}")
         valid = {f.name for f in dataclasses.fields(cls)} - {"profile"}

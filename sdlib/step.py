@@ -395,7 +395,8 @@ class _Teachers:
     shared step-1 model): batch norms folded, in bf16 where the students train in bf16 autocast (the frozen
     weights are cast once, not at every step)."""
 
-    def __init__(self, members: list, memory_format, use_bf16: bool, batched: bool, bn_mode: str = "eval"):
+    def __init__(self, members: list, memory_format, use_bf16: bool, batched: bool, bn_mode: str = "eval",
+                 pointwise: str = "conv"):
         distinct, self.index = [], []
         for member in members:
             if member.alpha < 1.0:
@@ -410,7 +411,7 @@ class _Teachers:
         self.batched = batched and len(prepared) > 1
         if self.batched:
             from sdlib.batched import stack_models
-            self.models = [self._prepare(stack_models(distinct), memory_format, use_bf16)]
+            self.models = [self._prepare(stack_models(distinct, pointwise), memory_format, use_bf16)]
             device = next(self.models[0].parameters()).device
             self.member_index = torch.tensor([0 if i is None else i for i in self.index], device=device)
         else:
@@ -565,18 +566,22 @@ class GroupStep:
         if batched:
             from sdlib.batched import BatchedStudents
             self.students = BatchedStudents(models, alphas, config.l2_coef, self.schedule.lr, use_bf16=use_bf16,
-                                            memory_format=memory_format)
+                                            memory_format=memory_format, pointwise=self.pointwise(config))
             self.networks = self.students.networks()
         else:
             self.students = _Lockstep(models, alphas, config, self.schedule, device, use_bf16)
             self.networks = list(models)
-        self.teachers = _Teachers(members, memory_format, use_bf16, batched)
+        self.teachers = _Teachers(members, memory_format, use_bf16, batched, pointwise=self.pointwise(config))
         # float32 (float64 where the models are: the tests' exact comparisons of the in-flight paths)
         dtype = next(models[0].parameters()).dtype
         self.x = torch.zeros((config.batch_size, 3, 32, 32), dtype=torch.bfloat16 if use_bf16 else dtype,
                              device=device).contiguous(memory_format=memory_format)
         self.onehot = torch.zeros((config.batch_size, NUM_CLASSES), dtype=dtype, device=device)
         self.onehot_train = F.one_hot(y_train, NUM_CLASSES).to(dtype)
+
+    @staticmethod
+    def pointwise(config: TrainConfig) -> str:
+        return "matmul" if config.chains_in_flight == "batched-matmul" else "conv"
 
     def write_batch(self, x_train: torch.Tensor, index: torch.Tensor, generator: torch.Generator) -> None:
         """Outside the step: images ``x_train[index]`` augmented (drawing from ``generator``) and their one-hot
@@ -644,7 +649,8 @@ def distill_group(config: TrainConfig, data, *, seed: int, step: int, members: S
 
     ``config.chains_in_flight`` says how: "streams" (and "off", for a single member) step the members one
     after the other on each batch, on the CPU exactly the ops of separate runs, on CUDA each on its own stream;
-    "batched" fuses them into one :class:`sdlib.batched.BatchedResNet50` (same results up to rounding).
+    "batched" fuses them into one :class:`sdlib.batched.BatchedResNet50` (same results up to rounding),
+    "batched-matmul" the same with its 1x1 convolutions as batched matrix products.
     Members whose resumable states stand at different epochs are trained as separate groups.
     callback(event) : as for :func:`distill_step`, once per member at each epoch end.
     """
@@ -678,7 +684,7 @@ def distill_group(config: TrainConfig, data, *, seed: int, step: int, members: S
     on_cuda = device.type == "cuda"
     use_bf16 = config.bf16 and on_cuda
     memory_format = torch.channels_last if (config.channels_last and on_cuda) else torch.contiguous_format
-    batched = config.chains_in_flight == "batched" and len(members) > 1
+    batched = config.chains_in_flight in ("batched", "batched-matmul") and len(members) > 1
 
     models = []
     for state in states:

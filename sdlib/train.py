@@ -15,7 +15,7 @@ import time
 
 from sdlib import data as cifar  # noqa: F401  (tests patch cifar.load_splits through here)
 from sdlib.chains import pending_tasks, provenance, run_chains
-from sdlib.config import PROFILES, TrainConfig, effective_config, resolve_device
+from sdlib.config import CAPTURE_MODES, CHAINS_IN_FLIGHT, PROFILES, TrainConfig, effective_config, resolve_device
 from sdlib.records import chain_name
 from sdlib.step import StepResult, build_model, distill_step, distillation_loss, evaluate, l2_penalty
 
@@ -57,8 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sdlib.train",
                                 description="Self-distillation chains of ResNet-50 on CIFAR-10 (resumable).")
     p.add_argument("--profile", choices=sorted(PROFILES),
-                   help="paper (default): the authors' protocol; fast: batch 256, lr 1e-3, warmup+cosine, bf16 "
-                        "(CUDA)")
+                   help="paper (default): the authors' protocol; paper-bf16: the same in bf16 autocast (CUDA); "
+                        "fast: batch 256, lr 1e-3, warmup+cosine, bf16 (CUDA)")
     p.add_argument("--epochs", type=int, help="epochs per step")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
@@ -80,6 +80,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
     p.add_argument("--eval-batch-size", type=int)
     p.add_argument("--checkpoint-every", type=int, help="epochs between resumable checkpoints")
+    p.add_argument("--eval-every", type=int, help="epochs between evaluations (and the last; default 5)")
+    p.add_argument("--chains-in-flight", choices=CHAINS_IN_FLIGHT,
+                   help="the chains of a step: streams (default; each its own network, together), batched (one "
+                        "batched network) or off (one at a time)")
+    p.add_argument("--capture", choices=CAPTURE_MODES,
+                   help="the training step: auto (default: one CUDA graph on CUDA), none, graph, or a "
+                        "torch.compile mode")
     p.add_argument("--no-bf16", action="store_true")
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--no-progress", action="store_true")

@@ -309,3 +309,28 @@ def test_bad_loss_input_raises_value_error():
         batched_distillation_loss(logits, labels, (0.5,) * N_MODELS, teacher[:2])
     with pytest.raises(ValueError, match="teacher_probs"):
         batched_distillation_loss(logits, labels, (1.0, 0.5, 1.0), None)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pointwise_matmul_network_equals_the_grouped_convolution_one(channels_last):
+    """pointwise="matmul" (1x1 convolutions, strided downsamples included, as batched matrix products) is the
+    same function with the same weights and gradients as the grouped-convolution network."""
+    models = _models()
+    conv = stack_models(models)
+    matmul = stack_models(models, pointwise="matmul")
+    assert sum(type(m).__name__ == "_PointwiseMatmulConv2d" for m in matmul.modules()) == 36  # 1x1 convs
+    assert set(conv.state_dict()) == set(matmul.state_dict())
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    conv, matmul = conv.to(memory_format=memory_format), matmul.to(memory_format=memory_format)
+    x, labels, teacher_probs = _batch()
+    x = x.contiguous(memory_format=memory_format)
+    outputs = []
+    for net in (conv, matmul):
+        logits = net(x)
+        batched_distillation_loss(logits, labels, ALPHAS, teacher_probs).sum().backward()
+        outputs.append((logits.detach(), {k: p.grad for k, p in net.named_parameters()}))
+    _assert_close(outputs[1][0], outputs[0][0], "logits")
+    for key, grad in outputs[0][1].items():
+        _assert_close(outputs[1][1][key], grad, f"grad {key}")
+    with pytest.raises(ValueError, match="pointwise must be one of"):
+        BatchedResNet50(2, pointwise="gemm")

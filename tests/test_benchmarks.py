@@ -127,3 +127,23 @@ def test_ab_trains_float32_and_bf16_from_the_same_start(tiny_cifar_root, tmp_pat
     assert math.isclose(first["float32"], sum(ab["float32"][:2]) / 2, rel_tol=1e-12)
     assert math.isclose(first["gap"], first["bf16"] - first["float32"], rel_tol=1e-9)
     assert written["provenance"]["git_commit"] and written["benchmark"] == "train_throughput_ab"
+
+
+def test_step_ops_counts_the_step_by_phase(tmp_path):
+    """benchmarks/step_ops.py on two modes (batch 2: the counts do not depend on it), written with provenance."""
+    spec = importlib.util.spec_from_file_location("step_ops", ROOT / "benchmarks" / "step_ops.py")
+    step_ops = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(step_ops)
+    out = tmp_path / "ops.json"
+    written = step_ops.main(["--modes", "paper-before,paper", "--batch-size", "2", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(written))
+    assert written["provenance"]["torch"] and written["benchmark"] == "step_ops"
+    before, lean = written["modes"]["paper-before"], written["modes"]["paper"]
+    for r in (before, lean):
+        assert sum(r["by_phase"].values()) == r["ops_per_step"] == r["ops_per_model_step"]
+        assert 0 < r["compute_ops_per_step"] < r["ops_per_step"]
+    # The L2 term differentiated by autograd, one parameter tensor at a time, was most of the old backward.
+    assert before["by_phase"]["backward"] > 161 * 4 > lean["by_phase"]["backward"]
+    assert lean["by_phase"]["update"] <= 20 and lean["host_ops_per_step_when_captured"] == lean["by_phase"]["batch"]
+    with pytest.raises(SystemExit):
+        step_ops.parse_args(["--modes", "paper,warp"])
