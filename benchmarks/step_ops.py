@@ -87,14 +87,14 @@ class OpCounter(TorchDispatchMode):
             self.counts[self.phase][name] += 1
         return func(*args, **(kwargs or {}))
 
-    def summary(self, n_models: int) -> dict:
+    def summary(self, n_models: int, captured: bool = True) -> dict:
         by_phase = {phase: sum(c.values()) for phase, c in self.counts.items()}
         total = sum(by_phase.values())
         every = sum(self.counts.values(), collections.Counter())
         compute = sum(k for name, k in every.items() if name not in METADATA_OPS)
         return {"models": n_models, "ops_per_step": total, "ops_per_model_step": total / n_models,
                 "compute_ops_per_step": compute, "compute_ops_per_model_step": compute / n_models,
-                "host_ops_per_step_when_captured": by_phase["batch"],
+                "host_ops_per_step_when_captured": by_phase["batch"] if captured else None,
                 "by_phase": by_phase, "top_ops": dict(every.most_common(15))}
 
 
@@ -121,7 +121,7 @@ def count_reference(batch_size: int) -> dict:
         # teacher, student forward + loss, backward, then zero_grad/Adam/item after it
         counter.start("forward")
         bench.reference_step(student, teacher, optimizer, x, y, torch.device("cpu"))
-    return counter.summary(1)
+    return counter.summary(1, captured=False)
 
 
 def count_paper_before(batch_size: int) -> dict:
@@ -157,7 +157,7 @@ def count_paper_before(batch_size: int) -> dict:
     counter = OpCounter()
     with counter:
         body(counter)
-    return counter.summary(1)
+    return counter.summary(1, captured=False)
 
 
 def count_group(profile: str, alphas, distinct_teachers: bool, in_flight: str, batch_size: int) -> dict:
