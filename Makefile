@@ -10,7 +10,7 @@ MATHJAX_VERSION := 3.2.2
 MATHJAX_DIR     := book/_static/mathjax
 MATHJAX_TMP     := _build/.mathjax-download
 
-.PHONY: book test setup-book setup-test mathjax clean
+.PHONY: book test setup-book setup-test mathjax chromium clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,20 @@ $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.book-installed
 
 setup-book: $(VENV)/.book-installed mathjax
-setup-test: $(VENV)/.test-installed mathjax
+setup-test: $(VENV)/.test-installed mathjax chromium
+
+# tests/test_browser.py opens the built book in Debian's Chromium (driven by Playwright, which never downloads
+# a browser here). Installed where missing when we are root; otherwise say how.
+CHROMIUM := /usr/bin/chromium
+chromium:
+	@if [ ! -x $(CHROMIUM) ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
+	  else \
+	    echo "the browser test needs $(CHROMIUM): run 'sudo apt-get update && sudo apt-get install -y chromium'" >&2; \
+	    exit 1; \
+	  fi; \
+	fi
 
 # MathJax is served from the build so that math renders with no network: the npm package's es5/
 # folder (tex-chtml.js with its fonts and TeX extensions) is unpacked into book/_static/mathjax,

@@ -6,7 +6,7 @@
 sets.yaml (or .json): a list of {name, parameters}, or a mapping name -> parameters, e.g.
 
     - name: fast-2epochs
-      parameters: {train: true, profile: fast, epochs: 2, seeds: [0], results_dir: results/fast-2epochs}
+      parameters: {train: true, profile: fast, epochs: 2, seeds: [0], results_dir: runs/fast-2epochs}
     - name: report
       parameters: {results_dir: results/cifar10, figure_path: runs/figures/report.png}
 

@@ -343,7 +343,8 @@ def batched_distillation_loss(logits: torch.Tensor, labels: torch.Tensor, alphas
         as distillation_loss does (bf16/fp16/fp32 logits), or in float64 for float64 logits, so that float64
         equivalence tests are not seeded with float32 noise. Returns (n,) of that dtype.
     labels : (B,) int64 class indices, shared by the n models.
-    alphas : (n,) weights of the labels in [0, 1] (sequence or tensor).
+    alphas : (n,) weights of the labels, finite (in [0, 1] for fixed chains; an unbounded alpha-hat may lie
+        outside), a sequence or tensor.
     teacher_probs : (n, B, K) teacher softmax outputs, or None when every alpha is 1. Rows of models with
         alpha == 1 are ignored (any placeholder, even NaN, is fine there).
     Minimize ``losses.sum()`` (plus the L2 terms): each model then gets exactly its own gradient.
@@ -357,14 +358,15 @@ def batched_distillation_loss(logits: torch.Tensor, labels: torch.Tensor, alphas
                          f"{(tuple(labels.shape), labels.dtype) if isinstance(labels, torch.Tensor) else labels!r}")
     alpha_values = alphas.detach().cpu().tolist() if isinstance(alphas, torch.Tensor) else alphas
     if isinstance(alpha_values, (str, bytes)) or not isinstance(alpha_values, Sequence):
-        raise ValueError(f"alphas must be a sequence of {n} floats in [0, 1], got {alphas!r}")
+        raise ValueError(f"alphas must be a sequence of {n} finite floats, got {alphas!r}")
     alpha_values = list(alpha_values)
     if len(alpha_values) != n:
         raise ValueError(f"alphas must have one entry per model (n_models = {n} from logits), "
                          f"got {len(alpha_values)}")
     for a in alpha_values:
-        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0 or math.isnan(a):
-            raise ValueError(f"alphas must lie in [0, 1], got {alpha_values!r}")
+        # fixed alphas lie in [0, 1]; an unbounded alpha-hat (TrainConfig.alpha_hat_bounds=None) may not
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a):
+            raise ValueError(f"alphas must be finite numbers, got {alpha_values!r}")
     needs_teacher = any(a != 1.0 for a in alpha_values)
     if teacher_probs is None:
         if needs_teacher:
@@ -521,10 +523,14 @@ class BatchedStudents:
 def evaluate_batched(net: BatchedResNet50, x_uint8: torch.Tensor, y: torch.Tensor, batch_size: int = 1000,
                      bf16: bool = False, channels_last: bool = False, return_probs: bool = False) -> list[dict]:
     """:func:`sdlib.step.evaluate` of each of the n models of ``net`` (put in eval mode) at once: a list of n
-    ``{"acc", "loss"}`` (plus ``"probs"``, float32 (N, C) on the CPU, with ``return_probs``)."""
+    ``{"acc", "loss"}`` (plus ``"probs"``, float32 (N, C) on the CPU, with ``return_probs``). With N = 0 (no
+    validation split: ``n_val=0``) acc and loss are None, as evaluate gives."""
     from sdlib import data as cifar  # noqa: PLC0415
     net.eval()
     device, n = x_uint8.device, net.n_models
+    if len(x_uint8) == 0:
+        return [{"acc": None, "loss": None, **({"probs": torch.zeros(0, net.num_classes)} if return_probs else {})}
+                for _ in range(n)]
     dtype = next(net.parameters()).dtype
     correct = torch.zeros(n, device=device, dtype=torch.int64)
     squared = torch.zeros(n, device=device, dtype=torch.float64)

@@ -3,8 +3,9 @@ chain (Algorithm 1), resumable, with their records and provenance.
 
 Layout of a run (see :func:`run_chains`)::
 
-    results_dir/records.jsonl        one JSON object per (seed, chain, step): final metrics, config, provenance
-    results_dir/epochs.jsonl         one per (seed, chain, step, epoch): the training curves
+    results_dir/records.jsonl        one JSON object per (config_hash, seed, chain, step): final metrics, config,
+                                     provenance (appended through sdlib.store; other configs' records stay)
+    results_dir/epochs.jsonl         one per (config_hash, seed, chain, step, epoch): the training curves
     results_dir/probe_epochs.jsonl   the same for the alpha-hat chain's alpha = 0 probes (chain "alpha_hat_probe")
     checkpoint_dir/<config_hash>/seed<s>/<chain>/step<t>.pt        final weights, the next step's teacher
     checkpoint_dir/<config_hash>/seed<s>/<chain>/step<t>.state.pt  resumable state while the step trains
@@ -14,8 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import fcntl
-import json
 import os
 import platform
 import subprocess
@@ -32,45 +31,14 @@ from tqdm.auto import tqdm
 from sdlib import data as cifar
 from sdlib.alpha import least_squares_alpha
 from sdlib.config import NUM_CLASSES, TrainConfig, effective_config, resolve_device
-from sdlib.records import (ALPHA_HAT_CHAIN, EPOCHS_FILE, PROBE_CHAIN, PROBE_EPOCHS_FILE, RECORDS_FILE, SHARED_CHAIN,
-                           chain_name, write_atomically)
-from sdlib.step import Member, atomic_torch_save, build_model, cpu_state, distill_group
+from sdlib.records import ALPHA_HAT_CHAIN, PROBE_CHAIN, SHARED_CHAIN, chain_name, remove_stale_temporaries
+from sdlib.store import ResultsStore, check_writable_dir
+from sdlib.step import Member, atomic_torch_save, build_model, cpu_state, distill_group, load_checkpoint
 
-__all__ = ["run_chains", "pending_tasks", "provenance"]
+__all__ = ["run_chains", "pending_tasks", "provenance", "DataMismatchError"]
 
 
 # --------------------------------------------------------------------------------------- records and provenance
-
-
-@contextlib.contextmanager
-def _locked(path: Path):
-    """An exclusive advisory lock on ``path`` + ".lock" (concurrent jobs writing one results_dir)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(str(path) + ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
-
-
-def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    write_atomically(path, lambda handle: handle.writelines(json.dumps(row) + "\n" for row in rows))
-
-
-def _upsert_jsonl(path: Path, new_rows: list[dict], key_fields: tuple[str, ...]) -> None:
-    """Rewrite ``path`` atomically (under its lock) with ``new_rows`` replacing rows of the same key."""
-    with _locked(path):
-        keys = {tuple(row[k] for k in key_fields) for row in new_rows}
-        rows = [row for row in _read_jsonl(path) if tuple(row.get(k) for k in key_fields) not in keys]
-        _write_jsonl_atomic(path, rows + new_rows)
 
 
 def _git(*args: str) -> str | None:
@@ -131,13 +99,13 @@ class _ChainRunner:
     """The bookkeeping of :func:`run_chains`: which model of (seed, chain, step) exists where, and training
     the missing ones with the right teacher."""
 
-    def __init__(self, config: TrainConfig, device: torch.device, progress: bool, callback):
+    def __init__(self, config: TrainConfig, device: torch.device, progress: bool, callback, store: ResultsStore,
+                 config_hash: str):
         self.config, self.device, self.progress, self.callback = config, device, progress, callback
-        self.hash = config.config_hash()
+        self.hash, self.store = config_hash, store
         self.results_dir = Path(config.results_dir)
         self.ckpt_root = Path(config.checkpoint_dir) / self.hash
-        self.records = {(r["seed"], r["chain"], r["step"]): r
-                        for r in _read_jsonl(self.results_dir / RECORDS_FILE) if r.get("config_hash") == self.hash}
+        self.records = store.records(self.hash)
         self.data = None
         self.provenance = None
         self.models: dict[tuple, torch.nn.Module] = {}  # final models of the latest step, as teachers
@@ -152,8 +120,11 @@ class _ChainRunner:
     def ensure_data(self):
         if self.data is None:
             c = self.config
-            self.data = cifar.load_splits(c.data_root, n_val=c.n_val, split_seed=c.split_seed, subset=c.subset,
-                                          device=self.device, download=c.download)
+            data = cifar.load_splits(c.data_root, n_val=c.n_val, split_seed=c.split_seed, subset=c.subset,
+                                     device=self.device, download=False,
+                                     progress=None if self.progress else False)
+            _check_fingerprint(c, data.meta["fingerprint"])
+            self.data = data
             self.provenance = provenance(self.device)
 
     def teacher_key(self, seed, chain, step):
@@ -179,7 +150,7 @@ class _ChainRunner:
         return self._load_or_train(key, self.summaries)
 
     def load_final(self, key):
-        checkpoint = torch.load(self.final_path(*key), map_location="cpu", weights_only=True)
+        checkpoint = load_checkpoint(self.final_path(*key))
         memory_format = torch.channels_last if (self.config.channels_last and self.device.type == "cuda") \
             else torch.contiguous_format
         model = build_model().to(self.device, memory_format=memory_format)
@@ -201,9 +172,12 @@ class _ChainRunner:
         self.ensure_data()
         onehot = F.one_hot(self.data.y_val.cpu(), NUM_CLASSES).double().numpy()
         f1, g = f1.cpu().double().numpy(), probe["val_probs"].cpu().double().numpy()
-        alpha_hat = least_squares_alpha(onehot, f1, g)
-        return alpha_hat, {"alpha_hat": alpha_hat, "probe_val_acc": probe["val_acc"],
-                           "probe_test_acc": probe["test_acc"]}
+        # Algorithm 1: the least-squares alpha over all reals, then clipped to alpha_hat_bounds (None: not at all).
+        unconstrained = least_squares_alpha(onehot, f1, g, bounds=None)
+        bounds = self.config.alpha_hat_bounds
+        alpha_hat = unconstrained if bounds is None else min(max(unconstrained, bounds[0]), bounds[1])
+        return alpha_hat, {"alpha_hat": alpha_hat, "alpha_hat_unconstrained": unconstrained,
+                           "probe_val_acc": probe["val_acc"], "probe_test_acc": probe["test_acc"]}
 
     def probe_key(self, seed, step):
         # At step 2 the probe (alpha = 0, teacher = the shared model, init and data order seeded by (seed, 2))
@@ -216,11 +190,12 @@ class _ChainRunner:
         self.train_group([key])
 
     def epoch_writer(self, chain: str) -> Callable[[dict], None]:
-        """The on_epoch callback of a model of ``chain``: its epoch log into epochs.jsonl (probe_epochs.jsonl)."""
-        epochs_file = self.results_dir / (PROBE_EPOCHS_FILE if chain == PROBE_CHAIN else EPOCHS_FILE)
+        """The on_epoch callback of a model of ``chain``: its epoch log appended to the store's epochs
+        (probe_epochs for a probe)."""
 
         def on_epoch(log):
-            _upsert_jsonl(epochs_file, [{**log, "config_hash": self.hash}], ("seed", "chain", "step", "epoch"))
+            self.store.append_epoch({**log, "config_hash": self.hash, "profile": self.config.profile},
+                                    probe=chain == PROBE_CHAIN)
 
         return on_epoch
 
@@ -233,12 +208,13 @@ class _ChainRunner:
         members, extras = [], []
         for key in keys:
             alpha, extra = self.alpha_for(key)
-            teacher = self.model(self.teacher_key(*key)) if alpha < 1.0 else None
+            teacher = self.model(self.teacher_key(*key)) if alpha != 1.0 else None
+            for path in (self.state_path(*key), self.final_path(*key)):  # what a killed save left (only we write)
+                remove_stale_temporaries(path)
             members.append(Member(chain=key[1], alpha=alpha, teacher=teacher, state_path=self.state_path(*key),
                                   on_epoch=self.epoch_writer(key[1])))
             extras.append(extra)
         self.ensure_data()
-        self.results_dir.mkdir(parents=True, exist_ok=True)
         results = distill_group(self.config, self.data, seed=seed, step=step, members=members, device=self.device,
                                 callback=self.callback, progress=self.progress)
         for key, member, result, extra in zip(keys, members, results, extras):
@@ -280,16 +256,16 @@ class _ChainRunner:
         self.ensure_data()
         record = {
             "seed": seed, "chain": chain, "step": step, "alpha": s["alpha"],
-            "alpha_hat": s.get("alpha_hat"), "probe_val_acc": s.get("probe_val_acc"),
-            "probe_test_acc": s.get("probe_test_acc"),
+            "alpha_hat": s.get("alpha_hat"), "alpha_hat_unconstrained": s.get("alpha_hat_unconstrained"),
+            "probe_val_acc": s.get("probe_val_acc"), "probe_test_acc": s.get("probe_test_acc"),
             "epochs": s["epochs"], "val_acc": s["val_acc"], "val_loss": s["val_loss"], "test_acc": s["test_acc"],
-            "test_loss": s["test_loss"], "train_loss": s["train_loss"], "wall_time_s": s["wall_time_s"],
+            "test_loss": s["test_loss"], "best_test_acc": s.get("best_test_acc"),
+            "best_test_epoch": s.get("best_test_epoch"), "train_loss": s["train_loss"], "wall_time_s": s["wall_time_s"],
             "images_per_s": s["images_per_s"],
             "profile": self.config.profile, "config_hash": self.hash, "config": self.config.to_dict(),
             "provenance": {**self.provenance, "date": _utc_now()}, "data": self.data.meta,
         }
-        # One record per (seed, chain, step) in a results_dir: a record of another config is replaced.
-        _upsert_jsonl(self.results_dir / RECORDS_FILE, [record], ("seed", "chain", "step"))
+        self.store.append_record(record)  # appended: records of other configs stay, the last of a key counts
         self.records[key] = record
 
     def release_before(self, seed, step):
@@ -309,25 +285,44 @@ def _tasks(config: TrainConfig) -> list[tuple[int, str, int]]:
     return tasks
 
 
-def pending_tasks(config: TrainConfig) -> list[tuple[int, str, int]]:
-    """The (seed, chain, step) of ``config`` with no record of its ``config_hash`` in ``results_dir`` yet, in
-    training order: what :func:`run_chains` would train (the alpha-hat probes, which have no records, aside).
-    Reads ``records.jsonl`` only (no torch work, no data). With ``device="auto"`` the records sought are those
-    of the config as given (a CUDA run's); with a named device, those of :func:`effective_config` there."""
-    if not isinstance(config, TrainConfig):
-        raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
+class DataMismatchError(ValueError):
+    """The data under ``data_root`` are not those the config's ``data_fingerprint`` names."""
+
+
+def _check_fingerprint(config: TrainConfig, actual: str | None) -> None:
+    if config.data_fingerprint is not None and actual is not None and actual != config.data_fingerprint:
+        raise DataMismatchError(
+            f"the CIFAR-10 copy under data_root {config.data_root!r} has fingerprint {actual}, but the config's "
+            f"data_fingerprint is {config.data_fingerprint}: its records and teachers belong to other data. Point "
+            f"data_root at the data the config was made for, or drop data_fingerprint (results then go under the "
+            f"hash of these data)")
+
+
+def _effective_for_lookup(config: TrainConfig) -> TrainConfig:
     if config.device != "auto":
         with warnings.catch_warnings():  # the run itself warns about bf16 / channels_last off the GPU
             warnings.simplefilter("ignore", RuntimeWarning)
             config = effective_config(config, torch.device(config.device))
-    config_hash = config.config_hash()
-    done = {(r["seed"], r["chain"], r["step"]) for r in _read_jsonl(Path(config.results_dir) / RECORDS_FILE)
-            if r.get("config_hash") == config_hash}
+    return config
+
+
+def pending_tasks(config: TrainConfig, skip_bad_lines: bool = False) -> list[tuple[int, str, int]]:
+    """The (seed, chain, step) of ``config`` with no record of its ``config_hash`` in ``results_dir`` yet, in
+    training order: what :func:`run_chains` would train (the alpha-hat probes, which have no records, aside).
+    Reads ``records.jsonl`` (through :class:`sdlib.store.ResultsStore`) and, for the hash, the data's
+    fingerprint: ``config.data_fingerprint`` if set (no data needed), else that of the copy under data_root
+    (its files hashed once per process; no data there: every task is pending). No torch work. With
+    ``device="auto"`` the records sought are those of the config as given (a CUDA run's); with a named device,
+    those of :func:`effective_config` there."""
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
+    config = _effective_for_lookup(config)
+    done = ResultsStore(config.results_dir, skip_bad_lines).records(config.config_hash())
     return [task for task in _tasks(config) if task not in done]
 
 
-def run_chains(config: TrainConfig, progress: bool = True, callback: Callable[[dict], None] | None = None
-               ) -> list[dict]:
+def run_chains(config: TrainConfig, progress: bool = True, callback: Callable[[dict], None] | None = None,
+               skip_bad_lines: bool = False) -> list[dict]:
     """Train every (seed, chain, step) of ``config`` that is not finished yet; return all their records.
 
     Per seed: the shared step-1 model (labels only, chain ``"shared"``), then for each step t >= 2 every fixed
@@ -337,9 +332,17 @@ def run_chains(config: TrainConfig, progress: bool = True, callback: Callable[[d
 
     Finished steps (a record with this config's ``config_hash`` in ``results_dir/records.jsonl``) are skipped
     without loading data; an unfinished one resumes from its last epoch checkpoint. As ``config_hash`` leaves
-    out seeds, chains and steps, a run can be extended (more seeds, alphas or steps) and reuses what exists.
-    The records file keeps one record per (seed, chain, step): a record of another config is replaced (with
-    a warning at the start). Data are loaded once per call (:func:`sdlib.data.load_splits`).
+    out seeds, chains and steps, a run can be extended (more seeds, alphas or steps) and reuses what exists;
+    as it holds the data's fingerprint, nothing trained on other data is reused. Records and epochs are
+    appended (:class:`sdlib.store.ResultsStore`): those of other configs in the same folder stay. Data are
+    loaded once per call (:func:`sdlib.data.load_splits`).
+
+    Before any work: ``results_dir`` and ``checkpoint_dir`` are created and checked writable
+    (:class:`sdlib.store.NotWritableError`), the data are downloaded if asked (:class:`sdlib.data.DownloadError`)
+    and checked against ``data_fingerprint`` (:class:`DataMismatchError`); without data and without
+    ``data_fingerprint`` a FileNotFoundError says how to get them. A corrupt checkpoint raises
+    :class:`sdlib.step.CorruptCheckpointError` naming the file to delete. ``skip_bad_lines``: skip unreadable
+    lines of records.jsonl (with a warning) instead of raising :class:`sdlib.store.UnreadableLineError`.
 
     With ``config.chains_in_flight`` "streams" or "batched" the fixed-alpha chains of a (seed, step), and the
     alpha-hat chain's probe, train in flight (:meth:`_ChainRunner.in_flight`, :func:`sdlib.step.distill_group`);
@@ -353,8 +356,12 @@ def run_chains(config: TrainConfig, progress: bool = True, callback: Callable[[d
 
     Returns one record per (seed, chain, step) of the config, in training order (step 1 once per seed, chain
     ``"shared"``; the other chains from step 2): seed, chain, step, alpha (alpha-hat for the alpha-hat chain),
-    alpha_hat, probe_val_acc, probe_test_acc (alpha-hat chain; else None), epochs, val_acc, val_loss, test_acc,
-    test_loss (accuracies in [0, 1]; losses: MSE of softmax outputs to one-hot labels), train_loss (last epoch,
+    alpha_hat (the value used: the least-squares alpha clipped to ``config.alpha_hat_bounds``),
+    alpha_hat_unconstrained (the least-squares alpha over all reals), probe_val_acc, probe_test_acc (alpha-hat
+    chain; else None), epochs, val_acc, val_loss (None with n_val=0), test_acc, test_loss (of the last epoch:
+    accuracies in [0, 1]; losses: MSE of softmax outputs to one-hot labels), best_test_acc, best_test_epoch (the
+    best test accuracy over the evaluated epochs and its epoch; None in a record whose step finished before
+    these fields existed), train_loss (last epoch,
     objective incl. the L2 term), wall_time_s, images_per_s (training images per second), profile,
     config_hash, config (the effective :meth:`TrainConfig.to_dict`), provenance, data (the splits' meta).
     """
@@ -367,14 +374,21 @@ def run_chains(config: TrainConfig, progress: bool = True, callback: Callable[[d
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
 
-    runner = _ChainRunner(config, device, progress, callback)
+    actual = cifar.data_fingerprint(config.data_root)
+    if actual is None and config.data_fingerprint is None and not config.download:
+        raise FileNotFoundError(cifar.how_to_get_data(config.data_root))
+    store = ResultsStore(config.results_dir, skip_bad_lines)
+    store.check_writable()
+    check_writable_dir(config.checkpoint_dir, "checkpoint_dir")
+    if actual is None and config.download:
+        cifar.download_cifar10(config.data_root)
+        actual = cifar.data_fingerprint(config.data_root)
+    _check_fingerprint(config, actual)
+    config_hash = config.config_hash(actual)
+    runner = _ChainRunner(config, device, progress, callback, store, config_hash)
+    check_writable_dir(runner.ckpt_root, "checkpoint_dir")
     tasks = _tasks(config)
     pending = [task for task in tasks if task not in runner.records]
-    stale = {r.get("config_hash") for r in _read_jsonl(runner.results_dir / RECORDS_FILE)} - {runner.hash}
-    if pending and stale:
-        warnings.warn(f"{runner.results_dir / RECORDS_FILE} holds records of other configs {sorted(stale)}; "
-                      f"records of this config ({runner.hash}) replace them step by step", RuntimeWarning,
-                      stacklevel=2)
     bar = tqdm(total=len(tasks), initial=len(tasks) - len(pending), desc="self-distillation", unit="step",
                disable=not progress or not pending)
     for seed, chain, step in tasks:

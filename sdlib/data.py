@@ -27,7 +27,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
+
+try:  # the data's fingerprint (config_hash) needs no torch, and the book's environment has none
+    import torch
+except ImportError:  # pragma: no cover - exercised by test_protocols in a subprocess
+    torch = None
 
 from sdlib.records import write_atomically
 
@@ -38,10 +42,13 @@ __all__ = [
     "CIFAR10Splits",
     "augment",
     "crop_flip",
+    "data_fingerprint",
     "detect_layout",
+    "download_cifar10",
     "load_cifar10",
     "load_splits",
     "normalize",
+    "split_fingerprint",
     "sample_crop_flip",
     "stratified_split",
 ]
@@ -65,6 +72,11 @@ _CACHE_FORMAT = 1
 _PROGRESS_MIN_IMAGES = 5000
 
 
+
+def _require_torch(what: str) -> None:
+    if torch is None:
+        raise ImportError(f"sdlib.data.{what} needs PyTorch: pip install -e '.[cifar]'")
+
 def _how_to_get_data(root: Path, split: str) -> str:
     return (
         f"CIFAR-10 ({split} split) not found under {str(root)!r}. Expected either torchvision's standard form "
@@ -73,6 +85,11 @@ def _how_to_get_data(root: Path, split: str) -> str:
         f"through torchvision), or run torchvision.datasets.CIFAR10({str(root)!r}, download=True) yourself, "
         f"or unpack the ImageFolder tarball: mkdir -p {root} && tar -xJf cifar10-jpeg.tar.xz -C {root}"
     )
+
+
+def how_to_get_data(root: str | os.PathLike) -> str:
+    """The message of a missing CIFAR-10 under ``root``: the forms read, and how to get either."""
+    return _how_to_get_data(_check_root(root), "train")
 
 
 # --------------------------------------------------------------------------------------------- parameter checks
@@ -133,8 +150,9 @@ def detect_layout(root: str | os.PathLike, split: str = "train") -> str | None:
     return None
 
 
-def _list_image_folder(split_dir: Path) -> tuple[list[str], np.ndarray, list[tuple[str, int, int]]]:
-    """Files of ``split_dir/<class>/`` in ImageFolder order, their labels, and (relpath, size, mtime_ns) records.
+def _list_image_folder(split_dir: Path) -> tuple[list[str], np.ndarray, list[tuple]]:
+    """Files of ``split_dir/<class>/`` in ImageFolder order, their labels, and (relpath, size, mtime_ns,
+    ctime_ns, inode) records (the key under which a content fingerprint is remembered, see :func:`_content_hash`).
 
     Order: classes in :data:`CIFAR10_CLASSES` order, inside a class ``sorted(os.walk(...))`` and sorted file
     names, exactly as ``torchvision.datasets.ImageFolder`` orders its samples. Hidden files and folders
@@ -156,7 +174,7 @@ def _list_image_folder(split_dir: Path) -> tuple[list[str], np.ndarray, list[tup
         )
     paths: list[str] = []
     labels: list[int] = []
-    records: list[tuple[str, int, int]] = []
+    records: list[tuple] = []
     for label, name in enumerate(CIFAR10_CLASSES):
         class_dir = split_dir / name
         n_before = len(paths)
@@ -170,7 +188,8 @@ def _list_image_folder(split_dir: Path) -> tuple[list[str], np.ndarray, list[tup
                 st = os.stat(path)
                 paths.append(path)
                 labels.append(label)
-                records.append((os.path.relpath(path, split_dir), st.st_size, st.st_mtime_ns))
+                records.append((os.path.relpath(path, split_dir), st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+                                st.st_ino))
         if len(paths) == n_before:
             raise ValueError(
                 f"class folder {str(class_dir)!r} holds no images; expected files ending in {IMAGE_EXTENSIONS}"
@@ -258,17 +277,82 @@ def _decode_images(paths: Sequence[str], progress: bool) -> np.ndarray:
     return out
 
 
-def _fingerprint(split: str, records: list[tuple[str, int, int]]) -> str:
+# Content fingerprints, remembered per process under the files' stat records: any write of a file changes its
+# ctime (which no user call can set back, unlike the mtime), a copy changes its inode; either way the files are
+# hashed again.
+_CONTENT_HASHES: dict[tuple, str] = {}
+
+
+def _content_hash(kind: str, files: Sequence[tuple[str, str, int]], records: Sequence[tuple] | None = None) -> str:
+    """sha256 over ``kind`` and, per file in order, its relative name, its label and the sha256 of its bytes.
+
+    files : (path, relative name, label) per file (label -1 where the file holds its own labels: pickles).
+    records : the files' (relpath, size, mtime_ns, ctime_ns, inode) if already listed (else they are stat'ed).
+    About 0.7 s for the 60,000 JPEGs of CIFAR-10 (235 MB) on tmpfs, 0.3 s for the pickles."""
+    if records is None:
+        records = [(rel, *(lambda st: (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))(os.stat(path)))
+                   for path, rel, _ in files]
+    stats = [(*record, label) for record, (_, _, label) in zip(records, files)]
+    key = (kind, hashlib.sha256(repr(stats).encode()).hexdigest())
+    if key not in _CONTENT_HASHES:
+        h = hashlib.sha256(f"sdlib-cifar10-content v1 {kind}\n".encode())
+        for path, rel, label in files:
+            with open(path, "rb") as handle:
+                digest = hashlib.sha256(handle.read()).hexdigest()
+            h.update(f"{rel}\0{label}\0{digest}\n".encode())
+        _CONTENT_HASHES[key] = h.hexdigest()
+    return _CONTENT_HASHES[key]
+
+
+def _source_files(root: Path, split: str) -> tuple[str, list[tuple[str, str, int]], list | None] | None:
+    """(layout, files and records for :func:`_content_hash`) of a split, or None where the split is absent."""
+    layout = detect_layout(root, split)
+    if layout is None:
+        return None
+    if layout == "pickle":
+        pdir = _pickle_dir(root)
+        names = (PICKLE_META_FILE, *(PICKLE_TRAIN_FILES if split == "train" else PICKLE_TEST_FILES))
+        return layout, [(str(pdir / name), name, -1) for name in names if (pdir / name).is_file()], None
+    paths, labels, records = _list_image_folder(root / split)
+    split_dir = root / split
+    return layout, [(p, os.path.relpath(p, split_dir), int(y)) for p, y in zip(paths, labels)], records
+
+
+def split_fingerprint(root: str | os.PathLike, split: str = "train") -> str | None:
+    """A content fingerprint (sha256 hex) of one split's images and labels under ``root``: the bytes of every
+    image file with its class (ImageFolder), or of the pickle files; None where the split is absent.
+    Another copy of the same files gives the same fingerprint; any changed byte gives another."""
+    root = _check_root(root)
+    split = _check_split(split)
+    found = _source_files(root, split)
+    return None if found is None else _content_hash(f"{split}-{found[0]}", found[1], found[2])
+
+
+def data_fingerprint(root: str | os.PathLike) -> str | None:
+    """The identity of the CIFAR-10 copy under ``root``: 16 hex digits from the content fingerprints of its
+    train and test splits (:func:`split_fingerprint`), or None when either split is absent.
+
+    Part of :meth:`sdlib.config.TrainConfig.config_hash` (not the path: a moved copy keeps its results, other
+    images never reuse them). The validation split and subsets are functions of the training split and of
+    ``n_val`` / ``split_seed`` / ``subset``, which the hash holds too. Cost: reading and hashing every file once
+    per process (about 1 s for the JPEG copy); later calls only stat the files."""
+    train, test = (split_fingerprint(root, split) for split in SPLITS)
+    return None if train is None or test is None else _combine(train, test)
+
+
+def _combine(train: str, test: str) -> str:
+    return hashlib.sha256(f"sdlib-cifar10-data v1 {train} {test}".encode()).hexdigest()[:16]
+
+
+def _cache_name(split: str, content: str) -> str:
+    """The decode cache file of a split: its content fingerprint and the decoder (another libjpeg may decode the
+    same JPEG to slightly different pixels)."""
     from PIL import __version__ as pil_version
     from PIL import features
 
-    h = hashlib.sha256()
-    # The decoder is part of the key: another libjpeg may decode the same JPEG to slightly different pixels.
-    h.update(f"sdlib-cifar10-cache v{_CACHE_FORMAT} {split} pillow={pil_version} "
-             f"libjpeg={features.version('jpg')}\n".encode())
-    for rel, size, mtime_ns in records:
-        h.update(f"{rel}\0{size}\0{mtime_ns}\n".encode())
-    return h.hexdigest()[:20]
+    h = hashlib.sha256(f"sdlib-cifar10-cache v{_CACHE_FORMAT} {split} pillow={pil_version} "
+                       f"libjpeg={features.version('jpg')} {content}".encode())
+    return f"{split}-imagefolder-{h.hexdigest()[:20]}.npz"
 
 
 def _user_cache_dir(root: Path) -> Path:
@@ -290,8 +374,7 @@ def cache_path(root: str | os.PathLike, split: str = "train") -> Path | None:
     split = _check_split(split)
     if detect_layout(root, split) != "imagefolder":
         return None
-    _, _, records = _list_image_folder(root / split)
-    name = f"{split}-imagefolder-{_fingerprint(split, records)}.npz"
+    name = _cache_name(split, split_fingerprint(root, split))
     for d in _cache_dirs(root):
         if (d / name).is_file():
             return d / name
@@ -317,16 +400,27 @@ def _write_cache(dirs: list[Path], name: str, stale_prefix: str, images: np.ndar
             write_atomically(d / name, lambda f: np.savez(f, images=images, labels=labels), binary=True)
         except OSError:
             continue  # e.g. a read-only data root: try the next cache folder
-        # A changed folder leaves its old cache behind under another fingerprint; drop it.
-        for old in d.glob(stale_prefix + "*.npz"):
-            if old.name != name:
-                try:
-                    old.unlink()
-                except OSError:
-                    pass
+        # A changed folder leaves its old cache behind under another fingerprint; drop it, and what a decode
+        # killed while saving left (an hour old: another process may be saving its own right now).
+        stale = [old for old in d.glob(stale_prefix + "*.npz") if old.name != name]
+        stale += [tmp for tmp in d.glob(stale_prefix + "*.npz.*.tmp") if _older_than(tmp, 3600.0)]
+        for old in stale:
+            try:
+                old.unlink()
+            except OSError:
+                pass
         return
     warnings.warn(f"could not write a CIFAR-10 cache in any of {[str(d) for d in dirs]}; images will be decoded "
                   f"again next time", RuntimeWarning, stacklevel=3)
+
+
+def _older_than(path: Path, seconds: float) -> bool:
+    import time
+
+    try:
+        return time.time() - path.stat().st_mtime > seconds
+    except OSError:
+        return False
 
 
 # ------------------------------------------------------------------------------------------------------ loading
@@ -342,15 +436,63 @@ class _Source:
     n: int
     labels: np.ndarray
     paths: list[str] = field(default_factory=list)  # imagefolder
-    records: list[tuple[str, int, int]] = field(default_factory=list)  # imagefolder
+    records: list[tuple] = field(default_factory=list)  # imagefolder
     images: np.ndarray | None = None  # pickle: already read, (N, 3, 32, 32)
+    fingerprint: str | None = None  # split_fingerprint: the content of its files
+
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"  # torchvision's, when it does not say
+DOWNLOAD_TIMEOUT_S = 60.0  # seconds without an answer before a download gives up ($SDLIB_DOWNLOAD_TIMEOUT)
+
+
+class DownloadError(FileNotFoundError):
+    """Fetching CIFAR-10 failed or timed out; the message names the URL, the timeout and what to do offline.
+    A FileNotFoundError: the data are still missing."""
+
+
+def download_cifar10(root: str | os.PathLike, timeout_s: float | None = None) -> None:
+    """Fetch torchvision's standard form of CIFAR-10 (both splits) into ``root/cifar-10-batches-py``.
+
+    timeout_s : seconds a connection may stay silent (connect or read) before the download gives up; default
+    ``$SDLIB_DOWNLOAD_TIMEOUT`` or 60. torchvision itself sets none, so a proxy that never answers would hang.
+    Raises :class:`DownloadError` (no traceback of urllib's internals) naming the URL, the timeout and how
+    to get the data without a network."""
+    import socket
+
+    import torchvision
+
+    root = _check_root(root)
+    if timeout_s is None:
+        text = os.environ.get("SDLIB_DOWNLOAD_TIMEOUT", str(DOWNLOAD_TIMEOUT_S))
+        try:
+            timeout_s = float(text)
+        except ValueError:
+            raise ValueError(f"SDLIB_DOWNLOAD_TIMEOUT must be a number of seconds, got {text!r}") from None
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
+        raise ValueError(f"timeout_s must be a number of seconds > 0, got {timeout_s!r}")
+    dataset = torchvision.datasets.CIFAR10
+    url = getattr(dataset, "url", CIFAR10_URL)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout_s)  # urllib (which torchvision uses) applies it to every socket it opens
+    try:
+        dataset(str(root), train=True, download=True)
+    except Exception as error:  # URLError, socket.timeout, HTTPError, a failed checksum (RuntimeError), ...
+        reason = getattr(error, "reason", None) or error
+        timed_out = isinstance(reason, (socket.timeout, TimeoutError)) or "timed out" in str(reason)
+        raise DownloadError(
+            f"downloading CIFAR-10 from {url} into {str(root)!r} failed"
+            f"{f' (no answer within the timeout of {timeout_s:g} s)' if timed_out else ''}: "
+            f"{type(reason).__name__}: {reason}. Offline, or behind a proxy: fetch {url} elsewhere and put "
+            f"{url.rsplit('/', 1)[-1]} into {str(root)!r} (the next run unpacks it without the network), or "
+            f"unpack the ImageFolder copy: mkdir -p {root} && tar -xJf cifar10-jpeg.tar.xz -C {root}; a slow "
+            f"connection: set SDLIB_DOWNLOAD_TIMEOUT (seconds)") from None
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 def _download(root: Path, split: str) -> None:
-    import torchvision
-
     # Fetches and unpacks the whole archive (both splits) into root/cifar-10-batches-py.
-    torchvision.datasets.CIFAR10(str(root), train=(split == "train"), download=True)
+    download_cifar10(root)
 
 
 def _locate(root: Path, split: str, download: bool) -> _Source:
@@ -373,18 +515,21 @@ def _locate(root: Path, split: str, download: bool) -> _Source:
         parts = [_read_pickle_batch(pdir / f) for f in files]
         images = np.concatenate([p[0] for p in parts])
         labels = np.concatenate([p[1] for p in parts])
-        return _Source(root, split, layout, len(labels), labels, images=images)
+        content = _content_hash(f"{split}-pickle", [(str(pdir / f), f, -1) for f in (PICKLE_META_FILE, *files)])
+        return _Source(root, split, layout, len(labels), labels, images=images, fingerprint=content)
     paths, labels, records = _list_image_folder(root / split)
-    return _Source(root, split, layout, len(labels), labels, paths=paths, records=records)
+    split_dir = root / split
+    content = _content_hash(f"{split}-imagefolder",
+                            [(p, os.path.relpath(p, split_dir), int(y)) for p, y in zip(paths, labels)], records)
+    return _Source(root, split, layout, len(labels), labels, paths=paths, records=records, fingerprint=content)
 
 
 def _materialize(src: _Source, cache: bool, progress: bool | None) -> tuple[torch.Tensor, torch.Tensor]:
     if src.layout == "pickle":
         # The pickles already hold raw pixels and read in well under a second: nothing to cache.
         return torch.from_numpy(np.ascontiguousarray(src.images)), torch.from_numpy(src.labels)
-    fingerprint = _fingerprint(src.split, src.records)
     prefix = f"{src.split}-imagefolder-"
-    name = f"{prefix}{fingerprint}.npz"
+    name = _cache_name(src.split, src.fingerprint)
     dirs = _cache_dirs(src.root)
     if cache:
         for d in dirs:
@@ -417,8 +562,9 @@ def load_cifar10(
         ``torchvision.datasets.CIFAR10(root, train=..., download=True)``.
     cache : ImageFolder only: decode once and keep the result in
         ``root/.sdlib_cache/<split>-imagefolder-<fingerprint>.npz`` (written atomically). The fingerprint hashes
-        the file list with sizes and mtimes and the Pillow/libjpeg versions, so a changed folder is decoded
-        again (and its stale cache removed). If ``root`` is not writable the cache goes to
+        the content of every file with its class (:func:`split_fingerprint`) and the Pillow/libjpeg versions,
+        so a changed folder is decoded again (and its stale cache removed), even where a file was rewritten with
+        its old size and mtime. If ``root`` is not writable the cache goes to
         ``$SDLIB_CACHE_DIR`` or ``$XDG_CACHE_HOME/sdlib`` (default ``~/.cache/sdlib``), one folder per root.
     progress : progress bar while decoding; None shows it for 5,000 images or more.
 
@@ -435,6 +581,7 @@ def load_cifar10(
     ValueError : bad parameters; an unknown, missing or empty class folder; an image that is not 32x32 RGB or
         cannot be decoded; a malformed or incomplete pickle folder (the message names the file or folder).
     """
+    _require_torch('load_cifar10')
     root = _check_root(root)
     split = _check_split(split)
     download = _check_bool("download", download)
@@ -496,6 +643,7 @@ def stratified_split(labels: Any, n_val: int = 5000, seed: int = 0) -> tuple[tor
         Per class the validation part takes ``n_val * n_c / N`` images rounded by largest remainder, so every
         class gets its proportional share to within one image (balanced CIFAR-10, n_val=5000: 500 per class).
     """
+    _require_torch('stratified_split')
     arr = _labels_array(labels)
     n_val = _check_int("n_val", n_val, minimum=0)
     seed = _check_int("seed", seed, minimum=0)
@@ -560,6 +708,7 @@ def load_splits(
     device: str | torch.device = "cpu",
     download: bool = False,
     cache: bool = True,
+    progress: bool | None = None,
 ) -> CIFAR10Splits:
     """Load CIFAR-10 with a stratified validation split held out of the training set.
 
@@ -567,7 +716,8 @@ def load_splits(
 
     Parameters
     ----------
-    root, download, cache : as in :func:`load_cifar10`.
+    root, download, cache, progress : as in :func:`load_cifar10` (progress: the image-decoding bar; False
+        silences it, None shows it from 5,000 images on).
     n_val : validation images drawn from the training set, ``0 <= n_val < N_train`` (stratified, see
         :func:`stratified_split`).
     split_seed : seed of the split and of the subsets.
@@ -580,8 +730,10 @@ def load_splits(
     Returns
     -------
     CIFAR10Splits with ``meta = {"root", "layout", "n_val", "split_seed", "subset", "sizes": {"train", "val",
-    "test"}, "source_sizes": {"train", "test"}, "class_counts": {part: [10 ints]}, "classes", "mean", "std"}``.
+    "test"}, "source_sizes": {"train", "test"}, "class_counts": {part: [10 ints]}, "classes",
+    "fingerprint" (:func:`data_fingerprint`), "split_fingerprints" ({"train", "test"}), "mean", "std"}``.
     """
+    _require_torch('load_splits')
     root = _check_root(root)
     n_val = _check_int("n_val", n_val, minimum=0)
     split_seed = _check_int("split_seed", split_seed, minimum=0)
@@ -589,6 +741,8 @@ def load_splits(
         subset = _check_int("subset", subset, minimum=len(CIFAR10_CLASSES))
     download = _check_bool("download", download)
     cache = _check_bool("cache", cache)
+    if progress is not None:
+        progress = _check_bool("progress", progress)
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
@@ -616,8 +770,8 @@ def load_splits(
         val_idx = cut(val_idx, train_src.labels, min(n_val, subset), 2)
         test_idx = cut(test_idx, test_src.labels, subset, 3)
 
-    x_tr_all, y_tr_all = _materialize(train_src, cache, None)
-    x_te_all, y_te_all = _materialize(test_src, cache, None)
+    x_tr_all, y_tr_all = _materialize(train_src, cache, progress)
+    x_te_all, y_te_all = _materialize(test_src, cache, progress)
     t_train, t_val, t_test = (torch.from_numpy(i) for i in (train_idx, val_idx, test_idx))
     parts = {
         "train": (x_tr_all[t_train], y_tr_all[t_train]),
@@ -634,6 +788,8 @@ def load_splits(
         "source_sizes": {"train": train_src.n, "test": test_src.n},
         "class_counts": {k: np.bincount(v[1].numpy(), minlength=10).tolist() for k, v in parts.items()},
         "classes": list(CIFAR10_CLASSES),
+        "fingerprint": _combine(train_src.fingerprint, test_src.fingerprint),
+        "split_fingerprints": {"train": train_src.fingerprint, "test": test_src.fingerprint},
         "mean": list(CIFAR10_MEAN),
         "std": list(CIFAR10_STD),
     }
@@ -676,6 +832,7 @@ def normalize(x_uint8: torch.Tensor) -> torch.Tensor:
 
     Returns a new contiguous (NCHW) tensor on ``x_uint8``'s device.
     """
+    _require_torch('normalize')
     x = _check_images("x_uint8", x_uint8)
     scale, shift = _norm_constants(x.device)
     out = x.to(torch.float32, memory_format=torch.contiguous_format)
@@ -703,6 +860,7 @@ def sample_crop_flip(
     as ``RandomCrop(32, padding=4)``), and ``flip``: bool (B,), True with probability 1/2. Drawn in that order
     from ``generator`` (which must be on ``device``).
     """
+    _require_torch('sample_crop_flip')
     batch = _check_int("batch", batch, minimum=0)
     padding = _check_int("padding", padding, minimum=0)
     device = torch.device(device)
@@ -723,6 +881,7 @@ def crop_flip(
     Returns uint8 (B, 3, H, W), contiguous, equal to ``hflip(crop(pad(x, padding), top, left, H, W))`` image by
     image (torchvision's RandomCrop followed by RandomHorizontalFlip).
     """
+    _require_torch('crop_flip')
     x = _check_images("x_uint8", x_uint8)
     padding = _check_int("padding", padding, minimum=0)
     b, c, h, w = x.shape
@@ -752,6 +911,7 @@ def augment(x_uint8: torch.Tensor, generator: torch.Generator | None = None) -> 
     x_uint8 : uint8 (B, 3, 32, 32). Returns float32 (B, 3, 32, 32), contiguous; the order of images (and so
     their labels) is unchanged.
     """
+    _require_torch('augment')
     x = _check_images("x_uint8", x_uint8)
     top, left, flip = sample_crop_flip(x.shape[0], generator=generator, device=x.device)
     return normalize(crop_flip(x, top, left, flip))

@@ -1,13 +1,15 @@
 """Names and file I/O shared by the trainer (:mod:`sdlib.train`) and the torch-free reporting (:mod:`sdlib.results`).
 
-A results folder holds ``records.jsonl`` (one line per (seed, chain, step)), ``epochs.jsonl`` (one line per epoch)
-and ``probe_epochs.jsonl`` (the alpha = 0 probes of the alpha-hat chain). Chains are named ``"alpha=<a:g>"`` for a
+A results folder holds ``records.jsonl`` (one line per (config_hash, seed, chain, step)), ``epochs.jsonl`` (one line
+per epoch) and ``probe_epochs.jsonl`` (the alpha = 0 probes of the alpha-hat chain), all read and written by
+:mod:`sdlib.store` alone. Chains are named ``"alpha=<a:g>"`` for a
 fixed alpha, ``"alpha_hat"`` for the estimated one, and ``"shared"`` for the step-1 model of a seed (labels alone).
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import tempfile
 from pathlib import Path
@@ -29,8 +31,10 @@ def chain_name(alpha: float | None) -> str:
 def write_atomically(path: str | os.PathLike, write: Callable[[IO], None], binary: bool = False) -> None:
     """Call ``write(handle)`` on a temporary file beside ``path``, then rename it onto ``path``.
 
-    Readers see the old file or the new one, never half of one; an interrupted write leaves no temporary file.
-    The file gets the usual 0644 permissions (mkstemp alone would make it 0600).
+    Readers see the old file or the new one, never half of one; an interrupted write leaves no temporary file
+    (a killed process may: :func:`remove_stale_temporaries` removes those). The data are fsynced before the
+    rename, so a crash right after it cannot leave an empty file under ``path``. The file gets the usual 0644
+    permissions (mkstemp alone would make it 0600).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -38,9 +42,30 @@ def write_atomically(path: str | os.PathLike, write: Callable[[IO], None], binar
     try:
         with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as handle:
             write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def temporaries_of(path: str | os.PathLike) -> list[Path]:
+    """The temporary files :func:`write_atomically` may have left beside ``path`` (``<name>.*.tmp``)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    return sorted(path.parent.glob(glob.escape(path.name) + ".*.tmp"))
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files a killed :func:`write_atomically` of ``path`` left (a checkpoint's can be
+    hundreds of MB). Call it only where no other process writes ``path`` (the trainer of that step)."""
+    removed = []
+    for tmp in temporaries_of(path):
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed

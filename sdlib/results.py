@@ -11,17 +11,23 @@ Algorithm 1) and ``"shared"``: the step-1 model of a seed, trained on the labels
 start of every chain of that seed. :func:`load_records` copies that shared record into step 1 of every chain,
 so that each chain's curve starts at the common model.
 
-Record schema (``records.jsonl``, one line per (seed, chain, step), rewritten atomically by the trainer):
+Record schema (``records.jsonl``, one line per (config_hash, seed, chain, step), appended by the trainer through
+:mod:`sdlib.store`; the readers here choose one config, and the last line of a key counts):
 
 ==================  =================================================================================
 seed, chain, step   the key; step 1 appears once per seed, as chain ``"shared"``
 alpha               the weight of the labels used at that step (alpha-hat for the alpha-hat chain, 1.0
                     for ``"shared"``)
-alpha_hat           the estimate of Algorithm 1 (alpha-hat chain, steps >= 2), else null
+alpha_hat           the estimate of Algorithm 1 used (alpha-hat chain, steps >= 2), else null
+alpha_hat_          the least-squares alpha before clipping to the config's alpha_hat_bounds
+unconstrained       (alpha-hat chain; null in files written before it existed)
 probe_val_acc,      accuracies of the alpha = 0 probe behind alpha-hat (alpha-hat chain, steps >= 2),
 probe_test_acc      else null
 epochs              epochs trained
-val_acc, test_acc   accuracies as fractions in [0, 1] on the validation split and on the test set
+val_acc, test_acc   accuracies as fractions in [0, 1] on the validation split (null with n_val = 0)
+                    and on the test set, after the last epoch
+best_test_acc,      the best test accuracy over the evaluated epochs and its epoch (null in files
+best_test_epoch     written before they existed)
 val_loss, test_loss MSE between softmax outputs and one-hot labels (the alpha = 1 loss without L2)
 train_loss          mean training loss of the last epoch
 wall_time_s,        the step's wall-clock seconds and training images per second
@@ -46,12 +52,11 @@ import json
 import math
 import os
 import re
-import warnings
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
+from sdlib import store
 from sdlib.records import (ALPHA_HAT_CHAIN, EPOCHS_FILE, PROBE_CHAIN, PROBE_EPOCHS_FILE, RECORDS_FILE, SHARED_CHAIN,
                            chain_name)
 
@@ -64,6 +69,7 @@ __all__ = [
     "ALPHA_HAT_CHAIN",
     "chain_name",
     "chain_alpha",
+    "chain_label",
     "find_repo_root",
     "resolve_repo_path",
     "has_records",
@@ -92,6 +98,9 @@ _RECORD_REQUIRED = ("seed", "chain", "step", "alpha", "val_acc", "test_acc")
 # Numeric record fields that may be null (missing in older files, or not applicable to the chain).
 _RECORD_OPTIONAL_NUMERIC = (
     "alpha_hat",
+    "alpha_hat_unconstrained",
+    "best_test_acc",
+    "best_test_epoch",
     "probe_val_acc",
     "probe_test_acc",
     "epochs",
@@ -113,7 +122,7 @@ _EPOCH_OPTIONAL_NUMERIC = (
     "wall_time_s",
     "images_per_s",
 )
-_ACCURACY_FIELDS = ("val_acc", "test_acc", "probe_val_acc", "probe_test_acc")
+_ACCURACY_FIELDS = ("val_acc", "test_acc", "probe_val_acc", "probe_test_acc", "best_test_acc")
 
 
 # --------------------------------------------------------------------------------------------- chains
@@ -211,8 +220,10 @@ def no_results_message(results_dir: str | os.PathLike) -> str:
     return f"No results committed yet under {_display_path(Path(results_dir))}: {_HOW_TO_PRODUCE}."
 
 
-def _read_jsonl(results_dir: str | os.PathLike, filename: str, what: str) -> tuple[Path, list[dict]]:
-    """The JSON objects of ``results_dir/filename`` with their line numbers checked; clear errors otherwise."""
+def _read_jsonl(results_dir: str | os.PathLike, filename: str, what: str, skip_bad_lines: bool = False
+                ) -> tuple[Path, list[tuple[int, dict]]]:
+    """``(line_number, object)`` of ``results_dir/filename`` (:func:`sdlib.store.read_jsonl`: an unreadable line
+    raises naming the file and line unless ``skip_bad_lines``); clear errors for a missing folder or file."""
     if results_dir is None:
         raise ValueError(f"results_dir must be a directory holding {filename}, got None")
     directory = Path(results_dir)
@@ -229,18 +240,7 @@ def _read_jsonl(results_dir: str | os.PathLike, filename: str, what: str) -> tup
             f"no {filename} in results_dir {str(directory)!r}: expected {what} as written by "
             f"sdlib.train.run_chains; {_HOW_TO_PRODUCE}"
         )
-    objects = []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}, line {line_number}: not valid JSON ({error.msg})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}, line {line_number}: expected a JSON object, got {type(obj).__name__}")
-            objects.append((line_number, obj))
+    objects = store.read_jsonl(path, skip_bad_lines)
     if not objects:
         raise ValueError(f"{path} is empty: expected one JSON object per line ({what}); {_HOW_TO_PRODUCE}")
     return path, objects
@@ -287,7 +287,8 @@ def _parse_record(obj: dict, where: str) -> dict:
         "chain": chain,
         "step": _check_int(obj["step"], "step", where, 1),
         "alpha": _check_number(obj["alpha"], "alpha", where, allow_null=False),
-        "val_acc": _check_number(obj["val_acc"], "val_acc", where, allow_null=False),
+        # null with n_val=0 (no validation split: the authors' protocol trains on all 50,000 images)
+        "val_acc": _check_number(obj["val_acc"], "val_acc", where, allow_null=True),
         "test_acc": _check_number(obj["test_acc"], "test_acc", where, allow_null=False),
     }
     for field in _RECORD_OPTIONAL_NUMERIC:
@@ -325,12 +326,16 @@ def _ordered(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     return frame.reset_index(drop=True)
 
 
-def load_records(results_dir: str | os.PathLike, config_hash: str | None = None) -> pd.DataFrame:
-    """The step records of ``results_dir/records.jsonl`` as a DataFrame, one row per (seed, chain, step).
+def load_records(results_dir: str | os.PathLike, config_hash: str | None = None, profile: str | None = None,
+                 skip_bad_lines: bool = False) -> pd.DataFrame:
+    """The step records of one configuration in ``results_dir/records.jsonl`` as a DataFrame, one row per
+    (seed, chain, step).
 
-    ``config_hash`` keeps only the records of that configuration (ValueError if it has none). Without it,
-    records of several configurations (a file being rewritten by a run of another config) are all kept, with a
-    RuntimeWarning naming the hashes.
+    Which configuration (:func:`sdlib.store.select_config`): ``config_hash`` if given, else the newest one of
+    ``profile`` if given, else the newest (the one whose record was appended last); where the file holds
+    several, a RuntimeWarning names them all and the one read. Records are keyed by (config_hash, seed, chain,
+    step); where a key was recorded more than once (a step re-recorded after a crash), the last line counts.
+    ``skip_bad_lines`` skips unreadable lines (with a warning) instead of raising.
 
     The shared step-1 record of each seed (chain ``"shared"``) becomes step 1 of every chain of that seed:
     the chains seen for that seed plus those named in the shared record's ``config`` (``alphas``,
@@ -343,36 +348,20 @@ def load_records(results_dir: str | os.PathLike, config_hash: str | None = None)
     ``chain_alpha`` (the chain's fixed alpha, NaN for ``"alpha_hat"``) and ``from_shared``.
     Rows are sorted by chain (fixed alphas ascending, then ``"alpha_hat"``), seed, step.
 
-    Raises FileNotFoundError when the directory or its records.jsonl is missing, ValueError when the file
-    is empty or a line is malformed (not JSON, a missing or ill-typed field, an accuracy outside [0, 1],
-    step 1 under a chain other than ``"shared"``, or a (seed, chain, step) recorded twice).
+    Raises FileNotFoundError when the directory or its records.jsonl is missing; ValueError when the file
+    is empty, a line is unreadable (:class:`sdlib.store.UnreadableLineError`: file and line) or malformed (a
+    missing or ill-typed field, an accuracy outside [0, 1], step 1 under a chain other than ``"shared"``),
+    or the asked config is not there (:class:`sdlib.store.UnknownConfigError`, listing those present).
     """
-    if config_hash is not None and not isinstance(config_hash, str):
-        raise ValueError(f"config_hash must be a string such as '3f2a9c01be47' or None, got {config_hash!r}")
-    path, objects = _read_jsonl(results_dir, RECORDS_FILE, "one JSON record per (seed, chain, step)")
-    rows, seen = [], {}
-    for line_number, obj in objects:
-        where = f"{path}, line {line_number}"
-        row = _parse_record(obj, where)
-        if config_hash is not None and row["config_hash"] != config_hash:
-            continue
-        key = (row["seed"], row["chain"], row["step"])
-        if key in seen:
-            raise ValueError(
-                f"{where}: (seed, chain, step) = {key} already recorded on line {seen[key]}; "
-                "expected one record per (seed, chain, step)"
-            )
-        seen[key] = line_number
+    path, objects = _read_jsonl(results_dir, RECORDS_FILE, "one JSON record per (seed, chain, step)",
+                                skip_bad_lines)
+    chosen = store.select_config(objects, path, config_hash, profile)
+    rows = []
+    for line_number, obj in store.last_per_key([(n, o) for n, o in objects if o.get("config_hash") == chosen],
+                                               store.RECORD_KEY):
+        row = _parse_record(obj, f"{path}, line {line_number}")
         row["from_shared"] = False
         rows.append(row)
-
-    hashes = sorted({str(row["config_hash"]) for row in rows})
-    if config_hash is not None and not rows:
-        present = sorted({str(obj.get("config_hash")) for _, obj in objects})
-        raise ValueError(f"config_hash {config_hash!r} has no records in {path}; present: {present}")
-    if len(hashes) > 1:
-        warnings.warn(f"{path} mixes records of {len(hashes)} configurations (config_hash {hashes}); pass "
-                      "config_hash= to load_records to keep one", RuntimeWarning, stacklevel=2)
 
     expanded = [row for row in rows if row["chain"] != SHARED_CHAIN]
     for shared in (row for row in rows if row["chain"] == SHARED_CHAIN):
@@ -390,8 +379,14 @@ def load_records(results_dir: str | os.PathLike, config_hash: str | None = None)
     return _ordered(frame, ["seed", "step"])
 
 
-def load_epochs(results_dir: str | os.PathLike, probes: bool = False) -> pd.DataFrame:
-    """The per-epoch training curves of ``results_dir/epochs.jsonl``, one row per (seed, chain, step, epoch).
+def load_epochs(results_dir: str | os.PathLike, probes: bool = False, config_hash: str | None = None,
+                profile: str | None = None, skip_bad_lines: bool = False) -> pd.DataFrame:
+    """The per-epoch training curves of one configuration in ``results_dir/epochs.jsonl``, one row per
+    (seed, chain, step, epoch).
+
+    The configuration is chosen as in :func:`load_records` (``config_hash``, else the newest of ``profile``,
+    else the newest; a RuntimeWarning where the file holds several): curves of different configurations are
+    never mixed. Epoch lines without a profile (the old store's) take it from records.jsonl.
 
     Columns: seed, chain, step, epoch, then train_loss, val_acc, val_loss, test_acc, test_loss, lr,
     wall_time_s, images_per_s (NaN where null or absent) and config_hash (None where absent). The shared
@@ -402,9 +397,16 @@ def load_epochs(results_dir: str | os.PathLike, probes: bool = False) -> pd.Data
     if not isinstance(probes, bool):
         raise ValueError(f"probes must be True or False, got {probes!r}")
     filename = PROBE_EPOCHS_FILE if probes else EPOCHS_FILE
-    path, objects = _read_jsonl(results_dir, filename, "one JSON object per (seed, chain, step, epoch)")
-    rows, seen = [], {}
-    for line_number, obj in objects:
+    path, objects = _read_jsonl(results_dir, filename, "one JSON object per (seed, chain, step, epoch)",
+                                skip_bad_lines)
+    profiles = {}
+    if profile is not None and (Path(results_dir) / RECORDS_FILE).is_file():
+        profiles = {r.get("config_hash"): r.get("profile")
+                    for _, r in store.read_jsonl(Path(results_dir) / RECORDS_FILE, skip_bad_lines=True)}
+    chosen = store.select_config(objects, path, config_hash, profile, profiles=profiles)
+    rows = []
+    for line_number, obj in store.last_per_key([(n, o) for n, o in objects if o.get("config_hash") == chosen],
+                                               store.EPOCH_KEY):
         where = f"{path}, line {line_number}"
         missing = [field for field in _EPOCH_REQUIRED if field not in obj]
         if missing:
@@ -425,13 +427,7 @@ def load_epochs(results_dir: str | os.PathLike, probes: bool = False) -> pd.Data
         row["config_hash"] = obj.get("config_hash")
         for field in ("val_acc", "test_acc"):
             _check_fraction(row[field], field, where)
-        key = (row["seed"], row["chain"], row["step"], row["epoch"])
-        if key in seen:
-            # A resumed step may rewrite its epochs; the later line is the one that counts.
-            rows[seen[key]] = row
-        else:
-            seen[key] = len(rows)
-            rows.append(row)
+        rows.append(row)
     return _ordered(pd.DataFrame(rows), ["seed", "step", "epoch"])
 
 
@@ -444,7 +440,8 @@ def _images_per_epoch(config, data) -> float:
     return float(n_train // batch * batch)
 
 
-def training_runs(results_dir: str | os.PathLike, max_gap_s: float = 60.0) -> pd.DataFrame:
+def training_runs(results_dir: str | os.PathLike, max_gap_s: float = 60.0, config_hash: str | None = None,
+                  profile: str | None = None) -> pd.DataFrame:
     """The wall-clock runs behind ``results_dir``: how long the models took together, and at what throughput.
 
     Each trained model occupies the interval ``[end - wall_time_s, end]``, ``end`` being its record's
@@ -461,12 +458,15 @@ def training_runs(results_dir: str | os.PathLike, max_gap_s: float = 60.0) -> pd
     """
     if isinstance(max_gap_s, bool) or not isinstance(max_gap_s, (int, float)) or not max_gap_s >= 0:
         raise ValueError(f"max_gap_s must be a number of seconds >= 0, got {max_gap_s!r}")
-    records = load_records(results_dir)
+    records = load_records(results_dir, config_hash=config_hash, profile=profile)
     # One row per trained model: the shared step-1 record was copied into every chain of its seed.
     models = records[~records["from_shared"] | ~records.duplicated(["seed", "step"])]
     probe_time, probe_epochs = {}, {}
-    if (Path(results_dir) / PROBE_EPOCHS_FILE).is_file():
-        probes = load_epochs(results_dir, probes=True)
+    chosen = records["config_hash"].iloc[0]
+    probe_hashes = {line.get("config_hash")
+                    for _, line in store.read_jsonl(Path(results_dir) / PROBE_EPOCHS_FILE, skip_bad_lines=True)}
+    if chosen in probe_hashes or probe_hashes == {None}:  # {None}: lines that name no config (one config only)
+        probes = load_epochs(results_dir, probes=True, config_hash=chosen if chosen in probe_hashes else None)
         grouped = probes.groupby(["seed", "step"])
         probe_time = grouped["wall_time_s"].sum().to_dict()
         probe_epochs = grouped["epoch"].count().to_dict()
@@ -612,11 +612,23 @@ def summarize(records: pd.DataFrame, ddof: int = 1) -> pd.DataFrame:
     return _ordered(summary, ["step"])
 
 
-def accuracy_table(records: pd.DataFrame, metric: str = "test_acc", decimals: int = 2) -> pd.DataFrame:
+def chain_label(chain: str) -> str:
+    """How a reader reads a chain's name: ``"alpha=0.25"`` -> ``"α = 0.25"``, the alpha-hat chain ->
+    ``"α̂ (Algorithm 1)"``, the shared step-1 model -> ``"step 1 (shared)"``."""
+    if chain == ALPHA_HAT_CHAIN:
+        return "α̂ (Algorithm 1)"
+    if chain == SHARED_CHAIN:
+        return "step 1 (shared)"
+    return f"α = {chain_alpha(chain):g}"
+
+
+def accuracy_table(records: pd.DataFrame, metric: str = "test_acc", decimals: int = 2,
+                   readable: bool = False) -> pd.DataFrame:
     """A chain x step table of ``"mean ± std"`` accuracies in percent over seeds (the paper's layout).
 
     ``metric`` is ``"test_acc"`` or ``"val_acc"``; the std is the sample one (``"mean"`` alone for one seed).
-    Rows are chains (fixed alphas ascending, then alpha-hat), columns steps.
+    Rows are chains (fixed alphas ascending, then alpha-hat), columns steps. ``readable``: rows named as a
+    reader reads them (:func:`chain_label`: ``α = 0.25``, ``α̂ (Algorithm 1)``) instead of the chains' ids.
     """
     if metric not in ("test_acc", "val_acc"):
         raise ValueError(f"metric must be 'test_acc' or 'val_acc', got {metric!r}")
@@ -629,6 +641,8 @@ def accuracy_table(records: pd.DataFrame, metric: str = "test_acc", decimals: in
     table = summary.assign(cell=summary.apply(cell, axis=1)).pivot(index="chain", columns="step", values="cell")
     table = table.loc[sorted(table.index, key=_chain_sort_key)].fillna("")
     table.columns = [f"step {step}" for step in table.columns]
+    if readable:
+        table.index = [chain_label(chain) for chain in table.index]
     table.index.name = "chain"
     return table
 
@@ -638,7 +652,15 @@ def accuracy_table(records: pd.DataFrame, metric: str = "test_acc", decimals: in
 ALPHA_HAT_COLOR = "tab:red"
 
 
-def _axes(ax, figsize=(7.0, 4.5)):
+# Figures are drawn at the width of the book's text column (6.4 in at 100 px per inch), so that their
+# labels keep the size they are given (the book's notebooks use 12 pt) when shown.
+FIGURE_WIDTH_IN = 6.4
+_METRIC_LABELS = {"test_acc": "test accuracy", "val_acc": "validation accuracy", "train_loss": "training loss",
+                  "val_loss": "validation loss", "test_loss": "test loss", "lr": "learning rate",
+                  "wall_time_s": "wall-clock time per epoch (s)", "images_per_s": "training images per second"}
+
+
+def _axes(ax, figsize=(FIGURE_WIDTH_IN, 4.0)):
     import matplotlib.pyplot as plt
 
     if ax is None:
@@ -712,8 +734,8 @@ def plot_accuracy(records: pd.DataFrame, ax=None, metric: str = "test_acc", spre
     n_seeds = int(records["seed"].nunique())
     spread_text = {"std": "band: ± 1 std over seeds", "minmax": "band: min to max over seeds", None: ""}[spread]
     ax.set_title(f"{'Test' if metric == 'test_acc' else 'Validation'} accuracy, mean over {n_seeds} "
-                 f"seed{'s' if n_seeds != 1 else ''}" + (f" ({spread_text})" if spread_text and n_seeds > 1 else ""))
-    ax.set_xlabel("step")
+                 f"seed{'s' if n_seeds != 1 else ''}" + (f"\n({spread_text})" if spread_text and n_seeds > 1 else ""))
+    ax.set_xlabel("distillation step")
     ax.set_ylabel("test accuracy" if metric == "test_acc" else "validation accuracy")
     _step_axis(ax, summary["step"])
     ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
@@ -732,7 +754,7 @@ def plot_alpha_hat(records: pd.DataFrame, ax=None):
     if rows.empty:
         raise ValueError("records hold no alpha_hat chain with alpha_hat values (steps >= 2): "
                          "train with include_alpha_hat=True and at least 2 steps")
-    fig, ax = _axes(ax, figsize=(6.0, 3.8))
+    fig, ax = _axes(ax, figsize=(FIGURE_WIDTH_IN, 3.6))
     seeds = sorted(rows["seed"].unique())
     # A small horizontal offset per seed keeps coinciding estimates visible.
     offsets = {seed: 0.06 * (index - (len(seeds) - 1) / 2) for index, seed in enumerate(seeds)}
@@ -741,11 +763,11 @@ def plot_alpha_hat(records: pd.DataFrame, ax=None):
     means = rows.groupby("step")["alpha_hat"].mean()
     ax.plot(means.index, means.to_numpy(), color=ALPHA_HAT_COLOR, marker="D", linewidth=2.2,
             label=f"mean over {len(seeds)} seed{'s' if len(seeds) != 1 else ''}", zorder=4)
-    ax.set_xlabel("step")
-    ax.set_ylabel(r"$\hat\alpha$")
+    ax.set_xlabel("distillation step")
+    ax.set_ylabel(r"estimated weight $\hat\alpha$")
     ax.set_ylim(-0.03, 1.03)
     _step_axis(ax, rows["step"])
-    ax.set_title(r"$\hat\alpha$ per step (Algorithm 1, validation split)")
+    ax.set_title(r"$\hat\alpha$ per step (Algorithm 1 on the validation split)")
     ax.legend(loc="best")
     ax.grid(alpha=0.3)
     return fig
@@ -766,19 +788,20 @@ def plot_epochs(epochs: pd.DataFrame, chain: str, ax=None, metric: str = "test_a
     rows = epochs[(epochs["chain"] == chain) | ((epochs["chain"] == SHARED_CHAIN) & (epochs["step"] == 1))]
     if not (epochs["chain"] == chain).any():
         raise ValueError(f"chain {chain!r} not in epochs; chains present: {sorted(epochs['chain'].unique())}")
-    fig, ax = _axes(ax, figsize=(7.0, 3.8))
+    fig, ax = _axes(ax, figsize=(FIGURE_WIDTH_IN, 3.6))
     means = rows.groupby(["step", "epoch"])[metric].mean().reset_index()
     offset = 0
     for step, curve in means.groupby("step"):
         x = offset + curve["epoch"].to_numpy() - curve["epoch"].min() + 1
         ax.plot(x, curve[metric].to_numpy(), marker=".", label=f"step {step}")
         offset = x.max()
-    ax.set_xlabel("epoch (steps laid end to end)")
-    ax.set_ylabel(metric)
+    ax.set_xlabel("epoch (the steps laid end to end)")
+    ax.set_ylabel(_METRIC_LABELS.get(metric, metric))
     if metric.endswith("_acc"):
         ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title(f"{metric} per epoch, chain {chain}, mean over seeds")
+    ax.set_title(f"{_METRIC_LABELS.get(metric, metric).capitalize()} per epoch, chain {chain_label(chain)}, "
+                 "mean over seeds")
     ax.legend(loc="best", fontsize="small")
     ax.grid(alpha=0.3)
     return fig
@@ -792,11 +815,12 @@ def plot_summary(records: pd.DataFrame, metric: str = "test_acc", spread: str | 
     _check_records(records)
     with_alpha_hat = bool(((records["chain"] == ALPHA_HAT_CHAIN) & records["alpha_hat"].notna()).any())
     if with_alpha_hat:
-        fig, (ax_acc, ax_alpha) = plt.subplots(1, 2, figsize=(12.5, 4.5), layout="constrained",
-                                               gridspec_kw={"width_ratios": [1.5, 1.0]})
+        # stacked, at the width of the book's column
+        fig, (ax_acc, ax_alpha) = plt.subplots(2, 1, figsize=(FIGURE_WIDTH_IN, 7.6), layout="constrained",
+                                               gridspec_kw={"height_ratios": [1.5, 1.0]})
         plot_accuracy(records, ax=ax_acc, metric=metric, spread=spread)
         plot_alpha_hat(records, ax=ax_alpha)
     else:
-        fig, ax_acc = plt.subplots(figsize=(7.0, 4.5), layout="constrained")
+        fig, ax_acc = plt.subplots(figsize=(FIGURE_WIDTH_IN, 4.4), layout="constrained")
         plot_accuracy(records, ax=ax_acc, metric=metric, spread=spread)
     return fig

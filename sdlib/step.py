@@ -19,7 +19,9 @@ The step is lean, because at the paper's batch of 16 the host dispatching ATen o
 GPU (``benchmarks/step_ops.py`` counts them): the L2 term's value is one fused multi-tensor norm without autograd
 and its gradient ``coef * W / ||W||`` is added after ``backward()`` by one multi-tensor op; the learning-rate
 schedule lives in a device tensor; Adam is fused (``capturable`` on CUDA); the batch is written into static
-buffers; the teacher (frozen) has its batch norms folded into its convolutions; batch norms do not count their
+buffers; the teacher (frozen) has its batch norms folded into its convolutions (with ``teacher_bn="eval"``;
+``"train"`` normalizes each batch by its own statistics, which no folding can express, so that teacher runs
+unfolded, through :func:`teacher_probs`, its running statistics untouched); batch norms do not count their
 batches during training. Nothing inside the step waits for the device or builds a tensor from Python values,
 so on CUDA the whole step (teacher forward, student forward and backward, L2 gradient, Adam) is captured as one
 CUDA graph after a few warm-up steps and replayed (``TrainConfig.capture``); on the CPU the same step runs
@@ -45,12 +47,12 @@ import torchvision
 from tqdm.auto import tqdm
 
 from sdlib import data as cifar
-from sdlib.config import AUGMENT, INIT, NUM_CLASSES, ORDER, TrainConfig, derive_seed
+from sdlib.config import AUGMENT, DATA_ORDERS, INIT, NUM_CLASSES, ORDER, TEACHER_BN_MODES, TrainConfig, derive_seed
 from sdlib.records import write_atomically
 
 __all__ = ["build_model", "distillation_loss", "l2_penalty", "l2_norms", "add_l2_grad_", "teacher_probs",
            "epoch_order", "fold_batch_norms", "evaluate", "StepResult", "Member", "GroupStep", "distill_step",
-           "distill_group"]
+           "distill_group", "load_checkpoint", "CorruptCheckpointError"]
 
 # Host syncs to look for a NaN/inf loss: one per this many batches (and one at every epoch end).
 _NAN_CHECK_EVERY = 200
@@ -78,7 +80,7 @@ def distillation_loss(logits: torch.Tensor, labels: torch.Tensor, alpha: float,
     logits : (B, C) student outputs s (any float dtype; the loss is computed in float32, also under autocast).
     labels : (B,) int64 class indices, or their (B, C) one-hot float encoding (what the lean step passes: a
         gather from a table built once, instead of ``F.one_hot``'s checks every step).
-    alpha : weight of the ground truth in [0, 1].
+    alpha : weight of the ground truth: in [0, 1] for a fixed chain, any real for an unbounded alpha-hat.
     teacher_probs : (B, C) teacher softmax outputs; may be None only when alpha == 1.
     MSE is the mean over batch x classes (``F.mse_loss``). Returns a float32 scalar (float64 for float64 logits).
     """
@@ -129,28 +131,57 @@ def add_l2_grad_(params: Sequence[torch.Tensor], norms: torch.Tensor, coef: floa
 
 
 def teacher_probs(teacher: torch.nn.Module, x: torch.Tensor, bn_mode: str = "eval") -> torch.Tensor:
-    """The distillation targets: ``softmax(teacher(x))`` as float32, outside autograd.
+    """Softmax outputs of the frozen ``teacher`` on the (augmented, normalized) batch ``x``: (B, C) float32
+    (float64 for a float64 teacher), no grad.
 
-    teacher : the previous step's model (or a :func:`fold_batch_norms` copy of it, or a batched network of
-        teachers: the softmax is over the last dim). x : (B, 3, H, W) the augmented batch the student sees.
-    bn_mode : "eval" (batch norms use their running statistics, as the authors' code does).
-    Returns (B, C) (or (m, B, C) for m batched teachers) float32 (float64 for a float64 teacher).
+    teacher : the previous step's model, or what the lean step runs in its place: a :func:`fold_batch_norms`
+        copy (eval mode only) or a :class:`sdlib.batched.BatchedResNet50` of m teachers (then (m, B, C): the
+        softmax is over the last dim).
+    x : (B, 3, H, W), the batch the student sees (under the caller's autocast, if any).
+    bn_mode : ``TrainConfig.teacher_bn``.
+        "eval": every layer in eval mode; BatchNorm normalizes with its running statistics.
+        "train": BatchNorm normalizes with the statistics of this batch (per channel: mean and biased variance
+        over B, H, W), as the authors' teacher did (under PyTorch Lightning 1.1.1 it ran in train mode, see
+        book/05_protocols.md). Its running statistics are NOT updated (no momentum step, num_batches_tracked
+        unchanged): the teacher stays bit-identical to its checkpoint, so a resumed run and the final
+        checkpoints on disk are unaffected by distillation. The outputs are the same either way, since in train
+        mode BatchNorm never reads its running statistics. Other layers stay in eval mode (ResNet-50 has none
+        that differ).
+    The teacher is left in eval mode. Called once per batch by the training step (``_Teachers``).
     """
-    if bn_mode != "eval":
-        raise ValueError(f"bn_mode must be 'eval', got {bn_mode!r}")
-    if teacher.training:
-        teacher.eval()
-    with torch.no_grad():
-        logits = teacher(x)
-        return torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    if bn_mode not in TEACHER_BN_MODES:
+        raise ValueError(f"bn_mode must be one of {TEACHER_BN_MODES}, got {bn_mode!r}")
+    teacher.eval()
+    norms = [m for m in teacher.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)] \
+        if bn_mode == "train" else []
+    tracked = [m.track_running_stats for m in norms]
+    try:
+        for m in norms:  # training=True, track_running_stats=False: batch statistics, no running-stat update
+            m.training, m.track_running_stats = True, False
+        with torch.inference_mode():
+            logits = teacher(x)
+    finally:
+        for m, track in zip(norms, tracked):
+            m.training, m.track_running_stats = False, track
+    # softmax outside inference_mode: the loss saves these targets for its backward pass.
+    return torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
 
 
 def epoch_order(config: TrainConfig, seed: int, step: int, epoch: int, n: int,
                 device: str | torch.device) -> torch.Tensor:
-    """(n,) int64 on ``device``: the order of the training images in ``epoch`` of (seed, step), a fresh
-    permutation each epoch from a stream seeded by (seed, step, epoch), shared by every chain of the step."""
-    generator = torch.Generator().manual_seed(derive_seed(seed, step, epoch, ORDER))
-    return torch.randperm(n, generator=generator).to(device)
+    """The order in which ``epoch`` of ``step`` visits the ``n`` training images: an int64 permutation (n,) on
+    ``device``, drawn on the CPU (the same on every device).
+
+    ``config.data_order`` "reshuffle": a new permutation for every (seed, step, epoch), shared by every chain of
+    the step (chains differ by their targets only). "fixed": one permutation drawn once from the seed, used for
+    every epoch and every step, as the authors' DataLoader (no shuffling) over a ``random_split`` drawn once
+    did. Its stream is keyed by (seed, 0, 0): steps and epochs count from 1, so no reshuffled epoch shares it.
+    """
+    if config.data_order not in DATA_ORDERS:
+        raise ValueError(f"TrainConfig.data_order must be one of {DATA_ORDERS}, got {config.data_order!r}")
+    key = (seed, 0, 0, ORDER) if config.data_order == "fixed" else (seed, step, epoch, ORDER)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(*key)))
+    return order.to(device)
 
 
 @torch.no_grad()
@@ -194,9 +225,11 @@ def evaluate(model: torch.nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, bat
 
     loss: MSE between softmax outputs and one-hot labels, mean over N x classes (the alpha = 1 loss without the
     L2 term). Returns ``{"acc", "loss"}`` as floats (one host sync), plus ``"probs"``: float32 (N, C) on the CPU
-    with ``return_probs``.
+    with ``return_probs``. With N = 0 (no validation split: ``n_val=0``) acc and loss are None.
     """
     model.eval()
+    if len(x_uint8) == 0:
+        return {"acc": None, "loss": None, **({"probs": torch.zeros(0, NUM_CLASSES)} if return_probs else {})}
     device = x_uint8.device
     dtype = next(model.parameters()).dtype  # float32 (float64 models: the tests' exact comparisons)
     correct = torch.zeros((), device=device, dtype=torch.int64)
@@ -392,14 +425,17 @@ class _Lockstep:
 
 class _Teachers:
     """The teachers of a group, each distinct one run once per batch (at step 2 every chain's teacher is the
-    shared step-1 model): batch norms folded, in bf16 where the students train in bf16 autocast (the frozen
-    weights are cast once, not at every step)."""
+    shared step-1 model), in bf16 where the students train in bf16 autocast (the frozen weights are cast once,
+    not at every step). ``bn_mode`` is ``TrainConfig.teacher_bn``: "eval" folds the batch norms into the
+    convolutions (the same function: eval-mode batch norm is affine); "train" normalizes each batch by its own
+    statistics (:func:`teacher_probs`), which no folding can express, so the teacher runs unfolded. Either way
+    the teacher run is a copy: the caller's teacher (and its checkpoint) is never changed."""
 
     def __init__(self, members: list, memory_format, use_bf16: bool, batched: bool, bn_mode: str = "eval",
                  pointwise: str = "conv"):
         distinct, self.index = [], []
         for member in members:
-            if member.alpha < 1.0:
+            if member.alpha != 1.0:  # an unbounded alpha-hat may exceed 1: it needs its teacher too
                 ids = [id(t) for t in distinct]
                 if id(member.teacher) not in ids:
                     distinct.append(member.teacher)
@@ -484,6 +520,25 @@ def atomic_torch_save(obj, path: Path) -> None:
     write_atomically(path, lambda handle: torch.save(obj, handle), binary=True)
 
 
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file that torch cannot read; the message names it and says to delete it."""
+
+
+def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    """``torch.load`` of a checkpoint written by :func:`atomic_torch_save`; an unreadable one (truncated, not
+    a torch file) raises :class:`CorruptCheckpointError` naming the path and what to delete."""
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        if not isinstance(checkpoint, dict):
+            raise TypeError(f"expected a dict, got {type(checkpoint).__name__}")
+    except Exception as error:  # RuntimeError (zip), EOFError, UnpicklingError, ...
+        raise CorruptCheckpointError(
+            f"checkpoint {str(path)!r} is unreadable ({type(error).__name__}: {str(error)[:200]}). Delete it "
+            f"(rm {str(path)!r}) and run again: the step it belongs to is trained again from its last readable "
+            f"checkpoint, or from the start") from None
+    return checkpoint
+
+
 def cpu_state(module_or_optimizer) -> dict:
     return _to_cpu(module_or_optimizer.state_dict())
 
@@ -523,9 +578,14 @@ class StepResult:
         return self.train_images / self.train_time_s if self.train_time_s > 0 else float("nan")
 
     def summary(self) -> dict:
-        """The metrics of the final epoch plus the step totals (the numeric part of a record)."""
+        """The metrics of the final epoch plus the step totals (the numeric part of a record), and the best test
+        accuracy over the evaluated epochs with its epoch (the first, on a tie): what the authors' checkpointing,
+        which monitored test accuracy, would have kept. The records report the last epoch; this is beside it."""
         last = self.epochs[-1]
+        evaluated = [log for log in self.epochs if log.get("test_acc") is not None]
+        best = max(evaluated, key=lambda log: log["test_acc"]) if evaluated else {}
         return {
+            "best_test_acc": best.get("test_acc"), "best_test_epoch": best.get("epoch"),
             "epochs": last["epoch"],
             "val_acc": last["val_acc"], "val_loss": last["val_loss"],
             "test_acc": last["test_acc"], "test_loss": last["test_loss"],
@@ -538,7 +598,7 @@ class StepResult:
 @dataclass
 class Member:
     """One model of a group trained in flight by :func:`distill_group`: its ``chain`` name, ``alpha``, its
-    ``teacher`` (required when alpha < 1), where its resumable state lives (``state_path``) and its per-epoch
+    ``teacher`` (required when alpha != 1), where its resumable state lives (``state_path``) and its per-epoch
     ``on_epoch(log)`` (see :func:`distill_step`)."""
 
     chain: str
@@ -571,7 +631,8 @@ class GroupStep:
         else:
             self.students = _Lockstep(models, alphas, config, self.schedule, device, use_bf16)
             self.networks = list(models)
-        self.teachers = _Teachers(members, memory_format, use_bf16, batched, pointwise=self.pointwise(config))
+        self.teachers = _Teachers(members, memory_format, use_bf16, batched, bn_mode=config.teacher_bn,
+                                  pointwise=self.pointwise(config))
         # float32 (float64 where the models are: the tests' exact comparisons of the in-flight paths)
         dtype = next(models[0].parameters()).dtype
         self.x = torch.zeros((config.batch_size, 3, 32, 32), dtype=torch.bfloat16 if use_bf16 else dtype,
@@ -604,10 +665,12 @@ def distill_step(config: TrainConfig, data, *, seed: int, step: int, alpha: floa
         eval_every, capture, ...).
     data : a :class:`sdlib.data.CIFAR10Splits` (or anything with x_train/y_train/x_val/y_val/x_test/y_test:
         uint8 (N, 3, 32, 32) images and int64 (N,) labels on ``device``).
-    seed, step : select the initialization and, per epoch, the data order and augmentation, both shared by
-        every chain of the step (so chains differ only by their targets) and reproducible on a resume.
-    alpha : weight of the labels in the targets; ``teacher`` (used in eval mode on the same augmented batch,
-        outside autograd) is required when alpha < 1 and ignored at alpha == 1.
+    seed, step : select the initialization and, per epoch, the data order (:func:`epoch_order`) and the
+        augmentation, both shared by every chain of the step (so chains differ only by their targets) and
+        reproducible on a resume.
+    alpha : weight of the labels in the targets (a finite number: fixed alphas lie in [0, 1], an unbounded
+        alpha-hat may not); ``teacher`` (on the same augmented batch, :func:`teacher_probs` with
+        ``config.teacher_bn``) is required when alpha != 1 and ignored at alpha == 1.
     chain : name used in logs, events and errors.
     state_path : where the resumable state (model, optimizer, scheduler, epoch, logs so far) is saved every
         ``config.checkpoint_every`` epochs; if the file exists, training resumes from it.
@@ -631,7 +694,7 @@ def _load_state(member: Member, seed: int, step: int, device: torch.device) -> d
     path = Path(member.state_path) if member.state_path is not None else None
     if path is None or not path.is_file():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_checkpoint(path, map_location="cpu")  # CorruptCheckpointError names an unreadable file
     if (state["seed"], state["chain"], state["step"], state["alpha"]) != (seed, member.chain, step,
                                                                           float(member.alpha)):
         warnings.warn(f"ignoring {path}: it holds seed={state['seed']}, chain={state['chain']!r}, "
@@ -659,10 +722,12 @@ def distill_group(config: TrainConfig, data, *, seed: int, step: int, members: S
     if not members:
         raise ValueError("members must name at least one model to train, got none")
     for member in members:
-        if not 0.0 <= member.alpha <= 1.0:
-            raise ValueError(f"alpha must lie in [0, 1], got {member.alpha!r}")
-        if member.alpha < 1.0 and member.teacher is None:
-            raise ValueError(f"teacher is required for alpha < 1 (chain {member.chain!r}, step {step}, "
+        # fixed alphas lie in [0, 1]; an unbounded alpha-hat may lie outside
+        if isinstance(member.alpha, bool) or not isinstance(member.alpha, (int, float)) \
+                or not math.isfinite(member.alpha):
+            raise ValueError(f"alpha must be a finite number, got {member.alpha!r} (chain {member.chain!r})")
+        if member.alpha != 1.0 and member.teacher is None:
+            raise ValueError(f"teacher is required for alpha != 1 (chain {member.chain!r}, step {step}, "
                              f"alpha {member.alpha:g})")
     n_train, batch_size = len(data.x_train), config.batch_size
     iters_per_epoch = n_train // batch_size

@@ -11,8 +11,9 @@ chain (``seeds=(s,)``, ``alphas=(a,)`` or none, ``include_alpha_hat`` only for t
 for the shared job). That composes because ``config_hash`` leaves out seeds, alphas, steps and paths: a chain
 job finds the shared step-1 record of its seed (same hash) in ``results_dir/records.jsonl``, skips it and loads
 the step-1 weights from ``checkpoint_dir/<hash>/seed<s>/shared/step1.pt`` as the teacher of step 2. All jobs
-write one ``results_dir``; ``records.jsonl`` and ``epochs.jsonl`` are rewritten under an ``fcntl.flock`` lock
-(read-modify-write, then an atomic rename), so concurrent jobs neither lose nor tear records.
+write one ``results_dir`` through :class:`sdlib.store.ResultsStore`: each record and epoch line is appended under
+an ``fcntl.flock`` lock of the folder, so concurrent jobs (of this grid or of another config) neither lose nor
+tear records.
 
 The alpha-hat job trains its own alpha = 0 probe at step 2, where a sequential run reuses the alpha = 0 chain's
 step 2 (the probe is that very model: same teacher, same init and data order, both seeded by (seed, step)):
@@ -32,7 +33,9 @@ unfinished one from its last epoch checkpoint (``step<t>.state.pt``).
 Resubmission. :func:`submit_sweep` leaves out the jobs whose every step already has a record of the config
 in ``results_dir`` (and submits the chains of a seed whose step 1 is finished without a dependency), so the same
 command, run again after a failure, a kill or a cancelled job, submits only what is missing; an unfinished step
-resumes from its last epoch checkpoint.
+resumes from its last epoch checkpoint. Jobs of an earlier submission still queued or running are left out too: every submitted job is
+noted in ``folder/sweep-<config_hash>.jsonl`` and looked up in ``squeue`` (or, locally, among the running
+processes) before submitting again.
 
 Sweep files. The whole sweep (profile, training fields, where and how the jobs run) can live in one YAML or JSON
 file, read by :func:`load_sweep_config` and ``--config``; ``sweeps/`` has the paper's grid on SLURM and the run
@@ -76,6 +79,7 @@ __all__ = [
     "CIFAR10_TRAIN_IMAGES",
     "grid_cost",
     "submit_sweep",
+    "queued_jobs",
     "wait",
     "load_parameter_sets",
     "run_papermill_sweep",
@@ -112,7 +116,9 @@ def job_configs(config) -> list[tuple[int, str, Any]]:
         if config.include_alpha_hat:
             jobs.append((seed, ALPHA_HAT, dataclasses.replace(config, seeds=(seed,), alphas=(),
                                                               include_alpha_hat=True)))
-    assert len({c.config_hash() for _, _, c in jobs}) == 1  # the composition relies on it
+    # the composition relies on one config_hash (compared without fingerprinting the data once per job)
+    assert all(c.hashed_fields() == config.hashed_fields() and c.data_root == config.data_root
+               and c.data_fingerprint == config.data_fingerprint for _, _, c in jobs)
     return jobs
 
 
@@ -279,16 +285,105 @@ def make_executor(executor: str = "local", folder: str | os.PathLike = "runs/sub
     return ex
 
 
+# States in which a SLURM job still holds its place (squeue's long names).
+_ACTIVE_SLURM_STATES = frozenset({"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD",
+                                  "REQUEUE_FED", "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT"})
+
+
+def _manifest(folder: str | os.PathLike, config_hash: str) -> Path:
+    """Where :func:`submit_sweep` notes every job it submitted (job id, seed, chain, executor): the ids to ask
+    the queue about on a resubmission."""
+    return Path(folder) / f"sweep-{config_hash}.jsonl"
+
+
+def _squeue_states() -> dict[str, str]:
+    """``job id -> state`` of this user's jobs in the SLURM queue (``squeue``, array tasks one per line)."""
+    import getpass
+    import subprocess
+
+    try:
+        done = subprocess.run(["squeue", "--noheader", "--array", "--user", getpass.getuser(),
+                               "--format=%i|%T"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as error:
+        raise RuntimeError(f"could not ask the SLURM queue (squeue: {error})") from None
+    if done.returncode != 0:
+        raise RuntimeError(f"could not ask the SLURM queue (squeue exited with {done.returncode}: "
+                           f"{done.stderr.strip()[:300]})")
+    states = {}
+    for line in done.stdout.splitlines():
+        if "|" in line:
+            job_id, state = line.strip().split("|", 1)
+            states[job_id.strip()] = state.strip().split()[0] if state.strip() else ""
+    return states
+
+
+def _local_job_alive(job_id: str) -> bool:
+    """A local submitit job (its id is the pid of its process) that still runs here."""
+    try:
+        pid = int(job_id)
+        os.kill(pid, 0)
+    except (ValueError, ProcessLookupError, PermissionError, OverflowError):
+        return False
+    try:  # a reused pid is not our job
+        return b"submitit" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True
+
+
+def queued_jobs(config, executor: str = "local", folder: str | os.PathLike = "runs/submitit",
+                config_hash: str | None = None) -> dict[tuple[int, str], tuple[str, str]]:
+    """The jobs of ``config``'s grid that an earlier :func:`submit_sweep` (same ``folder``) submitted and that
+    are still queued or running: ``{(seed, chain): (job id, state)}``.
+
+    SLURM: the ids noted in ``folder/sweep-<config_hash>.jsonl`` are looked up in ``squeue`` (this user's
+    jobs, array tasks one per line; states PENDING, RUNNING, REQUEUED, ...). Local: whether the job's process
+    still runs. Debug: none (they run in the submitting process). Raises RuntimeError where squeue cannot be
+    asked (submit_sweep then warns and goes on)."""
+    if config_hash is None:
+        config_hash = config.config_hash()
+    manifest = _manifest(folder, config_hash)
+    if executor == "debug" or not manifest.is_file():
+        return {}
+    latest = {}
+    for line in manifest.read_text(encoding="utf-8").splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a torn line: that job is then not known to be queued
+        if isinstance(entry, dict) and entry.get("executor") == executor:
+            latest[(entry["seed"], entry["chain"])] = str(entry["job_id"])
+    if not latest:
+        return {}
+    if executor == "slurm":
+        states = _squeue_states()
+        return {key: (job_id, states[job_id]) for key, job_id in latest.items()
+                if states.get(job_id) in _ACTIVE_SLURM_STATES}
+    return {key: (job_id, "RUNNING") for key, job_id in latest.items() if _local_job_alive(job_id)}
+
+
+def _note_submitted(folder, config_hash: str, executor: str, jobs: list["SweepJob"]) -> None:
+    path = _manifest(folder, config_hash)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.writelines(json.dumps({"job_id": str(j.job.job_id), "seed": j.seed, "chain": j.chain,
+                                      "executor": executor, "submitted_at": time.time()}) + "\n" for j in jobs)
+
+
 def submit_sweep(config, executor: str = "local", folder: str | os.PathLike = "runs/submitit", *,
                  num_threads: int | None = None, progress: bool = True,
                  on_event: Callable[[dict], None] | None = None, skip_finished: bool = True,
-                 **cluster) -> list[SweepJob]:
+                 skip_queued: bool = True, **cluster) -> list[SweepJob]:
     """Submit the grid of ``config`` (a TrainConfig) as jobs; return them (step-1 jobs first, then chains).
 
     skip_finished : leave out every job whose steps all have a record of this config in ``results_dir``, and
     submit the chains of a seed whose step-1 job is finished without waiting for it; an empty list means the
-    grid is complete. (A job that is still running or queued is not known here: do not resubmit a sweep
-    while its jobs run.)
+    grid is complete.
+
+    skip_queued : leave out the jobs an earlier submission (same ``folder``) made that are still queued or
+    running (:func:`queued_jobs`: SLURM's ``squeue``, or the local processes), so a sweep resubmitted while its
+    jobs wait is not submitted twice; it prints what it left out. On SLURM the chains of a seed whose step-1 job
+    is still queued depend on that job; locally they are left out until it has finished. Where the queue
+    cannot be asked, a RuntimeWarning says so and nothing is left out for that reason.
 
     executor : "local" (subprocesses on this machine), "slurm" (sbatch through submitit) or "debug" (in this
     process, when ``result()`` is asked: for stepping through with a debugger). ``cluster`` : the options of
@@ -297,64 +392,105 @@ def submit_sweep(config, executor: str = "local", folder: str | os.PathLike = "r
     :class:`ChainJob`.
 
     SLURM: returns at once; the chain jobs of a seed wait in the queue for ``afterok`` of its step-1 job. Local
-    and debug: blocks until every step-1 job has finished (it raises if one failed), then submits the chains.
+    and debug: blocks until every step-1 job has finished (a failed one raises :class:`SweepError` with the
+    job's error in one line and its log file), then submits the chains.
     Wait for the rest with :func:`wait`; read the results with :func:`sdlib.results.load_records` on
     ``config.results_dir``.
     """
-    from sdlib.train import pending_tasks
+    import warnings
+
+    from sdlib.chains import _effective_for_lookup, _tasks
+    from sdlib.store import ResultsStore
 
     jobs_of_grid = job_configs(config)  # validates config
     if num_threads is not None:
         _check_int("num_threads", num_threads, 1)
     if on_event is not None and not callable(on_event):
         raise ValueError(f"on_event must be callable or None, got {on_event!r}")
-    if not isinstance(skip_finished, bool):
-        raise ValueError(f"skip_finished must be True or False, got {skip_finished!r}")
+    for name, value in (("skip_finished", skip_finished), ("skip_queued", skip_queued)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
     _check_options(cluster)
     ex = make_executor(executor, folder, **cluster)  # validates the cluster options before any submission
+    lookup = _effective_for_lookup(config)
+    config_hash = lookup.config_hash()  # once: it fingerprints the data
     if skip_finished:
-        jobs_of_grid = [(s, c, cfg) for s, c, cfg in jobs_of_grid if pending_tasks(cfg)]
+        done = ResultsStore(config.results_dir).records(config_hash)
+        jobs_of_grid = [(s, c, cfg) for s, c, cfg in jobs_of_grid
+                        if any(task not in done for task in _tasks(_effective_for_lookup(cfg)))]
+    active = {}
+    if skip_queued:
+        try:
+            active = queued_jobs(config, executor, folder, config_hash)
+        except RuntimeError as error:
+            warnings.warn(f"{error}; jobs of this sweep still queued would be submitted again", RuntimeWarning,
+                          stacklevel=2)
+    left_out = [(s, c) for s, c, _ in jobs_of_grid if (s, c) in active]
+    jobs_of_grid = [(s, c, cfg) for s, c, cfg in jobs_of_grid if (s, c) not in active]
+    if executor != "slurm":  # no dependency on a job of another submission: wait for its step 1 to finish
+        waiting = {s for s, c in active if c == SHARED_CHAIN}
+        left_out += [(s, c) for s, c, _ in jobs_of_grid if s in waiting]
+        jobs_of_grid = [(s, c, cfg) for s, c, cfg in jobs_of_grid if s not in waiting]
+    if left_out:
+        print(f"left out {len(left_out)} job(s) of an earlier submission still queued or running (or waiting "
+              "for one): " + ", ".join(f"seed{s}-{c}" + (f" (job {active[(s, c)][0]} {active[(s, c)][1]})"
+                                                          if (s, c) in active else "") for s, c in left_out))
 
     def job(seed, chain, job_config):
         return ChainJob(job_config, seed, chain, num_threads=num_threads, progress=progress, on_event=on_event)
 
+    def submit(items) -> list[SweepJob]:
+        jobs = [SweepJob(s, c, j) for (s, c, _), j in zip(items, ex.submit_array([job(*t) for t in items]))]
+        _note_submitted(folder, config_hash, executor, jobs)
+        return jobs
+
     shared = [(s, c, cfg) for s, c, cfg in jobs_of_grid if c == SHARED_CHAIN]
     chains = [(s, c, cfg) for s, c, cfg in jobs_of_grid if c != SHARED_CHAIN]
-    first = [SweepJob(s, c, j) for (s, c, _), j in zip(shared, ex.submit_array([job(*t) for t in shared]))] \
-        if shared else []
+    first = submit(shared) if shared else []
     submitted = list(first)
-    ready = [t for t in chains if t[0] not in {step1.seed for step1 in first}]  # their step 1 is finished
+    step1_ids = {step1.seed: step1.job.job_id for step1 in first}
+    step1_ids.update({s: active[(s, c)][0] for s, c in active if c == SHARED_CHAIN and s not in step1_ids})
+    ready = [t for t in chains if t[0] not in step1_ids]  # their step 1 is finished
     if ready:
-        array = ex.submit_array([job(*t) for t in ready])
-        submitted.extend(SweepJob(s, c, j) for (s, c, _), j in zip(ready, array))
-    for step1 in first:
-        seed_chains = [t for t in chains if t[0] == step1.seed]
+        submitted.extend(submit(ready))
+    for seed, step1_id in sorted(step1_ids.items()):
+        seed_chains = [t for t in chains if t[0] == seed]
         if not seed_chains:
             continue
         if executor == "slurm":
             extra = dict(cluster.get("slurm_parameters") or {})
-            ex.update_parameters(slurm_additional_parameters={**extra, "dependency": f"afterok:{step1.job.job_id}",
+            ex.update_parameters(slurm_additional_parameters={**extra, "dependency": f"afterok:{step1_id}",
                                                               "kill_on_invalid_dep": "yes"})
-            array = ex.submit_array([job(*t) for t in seed_chains])
+            submitted.extend(submit(seed_chains))
             ex.update_parameters(slurm_additional_parameters=extra)
         else:
-            _result(step1)  # no dependencies outside SLURM: start the chains once step 1 is final
-            array = ex.submit_array([job(*t) for t in seed_chains])
-        submitted.extend(SweepJob(s, c, j) for (s, c, _), j in zip(seed_chains, array))
+            _result(next(j for j in first if j.seed == seed))  # no dependencies outside SLURM: wait for step 1
+            submitted.extend(submit(seed_chains))
     return submitted
+
+
+def _last_error_line(error: Exception) -> str:
+    """The line of a job's error that says what went wrong (``ValueError: ...``), not its traceback."""
+    text = str(error)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b.*:", line) or \
+                re.match(r"^[A-Za-z_][\w.]*(Error|Exception)$", line):
+            return line
+    return lines[0] if lines else type(error).__name__  # e.g. submitit's "Job ... has not produced any output"
 
 
 def _failure(sweep_job: SweepJob, error: Exception) -> str:
     paths = getattr(sweep_job.job, "paths", None)
     where = f" (logs: {paths.stderr})" if paths is not None else ""
-    return f"sweep job {sweep_job.name} (id {sweep_job.job.job_id}) failed{where}: {error}"
+    return f"sweep job {sweep_job.name} (id {sweep_job.job.job_id}) failed{where}: {_last_error_line(error)}"
 
 
 def _result(sweep_job: SweepJob):
     try:
         return sweep_job.job.result()
     except Exception as error:  # submitit's FailedJobError / UncompletedJobError carry the job's log tail
-        raise SweepError(_failure(sweep_job, error), [sweep_job], [None]) from error
+        raise SweepError(_failure(sweep_job, error), [sweep_job], [None]) from None
 
 
 def wait(jobs: Sequence[SweepJob], progress: bool = True) -> list[dict]:
@@ -392,8 +528,43 @@ def _check_options(options: dict) -> None:
         raise ValueError(f"unknown cluster option(s) {unknown}; valid options: {sorted(SWEEP_OPTIONS)}")
 
 
+def _yaml_loader():
+    """PyYAML's SafeLoader, stricter and closer to YAML 1.2: a key given twice in one mapping raises (PyYAML
+    keeps the last silently), and ``1e-3`` / ``5E+4`` are numbers (YAML 1.1, hence PyYAML, wants a dot: ``1.0e-3``,
+    and reads ``1e-3`` as the string "1e-3")."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def construct_mapping(loader, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    f"in the mapping starting at line {node.start_mark.line + 1}", node.start_mark,
+                    f"key {key!r} is given twice (first at line {seen[key] + 1}); remove one", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                                 list("-+0123456789"))
+    return Loader
+
+
+def _json_object(pairs):
+    keys = [k for k, _ in pairs]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise ValueError(f"key(s) {twice} given twice in one object; remove one")
+    return dict(pairs)
+
+
 def _read_mapping(source, what: str) -> dict:
-    """A JSON/YAML file (or an already-parsed mapping) as a dict."""
+    """A JSON/YAML file (or an already-parsed mapping) as a dict. A malformed file raises ValueError naming the
+    file, the line and what is wrong (no parser traceback); so does a key given twice."""
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
@@ -402,9 +573,24 @@ def _read_mapping(source, what: str) -> dict:
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml
 
-            source = yaml.safe_load(text)
+            try:
+                source = yaml.load(text, Loader=_yaml_loader())  # noqa: S506 (a SafeLoader subclass)
+            except yaml.YAMLError as error:
+                mark = getattr(error, "problem_mark", None)
+                where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+                problem = "; ".join(str(part) for part in (getattr(error, "context", None),
+                                                          getattr(error, "problem", None)) if part) or str(error)
+                if "'\\t'" in problem:
+                    problem += " (YAML indents with spaces, not tabs)"
+                raise ValueError(f"{what} {path}{where}: not valid YAML: {problem}") from None
         elif path.suffix.lower() == ".json":
-            source = json.loads(text)
+            try:
+                source = json.loads(text, object_pairs_hook=_json_object)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{what} {path}, line {error.lineno}, column {error.colno}: not valid JSON: "
+                                 f"{error.msg}") from None
+            except ValueError as error:
+                raise ValueError(f"{what} {path}: {error}") from None
         else:
             raise ValueError(f"{what} must end in .json, .yaml or .yml, got {path.name!r}")
     return source
@@ -541,8 +727,8 @@ def _parser() -> argparse.ArgumentParser:
     p = train_parser()
     p.prog = "python -m sdlib.sweep"
     p.description = ("Submit the grid of self-distillation chains as jobs (submitit): one step-1 job per seed, "
-                     "then one job per (seed, chain) depending on it; jobs already finished are left out (the queue "
-                     "is not consulted: do not submit a sweep again while its jobs still run). "
+                     "then one job per (seed, chain) depending on it; jobs already finished, and jobs of an earlier "
+                     "submission still queued or running (squeue, or the local processes), are left out. "
                      "Training options as in sdlib.train; options given here override --config.")
     p.add_argument("--config", metavar="SWEEP_FILE",
                    help="a YAML/JSON sweep file (profile, train, cluster), e.g. sweeps/paper-slurm.yaml")
@@ -565,6 +751,31 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _print_dry_run(config, options: dict) -> None:
+    """--dry-run: the config's hash, the jobs a submission would make now, and the grid's cost."""
+    from sdlib.chains import _effective_for_lookup, _tasks
+    from sdlib.store import ResultsStore
+
+    executor, folder = options.get("executor", "local"), options.get("folder", "runs/submitit")
+    config_hash = _effective_for_lookup(config).config_hash()
+    done = ResultsStore(config.results_dir).records(config_hash)
+    jobs = [(s, c) for s, c, cfg in job_configs(config)
+            if any(task not in done for task in _tasks(_effective_for_lookup(cfg)))]
+    try:
+        active = queued_jobs(config, executor, folder, config_hash)
+    except RuntimeError as error:
+        active = {}
+        print(f"({error})")
+    print(f"config_hash {config_hash}; results in {config.results_dir}")
+    print(f"would submit {len([j for j in jobs if j not in active])} of {len(job_configs(config))} jobs "
+          f"({executor}); {len(active)} still queued or running:")
+    for seed, chain in jobs:
+        print(f"  seed{seed}-{chain}" + (f" (queued: job {active[(seed, chain)][0]})" if (seed, chain) in active
+                                         else ""))
+    cost = grid_cost(config)
+    print(f"grid cost: {cost['jobs']} jobs; {cost['formula']}")
+
+
 def main(argv: list[str] | None = None) -> list[SweepJob]:
     """The command line: read the sweep file (if any) and the options over it, build the TrainConfig and the
     executor (bad values: a clear error, exit code 2), submit the unfinished jobs, and (unless --no-wait) wait
@@ -577,6 +788,12 @@ def main(argv: list[str] | None = None) -> list[SweepJob]:
     try:
         config, options = load_sweep_config(args.config, profile=args.profile, train=config_overrides(args),
                                             options=options)
+        if args.skip_bad_lines:
+            raise ValueError("--skip-bad-lines applies to python -m sdlib.train only; delete the unreadable line "
+                             "that the error names (a sweep's jobs never skip lines)")
+        if args.dry_run:
+            _print_dry_run(config, options)
+            return []
         if args.estimate is not None:
             cost = grid_cost(config, args.estimate)
             print(f"{cost['jobs']} jobs; {cost['formula']}")
@@ -584,6 +801,8 @@ def main(argv: list[str] | None = None) -> list[SweepJob]:
         jobs = submit_sweep(config, progress=not args.no_progress, **options)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
+    except SweepError as error:  # a step-1 job failed (local executor): one line, and where its log is
+        raise SystemExit(f"{parser.prog}: {error}") from None
     executor, folder = options.get("executor", "local"), options.get("folder", "runs/submitit")
     skipped = len(job_configs(config)) - len(jobs)
     print(f"submitted {len(jobs)} jobs ({executor}); config_hash {config.config_hash()}; logs in {folder}"

@@ -203,3 +203,12 @@ def tiny_cifar_pickle_root(tiny_cifar_root, tmp_path_factory) -> Path:
     perm = np.random.default_rng(TINY_PICKLE_SEED).permutation(len(y_tr))
     root = tmp_path_factory.mktemp("cifar10_tiny_pickle")
     return write_cifar_pickle_form(root, x_tr[perm], y_tr[perm], x_te, y_te)
+
+
+@pytest.fixture(scope="session")
+def book(tmp_path_factory):
+    """The book built once per session in a clean copy of the repository: (copy root, build log).
+    Shared by tests/test_book.py and tests/test_browser.py (see tests/book_build.py)."""
+    from book_build import build_book
+
+    return build_book(tmp_path_factory.mktemp("clean_clone"))

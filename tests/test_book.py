@@ -1,23 +1,19 @@
 """The book builds from a clean clone, with warnings as errors, and renders offline.
 
-The repository's tracked and untracked-but-not-ignored files (what a clean clone plus the work in
-progress holds) are copied into a temporary directory together with the git-ignored MathJax folder
-that `make mathjax` produces, and Jupyter Book is run there exactly as `make book` runs it. The
-notebooks execute during the build (a fresh jupyter-cache), so this also checks that every notebook
-runs top to bottom. The built HTML is then checked: every page of the table of contents exists,
-the bibliography lists every entry of book/references.bib, the math is there, and MathJax (like every
-other script and stylesheet) is served from the build, never from a CDN.
+The `book` fixture (tests/conftest.py, tests/book_build.py) builds the book once per session in a clean copy
+of the repository, exactly as `make book` does; the notebooks execute during the build, so this also checks
+that every notebook runs top to bottom. The built HTML is then checked: every chapter is one page, its
+notebook; every page of the table of contents exists; every figure is numbered, captioned, described and
+cited from the text; the bibliography lists every entry of book/references.bib; the math is there; and
+MathJax (like every other script and stylesheet) is served from the build, never from a CDN.
+tests/test_browser.py opens the same build in Chromium.
 """
 
 from __future__ import annotations
 
 import html
 import json
-import os
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,23 +21,17 @@ import yaml
 from pybtex.database import parse_file
 
 REPO = Path(__file__).resolve().parents[1]
-MATHJAX_REL = Path("book/_static/mathjax")
 MATHJAX_ENTRY = "mathjax/es5/tex-chtml.js"  # relative to _static/, as in _config.yml
-# The chapters every build must contain (the table of contents may hold more, e.g. chapter 5).
-CORE_PAGES = [
-    "book/intro",
-    "book/01_toy_example",
+# The chapters every build must contain, in this order (the table of contents may hold more, e.g. chapter 6).
+# Each chapter is one page: its notebook.
+CHAPTERS = [
     "notebooks/01_toy_example",
-    "book/02_eigenvalue_damping",
     "notebooks/02_eigenvalue_damping",
-    "book/03_infinite_limit",
     "notebooks/03_infinite_limit",
-    "book/04_optimal_alpha",
     "notebooks/04_optimal_alpha",
-    "book/reproduce",
-    "book/bibliography",
+    "notebooks/05_cifar10_self_distillation",
 ]
-BUILD_TIMEOUT_S = 1200
+CORE_PAGES = ["book/intro", *CHAPTERS, "book/reproduce", "book/bibliography"]
 REMOTE_HOSTS = ("cdn.jsdelivr", "unpkg.com", "cdnjs", "googleapis", "gstatic", "mathjax.org")
 
 
@@ -59,58 +49,6 @@ def _toc_files(toc: dict) -> list[str]:
     walk(toc.get("parts", []))
     walk(toc.get("chapters", []))
     return files
-
-
-def _repository_files() -> list[Path]:
-    """Tracked files plus untracked files that git does not ignore, relative to the repository."""
-    try:
-        out = subprocess.run(
-            ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-            cwd=REPO, check=True, capture_output=True,
-        ).stdout
-    except (OSError, subprocess.CalledProcessError) as err:
-        pytest.fail(f"tests/test_book.py needs the repository as a git checkout to copy it: {err}")
-    # A tracked file deleted in the work tree is still listed; a clean clone would not have it.
-    return [Path(p) for p in out.decode().split("\0") if p and (REPO / p).is_file()]
-
-
-@pytest.fixture(scope="module")
-def book(tmp_path_factory):
-    """Build the book in a clean copy of the repository; returns (copy root, build log)."""
-    if not (REPO / MATHJAX_REL / "es5" / "tex-chtml.js").is_file():
-        pytest.fail(
-            f"{MATHJAX_REL}/es5/tex-chtml.js is missing: run `make mathjax` (or `make test`, which "
-            "runs it first) to unpack MathJax, which the book serves locally."
-        )
-    jupyter_book = Path(sys.executable).parent / "jupyter-book"
-    if not jupyter_book.is_file():
-        pytest.fail(f"{jupyter_book} not found: install the book extra (`make test` does).")
-
-    root = tmp_path_factory.mktemp("clean_clone")
-    for rel in _repository_files():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / rel, root / rel)
-    shutil.copytree(REPO / MATHJAX_REL, root / MATHJAX_REL, dirs_exist_ok=True)
-
-    env = dict(os.environ)
-    # The notebooks must import the copy's sdlib, not the editable install of the original tree.
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    # ipykernel shows figures inline only when MPLBACKEND is unset (a non-interactive backend such as
-    # Agg set by a CI would leave every figure out of the book).
-    env.pop("MPLBACKEND", None)
-    command = [
-        str(jupyter_book), "build", ".", "--toc", "book/_toc.yml", "--config", "_config.yml",
-        "-W", "-n", "--keep-going",
-    ]
-    try:
-        proc = subprocess.run(
-            command, cwd=root, env=env, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S,
-        )
-    except subprocess.TimeoutExpired as err:
-        pytest.fail(f"jupyter-book build did not finish in {BUILD_TIMEOUT_S} s:\n{err.stdout!s:.4000}")
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"jupyter-book build failed (rc={proc.returncode}):\n{log[-6000:]}"
-    return root, log
 
 
 def _html(root: Path, page: str) -> str:
@@ -145,6 +83,82 @@ def test_every_page_of_the_toc_is_built(book):
         assert _text(built.read_text(encoding="utf-8")), f"{page} is empty"
     # index.html sends the reader to the root page.
     assert "book/intro.html" in (root / "_build" / "html" / "index.html").read_text(encoding="utf-8")
+
+
+def test_each_chapter_is_one_page_its_notebook(book):
+    root, _ = book
+    toc = yaml.safe_load((root / "book" / "_toc.yml").read_text(encoding="utf-8"))
+    chapters = [entry for part in toc["parts"] if part["caption"] == "Chapters" for entry in part["chapters"]]
+    files = [entry["file"] for entry in chapters]
+    assert [f for f in files if f in CHAPTERS] == CHAPTERS, "chapters 1 to 5 in order"
+    assert all(f.startswith("notebooks/") and "sections" not in entry for f, entry in zip(files, chapters)), \
+        "a chapter is its notebook, with no separate prose page"
+    # no leftover prose copies of the chapters (book/05_protocols.md is included by chapter 5, not a page)
+    assert sorted(p.name for p in (REPO / "book").glob("0*.md")) == ["05_protocols.md"]
+    chapter5 = _html(root, "notebooks/05_cifar10_self_distillation")
+    text5 = _text(chapter5)
+    assert "Three protocols: the authors’ code, the paper, and ours" in text5 or \
+        "Three protocols: the authors' code, the paper, and ours" in text5
+    # the profiles' table computed from sdlib.config.PROFILES, and the committed teacher BatchNorm measurement
+    assert "The three training profiles, read from sdlib.config.PROFILES" in text5
+    assert "one permutation for every epoch and step" in text5
+    assert "The teacher’s BatchNorm in train mode" in text5 or "The teacher's BatchNorm in train mode" in text5
+    assert not (root / "_build" / "html" / "book" / "05_protocols.html").exists()
+    # the sidebar lists each chapter once
+    nav = re.search(r'<nav class="[^"]*bd-docs-nav[^"]*".*?</nav>', _html(root, "book/intro"), re.S).group(0)
+    titles = [_text(t) for t in re.findall(r'<a class="reference internal"[^>]*>(.*?)</a>', nav, re.S)]
+    assert len(titles) == len(set(titles)), titles
+
+
+def test_figures_are_numbered_captioned_described_and_cited(book):
+    root, _ = book
+    n_figures = 0
+    for chapter, page in enumerate(CHAPTERS, start=1):
+        page_html = _html(root, page)
+        main = re.search(r"<main.*?</main>", page_html, re.S).group(0)
+        figures = re.findall(r'<figure class="([^"]*)" id="([^"]+)">(.*?)</figure>', main, re.S)
+        if page.endswith("05_cifar10_self_distillation") and not (root / "results/cifar10/records.jsonl").is_file():
+            continue
+        assert figures, f"{page}: no figure"
+        for number, (classes, fig_id, body) in enumerate(figures, start=1):
+            assert fig_id.startswith("fig-"), fig_id
+            caption = re.search(r"<figcaption>(.*?)</figcaption>", body, re.S)
+            assert caption, f"{page} {fig_id}: no caption"
+            assert f"Fig. {chapter}.{number} " in _text(caption.group(1)), f"{page} {fig_id}: not numbered"
+            assert len(_text(caption.group(1))) > 60, f"{page} {fig_id}: caption too short"
+            # cited from the text: a {numref} link to the figure outside the figure itself
+            assert re.search(rf'href="#{fig_id}"', main.replace(body, "")), f"{page}: {fig_id} is never cited"
+            for alt in re.findall(r'<img[^>]*\salt="([^"]*)"', body):
+                assert len(alt) > 30 and "/" not in alt and not alt.endswith(".png"), f"{page} {fig_id}: alt {alt!r}"
+            if "sd-player" in body:  # interactive: precomputed frames for every slider combination
+                spec = json.loads(html.unescape(re.search(
+                    r'<script type="application/json">(.*?)</script>', body, re.S).group(1)))
+                sizes = {slider["name"]: len(slider["values"]) for slider in spec["sliders"]}
+                for series in spec["series"]:
+                    expected = 1
+                    for name in series.get("depends", []):
+                        expected *= sizes[name]
+                    frames = series["y"] if series.get("depends") else [series["y"]]
+                    assert len(frames) == expected, f"{page} {fig_id}: frames missing"
+            n_figures += 1
+        # every image of a chapter is in a figure
+        assert main.count("<img ") == sum(body.count("<img ") for _, _, body in figures), f"{page}: loose image"
+    players = [page for page in CHAPTERS[:2] if 'class="sd-player"' in _html(root, page)]
+    assert players == CHAPTERS[:2], "chapters 1 and 2 have interactive figures"
+    assert n_figures >= 12
+
+
+def test_no_boilerplate_or_machine_path_on_any_page(book):
+    root, _ = book
+    for page in sorted((root / "_build" / "html").rglob("*.html")):
+        page_html = page.read_text(encoding="utf-8")
+        where = page.relative_to(root)
+        assert str(root) not in page_html and str(REPO) not in page_html, f"{where}: a machine path"
+        if "notebooks" in page.parts:
+            text = _text(page_html)
+            for boilerplate in ("check_parameters", "raise ValueError", "write_atomically", "results_path is not None"):
+                assert boilerplate not in text, f"{where}: shows {boilerplate}"
+            assert "Live: sliders" not in text
 
 
 def test_notebooks_were_executed(book):
@@ -269,8 +283,11 @@ def test_chapter_5_shows_the_committed_results_and_their_protocol(book):
     assert f"{rows} (seed, chain, step) rows" in text
     assert "seeds " + ", ".join(map(str, seeds)) in text
     assert "chance is 10%" in text and "inside [0, 1]: True" in text
-    chapter = _text(_html(root, "book/05_cifar10"))
-    assert "The committed run is not the paper's protocol" in chapter.replace("’", "'")
+    assert "The committed run is not the paper's protocol" in text.replace("’", "'")
+    # the settings and provenance tables are captioned and read from the records, with no machine path
+    page_html = _html(root, "notebooks/05_cifar10_self_distillation")
+    assert "What produced these records" in page_html and "trained models behind the records" in page_html
+    assert "/tmp/" not in page_html and str(REPO) not in page_html
 
 
 def test_reproduce_at_scale_shows_the_committed_sweep_file(book):

@@ -1,8 +1,11 @@
 """The CIFAR-10 notebook end to end through papermill: a tiny real-image training run (ResNet-50, 400 images:
 200 train, 100 validation, 100 test; 1 epoch, 2 steps, alphas 0 and 1 plus alpha-hat, one seed, CPU), then the
-reports it makes; and the book's way of running it today, with no results committed."""
+reports it makes; the book's way of running it today, with no results committed; the chapter's structure for the
+book (figures captioned, boilerplate hidden); and an unknown parameter stopping it before any work."""
 
+import html
 import json
+import re
 from pathlib import Path
 
 import matplotlib.image
@@ -51,13 +54,29 @@ def test_notebook_is_committed_clean_and_parameterized():
     expected = {"data_root", "alphas", "include_alpha_hat", "seeds", "steps", "epochs", "profile", "batch_size",
                 "device", "subset", "results_dir", "train", "figure_path", "n_val", "checkpoint_dir", "download"}
     assert expected <= set(namespace)
-    assert namespace["train"] is False and namespace["results_dir"] == "results/cifar10"
+    # None: the committed results/cifar10 to read, the git-ignored runs/cifar10 to train into
+    assert namespace["train"] is False and namespace["results_dir"] is None
     # the reporting half must not need torch: torch and sdlib.train are imported only in the train branch
     train_cells = [cell for cell in code if "if train:" in cell.source]
     assert len(train_cells) == 1 and "from sdlib.train import" in train_cells[0].source
     for cell in code:
         if cell is not train_cells[0]:
             assert "import torch" not in cell.source and "sdlib.train" not in cell.source
+    # the chapter is this notebook: one H1, the parameter check hidden right after the parameters, the
+    # figures numbered, captioned, described and cited, and the protocols section included
+    h1 = [line for c in nb.cells if c.cell_type == "markdown" for line in c.source.splitlines() if line.startswith("# ")]
+    assert h1 == ["# ResNet-50 on CIFAR-10"]
+    after = code[code.index(parameter_cells[0]) + 1]
+    assert "check_parameters()" in after.source and "remove-cell" in after.metadata.get("tags", [])
+    text = "".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    figures = [c for c in code if "figure" in c.metadata.get("mystnb", {})]
+    assert [c.metadata["mystnb"]["figure"]["name"] for c in figures] == ["fig-cifar-summary", "fig-cifar-epochs"]
+    for cell in figures:
+        assert len(cell.metadata["mystnb"]["figure"]["caption"]) > 60
+        assert len(cell.metadata["mystnb"]["image"]["alt"]) > 40
+        assert f"{{numref}}`{cell.metadata['mystnb']['figure']['name']}`" in text
+    assert "## The authors' protocol, the paper's, and ours\n\n```{include} ../book/05_protocols.md\n```" in text
+    assert (REPO / "book" / "05_protocols.md").is_file()
 
 
 def test_tiny_training_run_end_to_end(tiny_cifar_root, tmp_path):
@@ -106,17 +125,25 @@ def test_tiny_training_run_end_to_end(tiny_cifar_root, tmp_path):
     text = stream_text(nb)
     assert f"summary figure saved to {figure}" in text
     assert "No results committed yet" not in text
-    tables = "\n".join(display_outputs(nb, "text/plain"))
-    for chain in ("alpha=0", "alpha=1", "alpha_hat"):
-        cell = f"{100 * by_key[(0, chain, 2)]['test_acc']:.2f}"
-        assert any(line.split()[:1] == [chain] and cell in line.split() for line in tables.splitlines()), chain
+    # the accuracy tables: captioned, rows named as a reader reads them, each chain's step-2 accuracy in its row
+    tables = [table for table in display_outputs(nb, "text/html") if "<table" in table]
+    accuracy = [table for table in tables if "Accuracy on the test set" in table]
+    assert len(accuracy) == 1 and any("Accuracy on the validation split" in table for table in tables)
+    rows = {html.unescape(re.sub(r"<[^>]+>", "", m.group(1))).strip(): html.unescape(re.sub(r"<[^>]+>", " ", m.group(2)))
+            for m in re.finditer(r"<tr>\s*<th[^>]*>(.*?)</th>(.*?)</tr>", accuracy[0], re.S)}
+    for chain, label in (("alpha=0", "α = 0"), ("alpha=1", "α = 1"), ("alpha_hat", "α̂ (Algorithm 1)")):
+        assert f"{100 * by_key[(0, chain, 2)]['test_acc']:.2f}" in rows[label].split(), (label, rows)
+    assert not any("alpha=" in row or "alpha_hat" in row for row in rows)
     assert len(display_outputs(nb, "image/png")) == 2  # the summary figure and the training curves
 
     # reading the committed results again (train=False, as the book will) gives the same report
     report = execute(tmp_path / "report.ipynb", results_dir=str(results_dir), figure_path=str(tmp_path / "again.png"))
     assert "profile 'paper', config_hash" not in stream_text(report)  # nothing trained
     assert (tmp_path / "again.png").read_bytes()[:8] == PNG_SIGNATURE
-    assert "\n".join(display_outputs(report, "text/plain")).count("alpha_hat") >= 2
+    assert "\n".join(display_outputs(report, "text/html")).count("α̂") >= 2
+    # the report names the results folder as it was given (the book gives results/cifar10), never the data root
+    shown = stream_text(report) + "\n".join(display_outputs(report, "text/html"))
+    assert f"rows from {results_dir}/records.jsonl" in shown and str(tiny_cifar_root) not in shown
 
 
 @pytest.mark.parametrize("present", [True, False], ids=["empty_dir", "missing_dir"])
@@ -131,3 +158,15 @@ def test_without_results_the_notebook_says_so(tmp_path, present):
     assert f"under {results_dir}: run " in text
     assert not display_outputs(nb, "image/png") and not (tmp_path / "fig.png").exists()
     assert not (results_dir / "records.jsonl").exists()  # reporting never writes results
+
+
+def test_an_unknown_parameter_stops_the_notebook_before_any_work(tmp_path):
+    """-p epoch 1 (for epochs) used to start the full 75-epoch protocol; now the check cell stops it."""
+    output = tmp_path / "out.ipynb"
+    with pytest.raises(papermill.PapermillExecutionError, match=r"unknown parameter 'epoch' \(did you mean 'epochs'\?\)"):
+        execute(output, epoch=1, train=True)
+    nb = nbformat.read(output, as_version=4)
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    failed = [i for i, cell in enumerate(code) if any(out.get("output_type") == "error" for out in cell.outputs)]
+    assert len(failed) == 1 and "check_parameters()" in code[failed[0]].source
+    assert all(cell.execution_count is None for cell in code[failed[0] + 1:])

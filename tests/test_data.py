@@ -320,7 +320,7 @@ def test_download_uses_torchvision_only_when_needed(tiny_cifar_pickle_root, tmp_
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
     root = tmp_path / "fresh"
     x, y = load_cifar10(root, "test", download=True)
-    assert calls == [(str(root), False, True)]
+    assert calls == [(str(root), True, True)]  # one archive holds both splits: always fetched as train=True
     assert torch.equal(x, load_cifar10(tiny_cifar_pickle_root, "test")[0])
     load_splits(root, n_val=50, download=True)  # already there: no second download
     assert len(calls) == 1
@@ -564,3 +564,79 @@ def test_augment_reproducibility_and_memory_formats(tiny_cifar_pickle_root):
     assert cl.is_contiguous() and torch.equal(cl, a)
     assert augment(x[:0]).shape == (0, 3, 32, 32)
     assert augment(x[:1]).shape == (1, 3, 32, 32)
+
+
+# ------------------------------------------------------------------------------------------------ downloading
+
+
+def test_download_that_never_answers_times_out_with_a_named_error(tmp_path, monkeypatch):
+    """Old: torchvision without a timeout hung forever behind a proxy that never answers."""
+    import socket
+    import time
+
+    import torchvision
+
+    from sdlib.data import DownloadError, download_cifar10
+
+    silent = socket.socket()  # accepts connections (the kernel's backlog) and never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}/cifar-10-python.tar.gz"
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "url", url)
+    try:
+        start = time.monotonic()
+        with pytest.raises(DownloadError) as caught:
+            download_cifar10(tmp_path / "cifar10", timeout_s=1.0)
+        assert time.monotonic() - start < 30
+    finally:
+        silent.close()
+    message = str(caught.value)
+    assert url in message and "no answer within the timeout of 1 s" in message
+    assert "Offline" in message and "cifar-10-python.tar.gz" in message and "SDLIB_DOWNLOAD_TIMEOUT" in message
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__  # no urllib traceback
+    assert isinstance(caught.value, FileNotFoundError)  # the data are still missing
+
+
+def test_download_offline_names_the_url_and_what_to_do(tmp_path, monkeypatch):
+    """Old: offline, a 30-frame URLError traceback."""
+    import socket
+
+    import torchvision
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there: connection refused, as offline
+    url = f"http://127.0.0.1:{port}/cifar-10-python.tar.gz"
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "url", url)
+    monkeypatch.setenv("SDLIB_DOWNLOAD_TIMEOUT", "5")
+    with pytest.raises(FileNotFoundError, match=rf"downloading CIFAR-10 from {url} into .* failed: .*refused.*"
+                                                r"Offline, or behind a proxy: fetch"):
+        load_splits(tmp_path / "cifar10", download=True)
+    monkeypatch.setenv("SDLIB_DOWNLOAD_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="SDLIB_DOWNLOAD_TIMEOUT must be a number of seconds, got 'soon'"):
+        load_splits(tmp_path / "cifar10", download=True)
+
+
+def test_progress_false_silences_the_decoding_bar(tiny_copy, capfd):
+    """Old: --no-progress left the image-decoding bar on (load_splits always decided by itself)."""
+    load_splits(tiny_copy, n_val=10, cache=False, progress=False)
+    assert "decoding CIFAR-10 images" not in capfd.readouterr().err
+    load_splits(tiny_copy, n_val=10, cache=False, progress=True)
+    assert "decoding CIFAR-10 images" in capfd.readouterr().err
+
+
+def test_fingerprints_follow_content_not_path(tiny_copy, tmp_path):
+    from sdlib.data import data_fingerprint, split_fingerprint
+
+    fingerprint = data_fingerprint(tiny_copy)
+    assert len(fingerprint) == 16 and data_fingerprint(tmp_path / "nothing") is None
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_copy, copy)
+    assert data_fingerprint(copy) == fingerprint  # the same files elsewhere
+    image = sorted((copy / "test" / "frog").iterdir())[0]
+    image.rename(copy / "test" / "cat" / ("z" + image.name))  # one test image changes its class
+    assert split_fingerprint(copy, "train") == split_fingerprint(tiny_copy, "train")
+    assert split_fingerprint(copy, "test") != split_fingerprint(tiny_copy, "test")
+    assert data_fingerprint(copy) != fingerprint
+    assert load_splits(copy, n_val=10).meta["fingerprint"] == data_fingerprint(copy)

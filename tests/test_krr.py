@@ -224,7 +224,8 @@ def test_bad_lambda(lam):
     (np.array([0.0, np.inf, 1.0]), np.zeros(3), "X"),
     (X0, np.where(X0 > 0.5, np.nan, 0.0), "y"),
     (X0, np.zeros(10), "y"),
-    (X0, np.zeros((11, 1)), "y"),
+    (X0, np.zeros((11, 2, 1)), "y"),  # (n, 1) is a one-output target now (scikit-learn's multi-output convention)
+    (X0, np.zeros((11, 0)), "y"),
     (np.zeros((2, 3, 4)), np.zeros(2), "X"),
     (np.zeros(0), np.zeros(0), "X"),
 ])
@@ -260,8 +261,11 @@ def fitted():
 
 @pytest.mark.parametrize("step", [0, -2, 2.5, 2.0, "3", None, True, -math.inf])
 def test_bad_step(fitted, step):
+    if step is not None:  # predict(step=None) uses the constructor's step (scikit-learn convention)
+        with pytest.raises(ValueError, match="step must be an integer >= 1 or math.inf"):
+            fitted.predict(X0, step=step, alpha=0.5)
     with pytest.raises(ValueError, match="step must be an integer >= 1 or math.inf"):
-        fitted.predict(X0, step=step, alpha=0.5)
+        SelfDistillation(lam=0.1, step=step, alpha=0.5).fit(X0, Y0)
     with pytest.raises(ValueError, match="step must be"):
         fitted.damping(step, 0.5)
 

@@ -3,6 +3,7 @@ a hand computation on a synthetic records.jsonl written here."""
 
 import json
 import math
+import re
 import statistics
 import subprocess
 import sys
@@ -17,6 +18,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from sdlib import results  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
 
 SEEDS = (0, 1, 2)
 FIXED_ALPHAS = (0.0, 0.5, 1.0)
@@ -273,14 +276,15 @@ GOOD = {"seed": 0, "chain": "alpha=0", "step": 2, "alpha": 0.0, "val_acc": 0.5, 
         (["[1, 2]"], ValueError, "expected a JSON object"),
         ([{k: v for k, v in GOOD.items() if k != "test_acc"}], ValueError, "test_acc"),
         ([{**GOOD, "test_acc": 93.1}], ValueError, r"fraction in \[0, 1\]"),
-        ([{**GOOD, "val_acc": None}], ValueError, "val_acc"),
+        ([{**GOOD, "test_acc": None}], ValueError, "test_acc"),  # (val_acc may be null: n_val = 0)
+        ([{**GOOD, "val_acc": 2.0}], ValueError, "val_acc"),
+        ([{**GOOD, "best_test_acc": 85.0}], ValueError, "best_test_acc"),
         ([{**GOOD, "step": 0}], ValueError, "step"),
         ([{**GOOD, "seed": "a"}], ValueError, "seed"),
         ([{**GOOD, "chain": "alpha=zero"}], ValueError, "chain"),
         ([{**GOOD, "chain": "teacher"}], ValueError, "chain"),
         ([{**GOOD, "step": 1}], ValueError, "shared"),
         ([{**GOOD, "chain": "shared", "step": 2}], ValueError, "step-1"),
-        ([GOOD, GOOD], ValueError, "already recorded on line 1"),
         ([{**GOOD, "alpha_hat": "high"}], ValueError, "alpha_hat"),
         ([{**GOOD, "chain": "alpha_hat_probe"}], ValueError, "no records"),
         ([{**GOOD, "epochs": 2.5}], ValueError, "epochs"),
@@ -359,19 +363,41 @@ def test_results_module_needs_no_torch(records_dir):
 
 
 def test_config_hash_selects_one_configuration_and_mixed_files_warn(tmp_path):
-    old = [{**r, "config_hash": "old", "test_acc": 0.1} for r in synthetic_records() if r["seed"] == 0]
-    new = [r for r in synthetic_records() if r["seed"] != 0]  # config_hash "abc"
+    old = [{**r, "config_hash": "old", "test_acc": 0.1, "profile": "fast"} for r in synthetic_records()
+           if r["seed"] == 0]
+    new = [r for r in synthetic_records() if r["seed"] != 0]  # config_hash "abc", profile "paper"
     directory = write_jsonl(tmp_path / "r", old + new)
-    with pytest.warns(RuntimeWarning, match=r"2 configurations.*'abc', 'old'"):
-        mixed = results.load_records(directory)
-    assert set(mixed["seed"]) == set(SEEDS)
+    # a folder of two configs: the newest (appended last) is read, and the warning names both
+    with pytest.warns(RuntimeWarning, match=r"holds 2 configs \(newest first: abc \(profile paper.*old \(profile "
+                                            r"fast.*reading the newest, abc"):
+        newest = results.load_records(directory)
+    assert set(newest["seed"]) == set(SEEDS) - {0} and (newest["config_hash"] == "abc").all()
     kept = results.load_records(directory, config_hash="abc")
     assert set(kept["seed"]) == set(SEEDS) - {0} and (kept["config_hash"] == "abc").all()
     only_old = results.load_records(directory, config_hash="old")
     assert set(only_old["seed"]) == {0} and (only_old["test_acc"] == 0.1).all()
     assert len(only_old) == len(CHAINS) * (1 + len(STEPS))
-    with pytest.raises(ValueError, match="config_hash 'nope' has no records.*'abc', 'old'"):
+    with pytest.warns(RuntimeWarning, match="reading the newest of profile 'fast', old"):
+        by_profile = results.load_records(directory, profile="fast")
+    assert by_profile.equals(only_old)
+    with pytest.raises(ValueError, match=r"config_hash 'nope' has no lines in .*present \(newest first\): abc "
+                                         r"\(profile paper, 26 line\(s\)\); old \(profile fast"):
         results.load_records(directory, config_hash="nope")
+    with pytest.raises(ValueError, match="profile 'official' has no lines"):
+        results.load_records(directory, profile="official")
+
+
+def test_a_key_recorded_twice_reads_as_its_last_line(tmp_path):
+    """A step re-recorded after a crash (append-only store): one row, the last line's values."""
+    first = synthetic_records()
+    again = {**first[3], "test_acc": 0.99}
+    directory = write_jsonl(tmp_path / "r", first + [again])
+    records = results.load_records(directory)
+    key = (again["seed"], again["chain"], again["step"])
+    rows = records[(records["seed"] == key[0]) & (records["chain"] == key[1]) & (records["step"] == key[2])
+                   & ~records["from_shared"]]
+    assert len(rows) == 1 and rows["test_acc"].item() == 0.99
+    assert len(records) == len(results.load_records(write_jsonl(tmp_path / "once", first)))
 
 
 def test_load_epochs_reads_the_probes_on_request(tmp_path):
@@ -425,3 +451,40 @@ def test_training_runs_group_overlapping_models_and_count_the_probes(tmp_path):
 def test_training_runs_need_dated_records(records_dir):
     with pytest.raises(ValueError, match="provenance.date and wall_time_s"):
         results.training_runs(records_dir[0])
+
+
+def test_the_readers_need_only_the_core_dependencies():
+    """Old: sdlib.results imported pandas, which only the notebooks extra installed (`pip install -e .` then
+    failed on import). Every module-level import of the torch-free modules is the standard library's or a core
+    dependency of pyproject.toml; and they do not import torch."""
+    import ast
+    import tomllib
+
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    core = {re.split(r"[<>=!~ \[]", dep)[0].lower() for dep in pyproject["project"]["dependencies"]}
+    for module in ("results", "store", "records"):
+        tree = ast.parse((REPO / "sdlib" / f"{module}.py").read_text())
+        for node in tree.body:  # module level only: imports inside functions are optional
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
+            for name in names:
+                top = name.split(".")[0]
+                assert top in sys.stdlib_module_names or top in core or top in ("sdlib", "__future__"), \
+                    f"sdlib/{module}.py imports {top}, which is not a core dependency"
+    code = "import sys, sdlib.results, sdlib.store; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
+
+
+def test_license_and_citation():
+    import tomllib
+
+    import yaml
+
+    assert tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["license"] == "MIT"
+    assert (REPO / "LICENSE").read_text().startswith("MIT License")
+    citation = yaml.safe_load((REPO / "CITATION.cff").read_text())
+    assert citation["cff-version"] == "1.2.0" and citation["license"] == "MIT" and citation["type"] == "software"
+    paper = citation["preferred-citation"]
+    assert paper["title"].startswith("Even your Teacher Needs Guidance") and paper["year"] == 2021
+    assert [a["family-names"] for a in paper["authors"]] == ["Borup", "Andersen"]

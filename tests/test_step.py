@@ -135,6 +135,54 @@ def test_folded_teacher_computes_the_eval_mode_network(float64):
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in teacher.modules())  # the original is untouched
 
 
+def _teacher_with_statistics(seed: int):
+    teacher = build_model(seed=seed, step=1)
+    with torch.no_grad():  # running statistics far from any batch's, so that the two modes differ clearly
+        for m in teacher.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.3, 3.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.1, 0.1)
+    return teacher.eval()
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_lean_step_teachers_follow_teacher_bn(float64, batched):
+    """The lean step's teacher targets are teacher_probs(teacher, x, config.teacher_bn) of each member's own
+    teacher: "eval" through folded batch norms, "train" (batch statistics, unfoldable) unfolded, one at a time or
+    as one batched network; an alpha above 1 (an unbounded alpha-hat) gets its teacher too; the teachers (their
+    running statistics and num_batches_tracked included) stay exactly as they were."""
+    teachers = [_teacher_with_statistics(3), _teacher_with_statistics(4)]
+    before = [{k: v.clone() for k, v in t.state_dict().items()} for t in teachers]
+    members = [Member(chain="alpha=0.3", alpha=0.3, teacher=teachers[0]),
+               Member(chain="alpha_hat", alpha=1.4, teacher=teachers[1]),
+               Member(chain="alpha=1", alpha=1.0)]
+    x_train, y_train = _images(16)
+    x = step_module.cifar.normalize(x_train[:8]).to(torch.float64)
+    for mode in ("eval", "train"):
+        config = TrainConfig(batch_size=8, lr=1e-3, teacher_bn=mode, chains_in_flight="batched" if batched
+                             else "streams")
+        models = [build_model(seed=0, step=2) for _ in members]
+        group = GroupStep(config, models, members, y_train, torch.device("cpu"), use_bf16=False,
+                          memory_format=torch.contiguous_format, batched=batched)
+        targets = group.teachers(x)
+        for k, teacher in enumerate(teachers):
+            expected = teacher_probs(teacher, x, mode)
+            _assert_close(targets[k], expected, f"{mode} targets of member {k}", rtol=1e-9)
+        if batched:  # the alpha = 1 row is a placeholder the loss ignores
+            assert targets.shape == (3, 8, 10)
+        else:
+            assert targets[2] is None
+        # the modes differ (the running statistics are far from the batch's), so the mode was really applied
+        other = teacher_probs(teachers[0], x, "train" if mode == "eval" else "eval")
+        assert (targets[0] - other).abs().max().item() > 1e-3
+    for teacher, saved in zip(teachers, before):
+        assert not teacher.training
+        for key, value in teacher.state_dict().items():
+            assert torch.equal(value, saved[key]), key
+
+
 def test_device_schedule_follows_the_host_schedule():
     config = TrainConfig(epochs=3, lr=2e-3, lr_schedule="cosine", warmup_epochs=1)
     schedule = _Schedule(config, iters_per_epoch=4, device=torch.device("cpu"))

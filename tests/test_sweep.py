@@ -311,7 +311,8 @@ def test_slurm_resubmission_leaves_out_finished_jobs(tmp_path, fake_slurm):
     assert "#SBATCH --array" not in scripts[0] and "--dependency" not in scripts[0]
     assert "#SBATCH --array=0-1%" in scripts[1] and "--dependency" not in scripts[1]  # step 1 is finished
     assert "#SBATCH --dependency=afterok:1000\n" in scripts[2]
-    assert len(sweep.submit_sweep(config, "slurm", tmp_path / "submitit", skip_finished=False)) == 8
+    with pytest.warns(RuntimeWarning, match="could not ask the SLURM queue"):  # no squeue here: said so
+        assert len(sweep.submit_sweep(config, "slurm", tmp_path / "submitit", skip_finished=False)) == 8
 
 
 def test_sweep_file_sets_the_cluster_and_the_command_line_overrides_it(tmp_path, fake_slurm):
@@ -365,7 +366,10 @@ def test_committed_sweep_files(tmp_path, fake_slurm, monkeypatch):
     # for results_dir: the second run (seeds 2 and 3) wrote to results/cifar10b, then its records were appended
     # (and for the speed settings added to TrainConfig after these runs, which config_hash leaves out)
     cut = ("seeds", "alphas", "include_alpha_hat", "steps", "results_dir", "eval_every", "chains_in_flight", "capture")
-    expected = {k: v for k, v in config.to_dict().items() if k not in cut}
+    # fields added after these records were written, at the values that reproduce the pipeline they ran
+    later = {"teacher_bn": "eval", "data_order": "reshuffle", "alpha_hat_bounds": [0.0, 1.0]}
+    assert {k: config.to_dict()[k] for k in later} == later
+    expected = {k: v for k, v in config.to_dict().items() if k not in cut and k not in later}
     assert all({k: v for k, v in r["config"].items() if k not in cut} == expected for r in records)
     assert {(r["seed"], r["config"]["results_dir"]) for r in records} == {
         (0, "results/cifar10"), (1, "results/cifar10"), (2, "results/cifar10b"), (3, "results/cifar10b")}
@@ -471,3 +475,119 @@ def test_grid_cost_counts_what_the_sweep_trained(grid):
     assert paper["images_per_epoch"] == (50_000 - 5_000) // 16 * 16 and paper["seconds"] is None
     with pytest.raises(ValueError, match="images_per_s must be a number > 0"):
         sweep.grid_cost(config, images_per_s=0)
+
+
+# ------------------------------------------------------------------------------- the queue, sweep files, errors
+
+FAKE_SQUEUE = """#!/bin/sh
+# Stands in for squeue: answers with the lines of $SQUEUE_OUT ("<job id>|<state>"), or fails as told.
+if [ -n "$SQUEUE_FAIL" ]; then echo "squeue: error: $SQUEUE_FAIL" >&2; exit 1; fi
+cat "$SQUEUE_OUT"
+"""
+
+
+@pytest.fixture
+def fake_squeue(tmp_path, fake_slurm, monkeypatch) -> Path:
+    """A squeue stand-in beside fake_slurm's sbatch; returns the file whose lines it prints."""
+    out = tmp_path / "squeue.txt"
+    out.write_text("")
+    tool = tmp_path / "bin" / "squeue"
+    tool.write_text(FAKE_SQUEUE)
+    tool.chmod(stat.S_IRWXU)
+    monkeypatch.setenv("SQUEUE_OUT", str(out))
+    return out
+
+
+def test_resubmission_leaves_out_jobs_still_queued(tmp_path, fake_squeue, capsys):
+    """Old: a sweep resubmitted while its jobs were still queued submitted every one of them twice."""
+    config = tiny_config(tmp_path, tmp_path / "data", seeds=(0, 1))
+    folder = tmp_path / "submitit"
+    first = sweep.submit_sweep(config, "slurm", folder, partition="gpu")
+    assert [j.job.job_id for j in first] == ["1000_0", "1000_1", "1001_0", "1001_1", "1001_2", "1002_0", "1002_1",
+                                             "1002_2"]
+    # everything still waits in the queue: nothing is submitted again
+    fake_squeue.write_text("".join(f"{j.job.job_id}|PENDING\n" for j in first) + "999|RUNNING\n")
+    assert sweep.submit_sweep(config, "slurm", folder, partition="gpu") == []
+    assert "left out 8 job(s)" in capsys.readouterr().out
+    assert len(sbatch_scripts(fake_slurm_log(tmp_path))) == 3
+    # seed 0 still queued; seed 1's jobs were cancelled (gone from the queue) and seed 0's alpha=1 failed
+    fake_squeue.write_text("1000_0|RUNNING\n1001_0|PENDING\n1001_2|PENDING\n1001_1|FAILED\n")
+    again = sweep.submit_sweep(config, "slurm", folder, partition="gpu")
+    assert [(j.seed, j.chain, j.job.job_id) for j in again] == [
+        (1, "shared", "1003"), (0, "alpha=1", "1004"), (1, "alpha=0", "1005_0"), (1, "alpha=1", "1005_1"),
+        (1, "alpha_hat", "1005_2")]
+    scripts = sbatch_scripts(fake_slurm_log(tmp_path))
+    assert "#SBATCH --dependency=afterok:1000_0\n" in scripts[4]  # seed 0's step 1 is still queued: wait for it
+    assert "#SBATCH --dependency=afterok:1003\n" in scripts[5]
+    out = capsys.readouterr().out
+    assert "left out 3 job(s)" in out and "seed0-shared (job 1000_0 RUNNING)" in out
+    # the manifest holds every submission; the newest id of a job is the one asked about
+    manifest = read_jsonl(folder / f"sweep-{config.config_hash()}.jsonl")
+    assert len(manifest) == 13 and manifest[-1] == {**manifest[-1], "seed": 1, "chain": "alpha_hat",
+                                                    "job_id": "1005_2", "executor": "slurm"}
+
+
+def test_a_queue_that_cannot_be_asked_warns(tmp_path, fake_squeue, monkeypatch):
+    config = tiny_config(tmp_path, tmp_path / "data")
+    sweep.submit_sweep(config, "slurm", tmp_path / "submitit", partition="gpu")
+    monkeypatch.setenv("SQUEUE_FAIL", "Unable to contact slurm controller")
+    with pytest.warns(RuntimeWarning, match="could not ask the SLURM queue.*Unable to contact.*submitted again"):
+        assert len(sweep.submit_sweep(config, "slurm", tmp_path / "submitit", partition="gpu")) == 4
+
+
+def fake_slurm_log(tmp_path: Path) -> Path:
+    return tmp_path / "sbatch"
+
+
+def test_sweep_files_accept_1e_3_and_reject_duplicate_keys_and_bad_yaml(tmp_path):
+    """Old: `lr: 1e-3` was rejected as a string (PyYAML's YAML 1.1), a key given twice passed silently (the last
+    won), and a syntax error ended in an 18-frame yaml traceback."""
+    path = tmp_path / "sweep.yaml"
+    path.write_text("profile: fast\ntrain:\n  lr: 1e-3\n  l2_coef: 5E-5\n  alphas: [0, 1.5e-1, 1]\n")
+    config, _ = sweep.load_sweep_config(path)
+    assert (config.lr, config.l2_coef, config.alphas) == (1e-3, 5e-5, (0.0, 0.15, 1.0))
+    path.write_text("train:\n  epochs: 2\n  lr: 1e-3\n  epochs: 3\n")
+    with pytest.raises(ValueError, match=rf"sweep file {path}, line 4, column 3: .*key 'epochs' is given twice "
+                                         r"\(first at line 2\)"):
+        sweep.load_sweep_config(path)
+    path.write_text("train:\n  seeds: [0, 1\ncluster: {}\n")
+    with pytest.raises(ValueError, match=rf"sweep file {path}, line 3, column 8: not valid YAML"):
+        sweep.load_sweep_config(path)
+    json_path = tmp_path / "sweep.json"
+    json_path.write_text('{"train": {"epochs": 2, "epochs": 3}}')
+    with pytest.raises(ValueError, match=r"key\(s\) \['epochs'\] given twice"):
+        sweep.load_sweep_config(json_path)
+    json_path.write_text('{"train": {"epochs": 2,}}')
+    with pytest.raises(ValueError, match=rf"sweep file {json_path}, line 1, column 24: not valid JSON: Expecting property name"):
+        sweep.load_sweep_config(json_path)
+    done = subprocess.run([sys.executable, "-m", "sdlib.sweep", "--config", str(path)], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and "line 3, column 8" in done.stderr
+
+
+def test_a_failed_local_step1_job_is_reported_in_one_line(tmp_path):
+    """Old: the local executor's step-1 failure was buried in a 25-frame traceback."""
+    done = subprocess.run(
+        [sys.executable, "-m", "sdlib.sweep", "--executor", "local", "--profile", "paper", "--epochs", "1",
+         "--seeds", "0", "--steps", "2", "--alphas", "1", "--no-alpha-hat", "--data-root", str(tmp_path / "none"),
+         "--results-dir", str(tmp_path / "r"), "--checkpoint-dir", str(tmp_path / "c"), "--device", "cpu",
+         "--log-folder", str(tmp_path / "logs"), "--no-progress"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    (message,) = [line for line in done.stderr.splitlines() if "sweep job" in line]
+    assert "sweep job seed0-shared" in message and "failed (logs: " in message
+    assert "FileNotFoundError: CIFAR-10 (train split) not found under" in message
+
+
+def test_sweep_dry_run_lists_the_jobs_to_submit(tmp_path, fake_squeue, capsys):
+    config = tiny_config(tmp_path, tmp_path / "data")
+    train = {k: v for k, v in config.to_dict().items() if k not in ("profile",)}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"train": train, "cluster": {"executor": "slurm",
+                                                               "folder": str(tmp_path / "submitit")}}))
+    assert sweep.main(["--config", str(path), "--dry-run"]) == []
+    out = capsys.readouterr().out
+    assert f"config_hash {config.config_hash()}" in out and "would submit 4 of 4 jobs (slurm)" in out
+    assert "grid cost: 4 jobs; 5 models x 2 epochs" in out
+    assert not (tmp_path / "submitit").exists() and not fake_squeue.read_text()

@@ -5,13 +5,17 @@ Every notebook runs top to bottom with its defaults and with a second, non-defau
 ``results_path``. Those numbers are recomputed here without the closed form of ``sdlib.krr``: kernel ridge
 regression is refitted step by step in numpy (the definition of self-distillation), limits are solved
 directly as ridge regression with lambda / alpha, and Algorithm 1 is checked against a brute-force search.
-The committed notebooks are also checked for what the book needs: no outputs, a ``parameters`` cell, one H1.
+The committed notebooks are also checked for what the book needs: no outputs, a ``parameters`` cell followed by
+the hidden parameter check, one H1, boilerplate hidden, every figure numbered with a caption and a text
+alternative; the precomputed frames of the interactive figures are checked against refitting; and a misspelled
+papermill parameter stops a notebook before any work, naming the closest parameter.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import nbformat
@@ -188,7 +192,32 @@ def test_committed_notebook_is_clean(name):
     widget_cells = [c for c in code_cells if "ipywidgets" in c.source]
     for cell in widget_cells:
         assert "remove-cell" in cell.metadata.get("tags", []), "widgets live in a cell hidden from the book"
-    assert bool(widget_cells) == (name == "02_eigenvalue_damping")
+    assert bool(widget_cells) == (name in ("01_toy_example", "02_eigenvalue_damping"))
+    # the cell after the parameters rejects unknown ones, hidden from the book
+    assert "check_parameters()" in code_cells[1].source and "remove-cell" in code_cells[1].metadata.get("tags", [])
+    # boilerplate (validation, file writing, the live widgets' note) is hidden from the book
+    for cell in nb.cells:
+        if any(word in cell.source for word in ("raise ValueError", "write_atomically", "In Jupyter:")):
+            assert "remove-cell" in cell.metadata.get("tags", []), cell.source[:80]
+    # every figure: a numbered name, a caption and a text alternative; a figure cell draws one figure
+    figure_cells = [c for c in code_cells if "plt.show()" in c.source and "remove-cell" not in c.metadata.get("tags", [])]
+    assert figure_cells
+    for cell in figure_cells:
+        meta = cell.metadata.get("mystnb", {})
+        assert meta.get("figure", {}).get("name", "").startswith("fig-"), cell.source[:80]
+        assert len(meta["figure"].get("caption", "")) > 60 and len(meta.get("image", {}).get("alt", "")) > 40
+        assert cell.source.count("plt.show()") == 1
+    # drawn at the width the book shows them (6.4 in at 100 px per inch), with 12 pt labels, at twice the pixels
+    style = "".join(c.source for c in code_cells[:3])
+    for setting in ('figure_formats = ["retina"]', '"figure.dpi": 100', '"font.size": 12', '"xtick.labelsize": 12'):
+        assert setting in style, setting
+    for cell in figure_cells:
+        for width in re.findall(r"figsize=\(([0-9.]+)", cell.source):
+            assert float(width) <= 6.4, cell.source[:80]
+    names = [c.metadata["mystnb"]["figure"]["name"] for c in figure_cells]
+    text = "".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    for fig_name in names + [n for n in ("fig-toy-player", "fig-damping-player") if n in text]:
+        assert f"{{numref}}`{fig_name}`" in text, f"{fig_name} is never cited"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -211,6 +240,17 @@ def test_toy_example_mse_table(run, case):
         for value in list(mse) + [res["mse_limit"][i]]:  # the table the reader sees
             assert f"{value:.4f}" in shown
     assert res["refit_gap"] < 1e-10
+    # the interactive figure's frames: every step's fit for every alpha of the slider, by refitting
+    player = res["player"]
+    (slider,) = player["sliders"]
+    assert slider["values"] == pytest.approx(np.linspace(0.0, 1.0, 21))
+    np.testing.assert_allclose(player["x"], GRID, atol=1e-12)
+    for j, alpha in enumerate(slider["values"]):
+        refits = model.predict(GRID, [alpha] * (steps - 1))
+        for t in range(steps):
+            np.testing.assert_allclose(player["series"][t]["y"][j], refits[t], rtol=1e-3, atol=1e-4)
+        limit = np.zeros_like(GRID) if alpha == 0 else ridge(X_TOY, Y_TOY, GRID, gamma, lam / alpha)
+        np.testing.assert_allclose(player["series"][steps]["y"][j], limit, rtol=1e-3, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -245,6 +285,21 @@ def test_damping_matches_refitting(run, case):
     assert res["gap_recursion"] < 1e-12 and res["gap_refit"] < 1e-10
     c, tol = res["collapse_steps"], res["tolerance"]
     assert a[0] ** c < tol <= a[0] ** (c - 1)
+    # the interactive figure's frames (alpha x lambda x step), against factors measured by refitting
+    player = res["player"]
+    sliders = {s["name"]: s["values"] for s in player["sliders"]}
+    assert [s["name"] for s in player["sliders"]] == ["alpha", "lam", "step"]
+    rng = np.random.default_rng(0)
+    for _ in range(6):
+        i, j, k = (int(rng.integers(len(sliders[n]))) for n in ("alpha", "lam", "step"))
+        alpha, lam_, step = sliders["alpha"][i], sliders["lam"][j], int(sliders["step"][k])
+        flat = (i * len(sliders["lam"]) + j) * len(sliders["step"]) + k
+        fits = Refit(X_TOY, Y_TOY, gamma, lam_).predict(X_TOY, [alpha] * (step - 1))
+        measured = (fits[-1] @ V) / (V.T @ Y_TOY)
+        np.testing.assert_allclose(player["series"][1]["y"][flat], measured, rtol=2e-3, atol=1e-9)
+        np.testing.assert_allclose(player["series"][0]["y"][j], d / (d + lam_), rtol=1e-3)
+        np.testing.assert_allclose(player["series"][2]["y"][i * len(sliders["lam"]) + j],
+                                   alpha * d / (alpha * d + lam_), rtol=1e-3, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -254,7 +309,7 @@ def test_damping_matches_refitting(run, case):
 def test_limit_is_ridge_with_lam_over_alpha(run, case):
     res, nb = run("03_infinite_limit", case)
     gamma, lam, max_steps = res["gamma"], res["lam"], res["max_steps"]
-    assert n_images(nb) == 2
+    assert n_images(nb) == 3
     model = Refit(X_TOY, Y_TOY, gamma, lam)
     d, V = eig_desc(model.K)
     a = d / (d + lam)
@@ -324,7 +379,7 @@ def test_optimal_alpha_toy(run, case):
     res, nb = run("04_optimal_alpha", case)
     params = CASES["04_optimal_alpha"][case]
     steps, seed, grid_size = res["steps"], res["seed"], res["grid_size"]
-    assert (steps, seed) == (params.get("steps", steps), params.get("seed", seed)) and n_images(nb) == 2
+    assert (steps, seed) == (params.get("steps", steps), params.get("seed", seed)) and n_images(nb) == 3
     toy = res["toy"]
     # the documented recipe for the held-out sample
     noise = params.get("noise_std")
@@ -378,3 +433,23 @@ def test_toy_data_is_the_papers():
     X, y = toy_data()
     np.testing.assert_array_equal(X, X_TOY)
     np.testing.assert_array_equal(y, Y_TOY)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# unknown papermill parameters
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,misspelled,meant", [
+    ("01_toy_example", "lamda", "lam"), ("02_eigenvalue_damping", "alpha", "alphas"),
+    ("03_infinite_limit", "max_step", "max_steps"), ("04_optimal_alpha", "step", "steps"),
+])
+def test_an_unknown_parameter_stops_the_notebook_before_any_work(tmp_path, name, misspelled, meant):
+    output = tmp_path / f"{name}.ipynb"
+    with pytest.raises(pm.PapermillExecutionError, match=rf"unknown parameter '{misspelled}' \(did you mean '{meant}'\?\)"):
+        pm.execute_notebook(str(NOTEBOOK_DIR / f"{name}.ipynb"), str(output), parameters={misspelled: 0.5},
+                            kernel_name="python3", cwd=str(NOTEBOOK_DIR), progress_bar=False)
+    nb = nbformat.read(output, as_version=4)
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    failed = [i for i, cell in enumerate(code) if any(out.get("output_type") == "error" for out in cell.outputs)]
+    assert len(failed) == 1 and "check_parameters()" in code[failed[0]].source
+    # nothing after the check ran: no import, no computation, no figure
+    assert all(cell.execution_count is None for cell in code[failed[0] + 1:])

@@ -24,7 +24,10 @@ import torch.nn.functional as F  # noqa: E402
 import torchvision  # noqa: E402
 
 from sdlib import chains, train  # noqa: E402
+from sdlib.store import ResultsStore  # noqa: E402
+from sdlib import results as results_module  # noqa: E402
 from sdlib import step as step_module  # noqa: E402
+from sdlib.config import ORDER, derive_seed  # noqa: E402
 from sdlib.train import (  # noqa: E402
     TrainConfig,
     build_model,
@@ -37,10 +40,13 @@ from sdlib.train import (  # noqa: E402
 from tiny import tiny_config  # noqa: E402
 
 RECORD_FIELDS = {
-    "seed", "chain", "step", "alpha", "alpha_hat", "probe_val_acc", "probe_test_acc", "epochs", "val_acc",
-    "val_loss", "test_acc", "test_loss", "train_loss", "wall_time_s", "images_per_s", "profile", "config_hash",
-    "config", "provenance", "data",
+    "seed", "chain", "step", "alpha", "alpha_hat", "alpha_hat_unconstrained", "probe_val_acc", "probe_test_acc",
+    "epochs", "val_acc", "val_loss", "test_acc", "test_loss", "best_test_acc", "best_test_epoch", "train_loss",
+    "wall_time_s", "images_per_s", "profile", "config_hash", "config", "provenance", "data",
 }
+# The fields added with teacher_bn / data_order / alpha_hat_bounds: what a results folder from before lacks.
+NEW_RECORD_FIELDS = ("alpha_hat_unconstrained", "best_test_acc", "best_test_epoch")
+NEW_CONFIG_FIELDS = ("teacher_bn", "data_order", "alpha_hat_bounds")
 PROVENANCE_FIELDS = {"git_commit", "git_dirty", "device_name", "torch", "torchvision", "cuda", "cudnn", "python",
                      "numpy", "platform", "date"}
 EPOCH_FIELDS = {"seed", "chain", "step", "epoch", "train_loss", "val_acc", "val_loss", "test_acc", "test_loss", "lr",
@@ -225,8 +231,12 @@ def test_distill_step_schedule_teacher_and_exact_resume(tmp_path):
 @pytest.mark.parametrize("field, value", [
     ("epochs", 0), ("epochs", 2.5), ("batch_size", -1), ("lr", 0.0), ("lr", float("nan")), ("l2_coef", -1e-4),
     ("lr_schedule", "linear"), ("warmup_epochs", 100), ("bf16", "yes"), ("seeds", ()), ("seeds", (-1,)),
-    ("seeds", (0, 0)), ("steps", 0), ("alphas", (1.5,)), ("alphas", (0.1, 0.1 + 1e-12)), ("n_val", 0),
+    ("seeds", (0, 0)), ("steps", 0), ("alphas", (1.5,)), ("alphas", (0.1, 0.1 + 1e-12)), ("n_val", -1),
+    ("n_val", 0),  # with the alpha-hat chain (the default): it has no validation images to estimate alpha on
     ("subset", 5), ("device", "gpu0"), ("data_root", ""), ("eval_batch_size", 0), ("checkpoint_every", 0),
+    ("teacher_bn", "batch"), ("teacher_bn", None), ("data_order", "shuffle"), ("alpha_hat_bounds", (1.0, 0.0)),
+    ("alpha_hat_bounds", (0.0,)), ("alpha_hat_bounds", "0,1"), ("alpha_hat_bounds", (0.0, float("inf"))),
+    ("alpha_hat_bounds", (0.0, True)),
 ])
 def test_bad_config_values_raise_naming_the_field(field, value):
     with pytest.raises(ValueError, match=rf"TrainConfig\.{field}\b"):
@@ -250,14 +260,199 @@ def test_profiles_overrides_and_hash():
     # The hash covers what changes results, not where or how much is run.
     same = TrainConfig(device="cpu", results_dir="x", checkpoint_dir="y", seeds=(7,), steps=2, alphas=(0.5,),
                        eval_batch_size=10)
-    assert same.config_hash() == paper.config_hash()
-    assert TrainConfig(lr=2e-4).config_hash() != paper.config_hash()
-    assert TrainConfig(subset=100).config_hash() != paper.config_hash()
+    default = TrainConfig()  # the paper profile's values, but alpha-hat clipped to [0, 1]
+    assert same.config_hash() == default.config_hash() != paper.config_hash()
+    assert TrainConfig(alpha_hat_bounds=None).config_hash() == paper.config_hash()
+    assert TrainConfig(lr=2e-4).config_hash() != default.config_hash()
+    assert TrainConfig(subset=100).config_hash() != default.config_hash()
     # bf16 and channels_last are CUDA-only: switched off (and so recorded and hashed) elsewhere.
     with pytest.warns(RuntimeWarning, match="CUDA only"):
         on_cpu = train.effective_config(fast, torch.device("cpu"))
     assert (on_cpu.bf16, on_cpu.channels_last) == (False, False)
     assert on_cpu.config_hash() != fast.config_hash()
+
+
+def _hash_before_the_protocol_fields(config: TrainConfig) -> str:
+    """config_hash as computed before teacher_bn, data_order and alpha_hat_bounds existed (pipeline version 1)."""
+    import hashlib
+
+    payload = {k: v for k, v in config.to_dict().items() if k not in NEW_CONFIG_FIELDS
+               and k not in ("profile", "seeds", "steps", "alphas", "include_alpha_hat", "data_root", "results_dir",
+                             "checkpoint_dir", "device", "eval_batch_size", "download", "checkpoint_every",
+                             "data_fingerprint", "eval_every", "chains_in_flight", "capture")}
+    payload["pipeline_version"] = 1
+    payload["data"] = config.resolved_data_fingerprint()  # the data's identity, in the hash since the store
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def test_protocol_fields_defaults_profiles_and_hash():
+    default = TrainConfig()
+    assert (default.teacher_bn, default.data_order, default.alpha_hat_bounds) == ("eval", "reshuffle", (0.0, 1.0))
+    official = TrainConfig.from_profile("official")
+    assert (official.teacher_bn, official.n_val, official.data_order, official.include_alpha_hat) == \
+           ("train", 0, "fixed", False)
+    assert (official.epochs, official.batch_size, official.lr, official.lr_schedule, official.warmup_epochs,
+            official.bf16, official.channels_last, official.l2_coef) == (75, 16, 1e-4, "constant", 0, False, False,
+                                                                         1e-4)
+    assert official.alphas == default.alphas and official.chains == tuple(f"alpha={a:g}" for a in official.alphas)
+    paper = TrainConfig.from_profile("paper")
+    assert (paper.teacher_bn, paper.n_val, paper.data_order, paper.include_alpha_hat, paper.alpha_hat_bounds) == \
+           ("eval", 5000, "reshuffle", True, None)
+    assert (paper.epochs, paper.batch_size, paper.lr, paper.lr_schedule, paper.bf16) == \
+           (official.epochs, official.batch_size, official.lr, official.lr_schedule, official.bf16)
+    fast = TrainConfig.from_profile("fast")
+    assert (fast.teacher_bn, fast.n_val, fast.data_order, fast.alpha_hat_bounds) == ("eval", 5000, "reshuffle",
+                                                                                     (0.0, 1.0))
+    # n_val = 0 trains on everything once the alpha-hat chain is off (or there is no step 2 to run it at).
+    assert TrainConfig(n_val=0, include_alpha_hat=False).n_val == 0 and TrainConfig(n_val=0, steps=1).n_val == 0
+    with pytest.raises(ValueError, match=r"TrainConfig\.n_val .*alpha-hat.*never on the test set"):
+        TrainConfig.from_profile("official", include_alpha_hat=True)
+    assert TrainConfig(alpha_hat_bounds=[-1, 2]).alpha_hat_bounds == (-1.0, 2.0)  # lists (JSON, YAML) accepted
+    assert json.loads(json.dumps(official.to_dict())) == official.to_dict()
+
+    # The hash: unchanged for the values that reproduce the pipeline before these fields existed (so results
+    # written before are found), changed by any other value.
+    # (a paper-profile run from before the paper profile dropped the bounds: found with alpha_hat_bounds (0, 1))
+    before = TrainConfig.from_profile("paper", alpha_hat_bounds=(0, 1))
+    for config in (default, fast, before, TrainConfig(lr=2e-4, subset=100), TrainConfig(n_val=100)):
+        assert config.config_hash() == _hash_before_the_protocol_fields(config)
+    hashes = {default.config_hash()}
+    for change in (dict(teacher_bn="train"), dict(data_order="fixed"), dict(alpha_hat_bounds=None),
+                   dict(alpha_hat_bounds=(0.0, 2.0)), dict(n_val=0, include_alpha_hat=False)):
+        hashes.add(TrainConfig(**change).config_hash())
+    assert len(hashes) == 6
+    assert len({paper.config_hash(), official.config_hash(), fast.config_hash()}) == 3
+
+
+def test_committed_records_keep_their_config_hash():
+    """The committed results/cifar10 records: their config, rebuilt through the profile, hashes as recorded."""
+    path = Path(__file__).resolve().parents[1] / "results" / "cifar10" / "records.jsonl"
+    records = read_jsonl(path)
+    assert records
+    for record in records:
+        assert not set(NEW_CONFIG_FIELDS) & set(record["config"])  # written before the fields existed
+        fields = {k: v for k, v in record["config"].items() if k != "profile"}
+        config = TrainConfig.from_profile(record["config"]["profile"], **fields)
+        assert config.config_hash() == record["config_hash"]
+
+
+def test_teacher_probs_batch_statistics_by_hand():
+    """"train": every BatchNorm normalizes with its batch's mean and biased variance (checked against an explicit
+    computation in float64 through forward hooks), the running statistics stay untouched; "eval" is the plain
+    eval-mode forward pass; the two differ."""
+    teacher = build_model(seed=3, step=1)
+    g = torch.Generator().manual_seed(0)
+    norms = [m for m in teacher.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in norms:  # running statistics far from any batch's, as after training on other images
+        m.running_mean.copy_(0.5 * torch.randn(m.num_features, generator=g))
+        m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
+    teacher.eval()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    x = train.cifar.normalize(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=g))
+
+    batch_stats = step_module.teacher_probs(teacher, x, "train")
+    running = step_module.teacher_probs(teacher, x, "eval")
+    assert batch_stats.dtype == running.dtype == torch.float32 and batch_stats.shape == (8, 10)
+    assert not batch_stats.requires_grad and not teacher.training
+    assert states_equal(teacher.state_dict(), before)  # running stats and num_batches_tracked unchanged
+    with torch.no_grad():
+        torch.testing.assert_close(running, torch.softmax(teacher(x), dim=1), rtol=0, atol=0)
+
+    def by_hand(module, inputs, output):
+        z = inputs[0].double()
+        mean = z.mean(dim=(0, 2, 3), keepdim=True)
+        var = z.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+        w, b = module.weight.double().view(1, -1, 1, 1), module.bias.double().view(1, -1, 1, 1)
+        return ((z - mean) / torch.sqrt(var + module.eps) * w + b).float()
+
+    hooks = [m.register_forward_hook(by_hand) for m in norms]
+    with torch.no_grad():
+        expected = torch.softmax(teacher(x), dim=1)  # eval mode, every BatchNorm output replaced by the hand one
+    for hook in hooks:
+        hook.remove()
+    torch.testing.assert_close(batch_stats, expected, rtol=1e-3, atol=1e-4)  # float32 through 53 layers
+    assert (batch_stats - running).abs().max() > 0.05
+    with pytest.raises(ValueError, match="bn_mode"):
+        step_module.teacher_probs(teacher, x, "running")
+
+
+def test_epoch_order_reshuffle_and_fixed():
+    reshuffle, fixed = TrainConfig(), TrainConfig(data_order="fixed")
+    order = step_module.epoch_order(reshuffle, 0, 2, 3, 50, "cpu")
+    # reshuffle: the permutation the loop drew before data_order existed, new every epoch and step
+    expected = torch.randperm(50, generator=torch.Generator().manual_seed(derive_seed(0, 2, 3, ORDER)))
+    assert torch.equal(order, expected) and order.dtype == torch.int64
+    assert not torch.equal(order, step_module.epoch_order(reshuffle, 0, 2, 4, 50, "cpu"))
+    assert not torch.equal(order, step_module.epoch_order(reshuffle, 0, 3, 3, 50, "cpu"))
+    # fixed: one permutation of the seed for every epoch and step, another for another seed
+    first = step_module.epoch_order(fixed, 0, 1, 1, 50, "cpu")
+    assert torch.equal(torch.sort(first).values, torch.arange(50))
+    assert all(torch.equal(first, step_module.epoch_order(fixed, 0, step, epoch, 50, "cpu"))
+               for step in (1, 2, 5) for epoch in (1, 2, 75))
+    assert not torch.equal(first, step_module.epoch_order(fixed, 1, 1, 1, 50, "cpu"))
+    assert not any(torch.equal(first, step_module.epoch_order(reshuffle, 0, s, e, 50, "cpu"))
+                   for s in (1, 2) for e in (1, 2))
+
+
+def test_distill_step_uses_the_configured_order_and_teacher_mode(monkeypatch):
+    """The loop takes its order from epoch_order and its targets from teacher_probs with config.teacher_bn."""
+    data = synthetic_data()
+    config = TrainConfig(epochs=2, batch_size=16, eval_batch_size=64, teacher_bn="train", data_order="fixed",
+                         eval_every=1)
+    orders, modes = [], []
+    real_order, real_probs = step_module.epoch_order, step_module.teacher_probs
+
+    def spy_order(*args):
+        orders.append(real_order(*args))
+        return orders[-1]
+
+    def spy_probs(teacher, x, bn_mode):
+        modes.append(bn_mode)
+        return real_probs(teacher, x, bn_mode)
+
+    monkeypatch.setattr(step_module, "epoch_order", spy_order)
+    monkeypatch.setattr(step_module, "teacher_probs", spy_probs)
+    teacher = build_model(seed=5, step=1).eval()
+    result = distill_step(config, data, seed=0, step=2, alpha=0.5, teacher=teacher, chain="alpha=0.5")
+    assert len(orders) == 2 and torch.equal(orders[0], orders[1])
+    assert modes == ["train"] * 4  # 2 epochs x 2 batches
+    assert all(log["val_acc"] is not None for log in result.epochs)
+    summary = result.summary()
+    best = max(result.epochs, key=lambda log: log["test_acc"])
+    assert (summary["best_test_acc"], summary["best_test_epoch"]) == (best["test_acc"], best["epoch"])
+    # alpha outside [0, 1] (an unbounded alpha-hat) is a valid weight; it needs a teacher, like any alpha != 1
+    with pytest.raises(ValueError, match="teacher is required"):
+        distill_step(config, data, seed=0, step=2, alpha=1.5)
+    with pytest.raises(ValueError, match="alpha must be a finite number"):
+        distill_step(config, data, seed=0, step=2, alpha=float("nan"), teacher=teacher)
+
+
+@pytest.mark.parametrize("bounds", [(0.0, 1.0), None, (0.0, 1.5)])
+def test_alpha_hat_unconstrained_and_used(bounds, tmp_path):
+    """Algorithm 1 in the chain runner: the least-squares alpha over all reals, and that value clipped to
+    alpha_hat_bounds (None: not clipped), from one-hot validation labels and the step-1 and probe outputs."""
+    config = TrainConfig(seeds=(0,), steps=2, alphas=(), alpha_hat_bounds=bounds, device="cpu",
+                         results_dir=str(tmp_path / "r"), checkpoint_dir=str(tmp_path / "c"))
+    runner = chains._ChainRunner(config, torch.device("cpu"), progress=False, callback=None,
+                                 store=ResultsStore(config.results_dir), config_hash="0" * 12)
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 10, size=30)
+    onehot = np.eye(10)[y]
+    g = rng.dirichlet(np.ones(10), size=30)
+    f1 = g + (onehot - g) / 1.25  # the labels lie at alpha = 1.25 on the line through g and f1, plus noise
+    f1 += 0.01 * rng.normal(size=f1.shape)
+    runner.data = SimpleNamespace(y_val=torch.tensor(y))
+    runner.summaries[(0, "shared", 1)] = {"val_probs": torch.tensor(f1, dtype=torch.float32)}
+    runner.summaries[(0, "alpha_hat_probe", 2)] = {"val_probs": torch.tensor(g, dtype=torch.float32),
+                                                   "val_acc": 0.5, "test_acc": 0.4}
+    alpha, extra = runner.alpha_for((0, "alpha_hat", 2))
+    f1_32, g_32 = (torch.tensor(a, dtype=torch.float32).double().numpy() for a in (f1, g))
+    by_hand = np.sum((onehot - g_32) * (f1_32 - g_32)) / np.sum((f1_32 - g_32) ** 2)
+    assert by_hand == pytest.approx(1.25, abs=0.05)
+    assert extra["alpha_hat_unconstrained"] == pytest.approx(by_hand, rel=1e-12)
+    used = by_hand if bounds is None else min(max(by_hand, bounds[0]), bounds[1])
+    assert alpha == extra["alpha_hat"] == pytest.approx(used, rel=1e-12)
+    assert (extra["probe_val_acc"], extra["probe_test_acc"]) == (0.5, 0.4)
 
 
 def test_run_chains_rejects_bad_arguments_before_work(tmp_path):
@@ -283,12 +478,38 @@ def test_run_chains_without_data_raises_file_not_found(tmp_path):
     (["--alphas", "0,x"], "--alphas"),
     (["--alphas", "0,2"], "TrainConfig.alphas"),
     (["--bogus"], "unrecognized"),
+    (["--teacher-bn", "batch"], "--teacher-bn"),
+    (["--data-order", "random"], "--data-order"),
+    (["--alpha-hat-bounds", "1", "0"], "TrainConfig.alpha_hat_bounds"),
+    (["--alpha-hat-bounds", "0"], "TrainConfig.alpha_hat_bounds"),
+    (["--alpha-hat-bounds", "none", "1"], "--alpha-hat-bounds"),
+    (["--alpha-hat-bounds", "0,x"], "--alpha-hat-bounds"),
+    (["--n-val", "0"], "TrainConfig.n_val"),  # the paper profile runs the alpha-hat chain
 ])
 def test_cli_rejects_bad_values(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         train.main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_protocol_options(capsys):
+    parser = train._parser()
+    args = parser.parse_args(["--profile", "official", "--teacher-bn", "eval", "--data-order", "reshuffle",
+                              "--n-val", "100", "--alpha-hat-bounds", "none"])
+    assert train.config_overrides(args) == {"teacher_bn": "eval", "data_order": "reshuffle", "n_val": 100,
+                                            "alpha_hat_bounds": None}
+    assert train.config_overrides(parser.parse_args(["--alpha-hat-bounds=-0.5,1.5"]))["alpha_hat_bounds"] == \
+           (-0.5, 1.5)
+    assert train.config_overrides(parser.parse_args(["--alpha-hat-bounds", "0", "2"]))["alpha_hat_bounds"] == (0, 2)
+    assert "teacher_bn" not in train.config_overrides(parser.parse_args([]))  # not given: the profile's
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for words in ("official: the authors' code as it ran", "paper eval, official train, fast eval",
+                  "paper reshuffle, official fixed, fast reshuffle", "paper none, official 0,1, fast 0,1",
+                  "0 trains on all of it", "paper 5000, official 0, fast 5000"):
+        assert words in text, words
 
 
 # ------------------------------------------------------------------------------------------ the whole pipeline
@@ -351,12 +572,14 @@ def test_run_chains_end_to_end(reference_run, tiny_data_root):
 
     # alpha-hat chain: at step 2 the probe is the alpha = 0 chain's step 2 (same init, data order and teacher).
     hat = by_key[(0, "alpha_hat", 2)]
-    assert 0.0 <= hat["alpha_hat"] <= 1.0 and hat["alpha"] == hat["alpha_hat"]
+    assert config.alpha_hat_bounds is None  # the paper profile: Algorithm 1 as written, over all real alphas
+    assert hat["alpha"] == hat["alpha_hat"] == hat["alpha_hat_unconstrained"]
     assert hat["probe_val_acc"] == by_key[(0, "alpha=0", 2)]["val_acc"]
     assert hat["probe_test_acc"] == by_key[(0, "alpha=0", 2)]["test_acc"]
 
     # Checkpoints: the final weights load with weights_only=True and reproduce the recorded metrics; from the
-    # step-1 and probe validation outputs, alpha-hat is the clipped least-squares mix <y-g, f1-g>/||f1-g||^2.
+    # step-1 and probe validation outputs, alpha-hat is the least-squares mix <y-g, f1-g>/||f1-g||^2 (not clipped:
+    # wherever it falls, the alpha-hat step trained with it, a weight outside [0, 1] included).
     from sdlib.data import load_splits
 
     data = load_splits(tiny_data_root, n_val=40, split_seed=0, subset=64)
@@ -377,7 +600,8 @@ def test_run_chains_end_to_end(reference_run, tiny_data_root):
     y = np.eye(10)[data.y_val.numpy()]
     f1, g = val_probs["shared"], val_probs["alpha=0"]
     unclipped = np.sum((y - g) * (f1 - g)) / np.sum((f1 - g) ** 2)
-    assert hat["alpha_hat"] == pytest.approx(min(max(unclipped, 0.0), 1.0), abs=1e-6)
+    assert hat["alpha_hat_unconstrained"] == pytest.approx(unclipped, abs=1e-6)
+    assert all(by_key[key]["alpha_hat_unconstrained"] is None for key in KEYS[:3])
 
     # Per-epoch logs: one line per (seed, chain, step, epoch); the last epoch is the record.
     epochs = read_jsonl(results / "epochs.jsonl")
@@ -389,6 +613,15 @@ def test_run_chains_end_to_end(reference_run, tiny_data_root):
         if line["epoch"] == 2:
             record = by_key[(0, line["chain"], line["step"])]
             assert all(line[k] == record[k] for k in ("train_loss", "val_acc", "val_loss", "test_acc", "test_loss"))
+    # Beside the last epoch, the record holds the best test accuracy over the evaluated epochs (every
+    # eval_every-th and the last; the others log None) and the first epoch with it.
+    for key, record in by_key.items():
+        logged = sorted((e["epoch"], e["test_acc"]) for e in epochs if (0, e["chain"], e["step"]) == key)
+        curve = [(ep, acc) for ep, acc in logged if acc is not None]
+        assert [ep for ep, _ in curve] == [ep for ep, _ in logged
+                                            if ep % config.eval_every == 0 or ep == config.epochs]
+        best = max(acc for _, acc in curve)
+        assert (record["best_test_acc"], record["best_test_epoch"]) == (best, next(ep for ep, a in curve if a == best))
 
     # Events: one epoch_end per epoch of every trained model, a step_end per model (no probe at step 2).
     # (run_chains trains the chains of a step in flight by default: their epoch events interleave)
@@ -493,3 +726,76 @@ def test_provenance_takes_the_commit_named_by_the_launcher(monkeypatch):
     monkeypatch.setattr(chains, "_git", lambda *args: None)
     prov = train.provenance(torch.device("cpu"))
     assert prov["git_commit"] == "unknown" and prov["git_dirty"] is None
+
+
+def test_results_from_before_the_protocol_fields_are_reused(reference_run, tiny_data_root, run_dir, monkeypatch):
+    """A results folder written before teacher_bn, data_order and alpha_hat_bounds existed: its config keeps its
+    hash, its records are found, and a step whose final checkpoint exists but whose record does not (a run
+    stopped in between) gets its record from the checkpoint, with nothing trained.
+
+    The folder is made from the reference run's fixed-alpha steps, which do not depend on alpha_hat_bounds:
+    relabeled with the hash of the same config with the bounds the pipeline had ([0, 1]), they are what a run
+    of that config before the change wrote, less the new fields (stripped from records and checkpoints)."""
+    tmp_path = run_dir
+    reference_config, reference_records, _ = reference_run
+    config = tiny_config(tmp_path, tiny_data_root, alpha_hat_bounds=(0.0, 1.0), include_alpha_hat=False)
+    old_hash = config.config_hash()
+    assert old_hash == _hash_before_the_protocol_fields(config) != reference_config.config_hash()
+    for chain in ("shared", "alpha=0", "alpha=1"):
+        shutil.copytree(Path(reference_config.checkpoint_dir) / reference_config.config_hash() / "seed0" / chain,
+                        tmp_path / "checkpoints" / old_hash / "seed0" / chain, copy_function=os.link)
+    old_config = {k: v for k, v in config.to_dict().items() if k not in NEW_CONFIG_FIELDS}
+    old_records = [{**{k: v for k, v in r.items() if k not in NEW_RECORD_FIELDS}, "config": old_config,
+                    "config_hash": old_hash} for r in reference_records[:3]]
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old_records[:2]))
+    for path in (tmp_path / "checkpoints").rglob("step*.pt"):  # replaced, not edited: the links stay intact
+        checkpoint = torch.load(path, weights_only=True)
+        checkpoint["summary"] = {k: v for k, v in checkpoint["summary"].items() if k not in NEW_RECORD_FIELDS}
+        step_module.atomic_torch_save({**checkpoint, "config_hash": old_hash}, path)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("results written before the new fields must not be trained again")
+
+    monkeypatch.setattr(chains, "distill_group", forbidden)
+    records = run_chains(config, progress=False)
+    assert [(r["seed"], r["chain"], r["step"]) for r in records] == KEYS[:3]
+    assert records[:2] == old_records[:2]  # found as they were
+    rewritten = records[2]  # alpha=1 step 2: from its final checkpoint
+    assert {k: rewritten[k] for k in RESULT_FIELDS} == {k: reference_records[2][k] for k in RESULT_FIELDS}
+    assert all(rewritten[k] is None for k in NEW_RECORD_FIELDS)  # unknown for a step finished before they existed
+    assert results_module.load_records(tmp_path / "results")["best_test_acc"].isna().all()
+
+
+def test_official_protocol_on_all_training_images(tiny_data_root, run_dir):
+    """n_val = 0 (all training images), the teacher's BatchNorm on batch statistics and one fixed data order, on
+    real images; the alpha-hat chain, which would need validation images, is refused before any work."""
+    tmp_path = run_dir
+    with pytest.raises(ValueError, match=r"TrainConfig\.n_val"):
+        tiny_config(tmp_path, tiny_data_root, n_val=0)
+    assert not any(tmp_path.iterdir())
+    config = tiny_config(tmp_path, tiny_data_root, n_val=0, include_alpha_hat=False, alphas=(0.0,),
+                         teacher_bn="train", data_order="fixed")
+    teacher_file = tmp_path / "checkpoints" / config.config_hash() / "seed0" / "shared" / "step1.pt"
+    teacher_bytes = []
+
+    def snapshot(event):
+        if event["event"] == "step_end" and event["chain"] == "shared":
+            teacher_bytes.append(teacher_file.read_bytes())
+
+    records = run_chains(config, progress=False, callback=snapshot)
+    assert [(r["chain"], r["step"]) for r in records] == [("shared", 1), ("alpha=0", 2)]
+    for record in records:
+        assert set(record) == RECORD_FIELDS
+        assert record["data"]["sizes"] == {"train": 64, "val": 0, "test": 64}
+        assert record["data"]["class_counts"]["val"] == [0] * 10
+        assert record["val_acc"] is None and record["val_loss"] is None
+        assert 0.0 <= record["best_test_acc"] <= 1.0 and record["best_test_epoch"] in (1, 2)
+        assert record["best_test_acc"] >= record["test_acc"]
+        assert (record["config"]["teacher_bn"], record["config"]["data_order"], record["config"]["n_val"]) == \
+               ("train", "fixed", 0)
+        assert record["config_hash"] == config.config_hash()
+    # The teacher's checkpoint is not altered by a step that ran it on batch statistics.
+    assert teacher_file.read_bytes() == teacher_bytes[0]
+    frame = results_module.load_records(tmp_path / "results")
+    assert frame["val_acc"].isna().all() and frame["test_acc"].between(0, 1).all()

@@ -1,0 +1,180 @@
+"""The table of bad inputs tried against the results store, the trainer's checks, the data's download and
+fingerprint, and sweep files, with the error each gives: one row per input, ``input -> exception, message``.
+
+Every error names what is wrong and where (the file and line, the folder, the parameter) before any work is
+done; none is a parser's or urllib's traceback. Rows are cheap (no training, no data but a few files), so the
+table can grow with every input a user trips on. The data-loss cases (two configs in one folder, torn lines
+during a run, changed data) are in tests/test_store.py, where they run the real trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+
+from sdlib import data, results, store, sweep  # noqa: E402
+from sdlib.step import load_checkpoint  # noqa: E402
+from sdlib.train import TrainConfig, run_chains  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+GOOD_RECORD = {"config_hash": "abc", "seed": 0, "chain": "shared", "step": 1, "alpha": 1.0, "val_acc": 0.5,
+               "test_acc": 0.5, "config": {"alphas": [1.0]}}
+
+
+def folder_with(tmp_path: Path, name: str, content: bytes | str) -> Path:
+    directory = tmp_path / "r"
+    directory.mkdir(exist_ok=True)
+    (directory / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    return directory
+
+
+def sweep_file(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def pinned_config(tmp_path: Path, **overrides) -> TrainConfig:
+    """A config that needs no data before its folders are checked (its data fingerprint is pinned)."""
+    settings = dict(epochs=1, seeds=(0,), steps=1, data_root=str(tmp_path / "no-data"), device="cpu",
+                    data_fingerprint="0123456789abcdef", results_dir=str(tmp_path / "results"),
+                    checkpoint_dir=str(tmp_path / "checkpoints"))
+    return TrainConfig(**{**settings, **overrides})
+
+
+def a_file(tmp_path: Path) -> Path:
+    path = tmp_path / "a_file"
+    path.write_text("")
+    return path
+
+
+def run_cli(tmp_path: Path, module: str, *args: str) -> None:
+    """The command line in a subprocess: its stderr becomes the error (exit code 2 and no traceback checked)."""
+    done = subprocess.run([sys.executable, "-m", module, *args], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                              [str(REPO), os.environ.get("PYTHONPATH", "")])})
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    raise ValueError(done.stderr.strip().splitlines()[-1])
+
+
+# (id: the input tried, a function of tmp_path that tries it, the exception, a regex of its message)
+TABLE = [
+    # --- the results store and its readers
+    ("records.jsonl with a torn last line",
+     lambda t: results.load_records(folder_with(t, "records.jsonl", json.dumps(GOOD_RECORD) + "\n{\"seed\": 0, \"ch")),
+     store.UnreadableLineError, r"r/records\.jsonl, line 2: not valid JSON .*delete that line.*skip_bad_lines=True"),
+    ("epochs.jsonl line that is a list",
+     lambda t: results.load_epochs(folder_with(t, "epochs.jsonl", "[1, 2]\n")),
+     store.UnreadableLineError, r"epochs\.jsonl, line 1: expected a JSON object, got list"),
+    ("records.jsonl with bytes that are not UTF-8",
+     lambda t: results.load_records(folder_with(t, "records.jsonl", b"\xff\xfe{}\n")),
+     store.UnreadableLineError, r"records\.jsonl, line 1: not UTF-8 text"),
+    ("load_records of a config_hash not in the folder",
+     lambda t: results.load_records(folder_with(t, "records.jsonl", json.dumps(GOOD_RECORD) + "\n"),
+                                    config_hash="nope"),
+     store.UnknownConfigError, r"config_hash 'nope' has no lines in .*present \(newest first\): abc \(profile None"),
+    ("load_records of a profile not in the folder",
+     lambda t: results.load_records(folder_with(t, "records.jsonl", json.dumps(GOOD_RECORD) + "\n"),
+                                    profile="official"),
+     store.UnknownConfigError, r"profile 'official' has no lines"),
+    ("load_records with both config_hash and profile",
+     lambda t: results.load_records(folder_with(t, "records.jsonl", json.dumps(GOOD_RECORD) + "\n"),
+                                    config_hash="abc", profile="paper"),
+     ValueError, "give config_hash or profile, not both"),
+    ("load_records with config_hash=5",
+     lambda t: results.load_records(folder_with(t, "records.jsonl", json.dumps(GOOD_RECORD) + "\n"), config_hash=5),
+     ValueError, "config_hash must be a string"),
+    ("load_records with skip_bad_lines='yes'",
+     lambda t: results.load_records(folder_with(t, "records.jsonl", json.dumps(GOOD_RECORD) + "\n"),
+                                    skip_bad_lines="yes"),
+     ValueError, "skip_bad_lines must be True or False, got 'yes'"),
+    ("a record appended without its seed",
+     lambda t: store.ResultsStore(t).append_record({k: v for k, v in GOOD_RECORD.items() if k != "seed"}),
+     ValueError, r"a line of records\.jsonl needs \['config_hash', 'seed', 'chain', 'step'\]; missing \['seed'\]"),
+    # --- the trainer's folders and checkpoints, checked before any work
+    ("results_dir that is a file",
+     lambda t: run_chains(pinned_config(t, results_dir=str(a_file(t))), progress=False),
+     store.NotWritableError, r"results_dir '.*a_file' is a file, not a directory: choose another results_dir"),
+    ("checkpoint_dir that is a file",
+     lambda t: run_chains(pinned_config(t, checkpoint_dir=str(a_file(t))), progress=False),
+     store.NotWritableError, r"checkpoint_dir '.*a_file' is a file, not a directory"),
+    ("results_dir inside a file",
+     lambda t: run_chains(pinned_config(t, results_dir=str(a_file(t) / "results")), progress=False),
+     store.NotWritableError, r"results_dir '.*a_file/results' (cannot be created: a parent of it is a file|is not "
+                             r"writable)"),
+    ("a checkpoint of random bytes",
+     lambda t: load_checkpoint(folder_with(t, "step1.pt", os.urandom(2000)) / "step1.pt"),
+     ValueError, r"checkpoint '.*step1\.pt' is unreadable \(.*\)\. Delete it \(rm '.*step1\.pt'\) and run again"),
+    ("an empty checkpoint",
+     lambda t: load_checkpoint(folder_with(t, "step2.state.pt", b"") / "step2.state.pt"),
+     ValueError, r"checkpoint '.*step2\.state\.pt' is unreadable"),
+    ("data_fingerprint that is not 16 hex digits",
+     lambda t: TrainConfig(data_fingerprint="xyz"),
+     ValueError, r"TrainConfig\.data_fingerprint must be None or 16 lower-case hex digits"),
+    ("no data and no pinned fingerprint",
+     lambda t: run_chains(pinned_config(t, data_fingerprint=None), progress=False),
+     FileNotFoundError, r"CIFAR-10 \(train split\) not found under .*no-data"),
+    ("train CLI: --results-dir a file",
+     lambda t: run_cli(t, "sdlib.train", "--data-fingerprint", "0123456789abcdef", "--data-root", "none",
+                       "--results-dir", str(a_file(t)), "--epochs", "1", "--steps", "1", "--seeds", "0"),
+     ValueError, r"error: results_dir '.*a_file' is a file, not a directory"),
+    ("train CLI: --data-fingerprint 12",
+     lambda t: run_cli(t, "sdlib.train", "--data-fingerprint", "12", "--dry-run"),
+     ValueError, r"error: TrainConfig\.data_fingerprint must be None or 16 lower-case hex digits"),
+    # --- downloading
+    ("download with timeout_s=0",
+     lambda t: data.download_cifar10(t, timeout_s=0),
+     ValueError, r"timeout_s must be a number of seconds > 0, got 0"),
+    # --- sweep files
+    ("a YAML sweep file with a key given twice",
+     lambda t: sweep.load_sweep_config(sweep_file(t, "s.yaml", "train:\n  lr: 1e-3\n  lr: 2e-3\n")),
+     ValueError, r"s\.yaml, line 3, column 3: not valid YAML: .*key 'lr' is given twice \(first at line 2\)"),
+    ("a YAML sweep file with an unclosed list",
+     lambda t: sweep.load_sweep_config(sweep_file(t, "s.yaml", "train:\n  seeds: [0, 1\nprofile: fast\n")),
+     ValueError, r"s\.yaml, line 3, column 8: not valid YAML: while parsing a flow sequence"),
+    ("a YAML sweep file indented with a tab",
+     lambda t: sweep.load_sweep_config(sweep_file(t, "s.yaml", "train:\n\tepochs: 2\n")),
+     ValueError, r"s\.yaml, line 2, column 1: not valid YAML: .*\(YAML indents with spaces, not tabs\)"),
+    ("a YAML sweep file with lr: '1e-3' (quoted: a string)",
+     lambda t: sweep.load_sweep_config(sweep_file(t, "s.yaml", "train:\n  lr: '1e-3'\n")),
+     ValueError, r"TrainConfig\.lr must be a finite number > 0, got '1e-3'"),
+    ("a JSON sweep file with a trailing comma",
+     lambda t: sweep.load_sweep_config(sweep_file(t, "s.json", '{"train": {"epochs": 2,}}')),
+     ValueError, r"s\.json, line 1, column 24: not valid JSON: Expecting property name"),
+    ("a JSON sweep file with a key given twice",
+     lambda t: sweep.load_sweep_config(sweep_file(t, "s.json", '{"profile": "fast", "profile": "paper"}')),
+     ValueError, r"s\.json: key\(s\) \['profile'\] given twice in one object"),
+    ("a sweep file ending in .txt",
+     lambda t: sweep.load_sweep_config(sweep_file(t, "s.txt", "profile: fast\n")),
+     ValueError, r"sweep file must end in \.json, \.yaml or \.yml, got 's\.txt'"),
+    ("sweep CLI: --skip-bad-lines",
+     lambda t: run_cli(t, "sdlib.sweep", "--skip-bad-lines", "--estimate", "100"),
+     ValueError, r"--skip-bad-lines applies to python -m sdlib\.train only"),
+    # --- migrating old records
+    ("migrate a folder without records",
+     lambda t: __import__("migrate_results").migrate(t, "0123456789abcdef"),
+     ValueError, r"no records in .*records\.jsonl"),
+]
+
+
+@pytest.fixture(autouse=True)
+def scripts_on_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+
+
+@pytest.mark.parametrize("attempt, error, message", [row[1:] for row in TABLE], ids=[row[0] for row in TABLE])
+def test_bad_input(tmp_path, attempt, error, message):
+    with pytest.raises(error, match=message):
+        attempt(tmp_path)
+    assert not (tmp_path / "checkpoints").exists()  # refused before any work
+
+
+def test_the_table_names_distinct_inputs():
+    assert len({row[0] for row in TABLE}) == len(TABLE) >= 25

@@ -1,0 +1,283 @@
+"""The built book in a real browser: Debian's Chromium driven by Playwright, offline.
+
+The session's book build (the ``book`` fixture, tests/book_build.py) is served from a loopback HTTP server and
+every page is opened at a desktop width (1280 px) and a phone width (390 px). After MathJax has typeset, each
+page must have: no display equation or code block wider than the article column (and at 1280 px no display
+equation that needs to scroll at all); every figure captioned, its images loaded, with a text alternative that
+is not a file name; no request to anything but 127.0.0.1; no console error. The interactive figures' sliders
+must change the picture, and a figure must open enlarged on click.
+
+Chromium is the system's (``/usr/bin/chromium``, installed by ``make test`` where missing); Playwright never
+downloads a browser here.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import threading
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+VIEWPORTS = {"desktop": (1280, 900), "phone": (390, 844)}
+# Pages with interactive figures (players) and how many sliders each has.
+PLAYERS = {"notebooks/01_toy_example.html": 1, "notebooks/02_eigenvalue_damping.html": 3}
+
+# Everything measured in the page, in one pass, after MathJax has finished.
+MEASURE = """
+() => {
+  const article = document.querySelector("article.bd-article") || document.querySelector("main");
+  const column = article.getBoundingClientRect();
+  const visible = (el) => { const r = el.getBoundingClientRect(); return r.width > 0 && r.height > 0; };
+  const describe = (el) => (el.closest("[id]") ? "#" + el.closest("[id]").id + " " : "") +
+    el.tagName.toLowerCase() + ": " + (el.textContent || "").trim().replace(/\\s+/g, " ").slice(0, 80);
+  const wide = [], scrolling = [];
+  const selector = 'mjx-container[display="true"], div.math, div.highlight, div.highlight pre, ' +
+                   '.cell_output pre, .sd-player svg, article table';
+  for (const el of article.querySelectorAll(selector)) {
+    if (!visible(el)) continue;
+    const r = el.getBoundingClientRect();
+    const scroller = el.closest(".output.text_html, .pst-scrollable-table-container");
+    const limit = el.tagName === "TABLE" && scroller && getComputedStyle(scroller).overflowX !== "visible"
+      ? scroller.getBoundingClientRect() : column;
+    if (el.tagName === "TABLE" && limit !== column) continue;  // a table scrolls inside its output box
+    if (r.left < limit.left - 1 || r.right > limit.right + 1) {
+      wide.push(describe(el) + ` (${Math.round(r.width)} px in a ${Math.round(limit.width)} px column)`);
+    }
+    if (el.matches('mjx-container[display="true"]') && el.scrollWidth > el.clientWidth + 1) {
+      scrolling.push(describe(el) + ` (${el.scrollWidth} px in ${el.clientWidth} px)`);
+    }
+  }
+  const figures = [];
+  for (const fig of article.querySelectorAll("figure")) {
+    const caption = fig.querySelector("figcaption");
+    const images = [...fig.querySelectorAll("img")].map((img) => ({
+      src: img.getAttribute("src"), alt: img.getAttribute("alt") || "", loaded: img.complete && img.naturalWidth > 0,
+      natural: img.naturalWidth, shown: Math.round(img.getBoundingClientRect().width),
+    }));
+    figures.push({id: fig.id, caption: caption ? caption.textContent.trim() : "", number:
+      caption && caption.querySelector(".caption-number") ? caption.querySelector(".caption-number").textContent : "",
+      images, player: !!fig.querySelector(".sd-player")});
+  }
+  const loose = [...article.querySelectorAll("img")].filter((img) => !img.closest("figure"))
+    .map((img) => img.getAttribute("src"));
+  const math = article.querySelectorAll(".math").length;
+  const typeset = article.querySelectorAll("mjx-container").length;
+  const bodyFont = parseFloat(getComputedStyle(article.querySelector("p") || article).fontSize);
+  return {wide, scrolling, figures, loose, math, typeset, bodyFont};
+}
+"""
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # no line per request in the test output
+        pass
+
+
+@pytest.fixture(scope="module")
+def site(book):
+    """The built book served on 127.0.0.1 (a free port); yields (base URL, list of page paths)."""
+    root, _ = book
+    html_dir = root / "_build" / "html"
+    handler = functools.partial(QuietHandler, directory=str(html_dir))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    # every page, except redirect stubs (index.html sends the reader on to the root page; its own test below)
+    pages = sorted(str(p.relative_to(html_dir)) for p in html_dir.rglob("*.html")
+                   if not p.relative_to(html_dir).parts[0].startswith("_")
+                   and 'http-equiv="refresh"' not in p.read_text(encoding="utf-8").lower())
+    yield f"http://127.0.0.1:{server.server_address[1]}/", pages
+    server.shutdown()
+    thread.join()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.is_file():
+        pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium (apt-get install -y chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("playwright is missing: install the test extra (`make test` does)")
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        yield chromium
+        chromium.close()
+
+
+def _only_loopback(remote: list):
+    """A route handler that lets requests to 127.0.0.1 through and records and aborts every other one."""
+    def route(route_):
+        url = urlparse(route_.request.url)
+        if url.scheme in ("data", "blob", "about") or url.hostname == "127.0.0.1":
+            route_.continue_()
+        else:
+            remote.append(route_.request.url)
+            route_.abort()
+    return route
+
+
+def visit(browser, base: str, pages: list[str]) -> dict:
+    """Open every page at both widths; per (viewport, page): the measurements (MEASURE), the console errors
+    and the requests to anything but 127.0.0.1 (aborted)."""
+    out = {}
+    for name, (width, height) in VIEWPORTS.items():
+        context = browser.new_context(viewport={"width": width, "height": height}, device_scale_factor=1)
+        remote, errors = [], []
+        context.route("**/*", _only_loopback(remote))
+        page = context.new_page()
+        page.on("console", lambda msg, errors=errors: msg.type == "error" and errors.append(msg.text))
+        page.on("pageerror", lambda exc, errors=errors: errors.append(str(exc)))
+        for path in pages:
+            before_remote, before_errors = len(remote), len(errors)
+            page.goto(base + path, wait_until="load")
+            page.wait_for_function("() => !document.querySelector('script[src*=\"mathjax\"]') || "
+                                   "(window.MathJax && window.MathJax.startup && window.MathJax.startup.promise)")
+            page.evaluate("async () => { if (window.MathJax && MathJax.startup) await MathJax.startup.promise; }")
+            page.evaluate("() => document.fonts.ready.then(() => true)")
+            out[name, path] = dict(page.evaluate(MEASURE), remote=remote[before_remote:],
+                                   errors=errors[before_errors:])
+        context.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def visits(site, browser):
+    """Every page of the book at both widths."""
+    base, pages = site
+    return visit(browser, base, pages)
+
+
+def test_the_checks_see_what_they_look_for(browser, tmp_path):
+    """The measurements on a page that breaks every rule: a code block wider than the column, a figure with
+    no caption, an image that does not load and whose alt text is a file name, a request off the machine and a
+    console error."""
+    (tmp_path / "bad.html").write_text(
+        '<html><body><main><article class="bd-article" style="width: 300px">'
+        '<div class="highlight"><pre style="width: 900px">x = 1</pre></div>'
+        '<figure id="fig-bad"><img src="missing.png" alt="missing.png"></figure>'
+        '<img src="http://example.invalid/remote.png" alt="remote">'
+        "<script>console.error('boom')</script></article></main></body></html>", encoding="utf-8")
+    handler = functools.partial(QuietHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        seen = visit(browser, f"http://127.0.0.1:{server.server_address[1]}/", ["bad.html"])["desktop", "bad.html"]
+    finally:
+        server.shutdown()
+        thread.join()
+    assert any("900 px" in line for line in seen["wide"])
+    (figure,) = seen["figures"]
+    assert figure["caption"] == "" and not figure["images"][0]["loaded"] and figure["images"][0]["alt"] == "missing.png"
+    assert seen["loose"] == ["http://example.invalid/remote.png"]
+    assert seen["remote"] == ["http://example.invalid/remote.png"]
+    assert "boom" in seen["errors"] and any("404" in error for error in seen["errors"])
+
+
+@pytest.mark.parametrize("viewport", list(VIEWPORTS))
+def test_math_and_code_fit_the_column(visits, site, viewport):
+    _, pages = site
+    for path in pages:
+        seen = visits[viewport, path]
+        assert seen["typeset"] >= seen["math"] > 0 or seen["math"] == 0, f"{path}: math not typeset"
+        assert seen["wide"] == [], f"{path} at {viewport}: wider than the column: {seen['wide']}"
+        if viewport == "desktop":
+            assert seen["scrolling"] == [], f"{path}: equations that need scrolling at 1280 px: {seen['scrolling']}"
+
+
+def test_every_figure_has_a_caption_and_loads(visits, site):
+    _, pages = site
+    n_figures = 0
+    for path in pages:
+        for viewport in VIEWPORTS:
+            seen = visits[viewport, path]
+            assert seen["loose"] == [], f"{path}: images outside a figure: {seen['loose']}"
+            for figure in seen["figures"]:
+                where = f"{path} #{figure['id']} at {viewport}"
+                assert len(figure["caption"]) > 30, f"{where}: no caption"
+                assert figure["number"].startswith("Fig."), f"{where}: figure not numbered"
+                assert figure["images"] or figure["player"], f"{where}: empty figure"
+                for image in figure["images"]:
+                    assert image["loaded"], f"{where}: {image['src']} did not load"
+                    alt = image["alt"]
+                    assert len(alt) > 30 and "/" not in alt and not alt.endswith((".png", ".svg")), \
+                        f"{where}: alt text {alt!r} does not describe the figure"
+                    # drawn at twice the shown size, shown at its natural size up to the column width
+                    if viewport == "desktop":
+                        assert image["shown"] == pytest.approx(image["natural"] / 2, abs=2), where
+        n_figures += len(visits["desktop", path]["figures"])
+    assert n_figures >= 12
+
+
+def test_no_request_leaves_the_machine_and_no_console_error(visits):
+    for (viewport, path), seen in visits.items():
+        assert seen["remote"] == [], f"{path} at {viewport}: requests off the machine: {seen['remote']}"
+        assert seen["errors"] == [], f"{path} at {viewport}: console errors: {seen['errors']}"
+
+
+def test_index_sends_the_reader_to_the_introduction(site, browser):
+    base, pages = site
+    assert "index.html" not in pages and "book/intro.html" in pages
+    page = browser.new_page()
+    try:
+        page.goto(base + "index.html")
+        page.wait_for_url("**/book/intro.html")
+    finally:
+        page.close()
+
+
+def test_sliders_change_the_picture(site, browser):
+    base, pages = site
+    assert set(PLAYERS) <= set(pages)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    try:
+        for path, n_sliders in PLAYERS.items():
+            page.goto(base + path, wait_until="load")
+            page.wait_for_selector(".sd-player[data-ready] svg path")
+            sliders = page.locator(".sd-player input[type=range]")
+            assert sliders.count() == n_sliders, path
+            for i in range(n_sliders):
+                slider = sliders.nth(i)
+                before = page.inner_html(".sd-player svg")
+                maximum = int(slider.get_attribute("max"))
+                target = 0 if int(slider.input_value()) != 0 else maximum
+                slider.fill(str(target))  # sets the value and fires input, as a drag does
+                after = page.inner_html(".sd-player svg")
+                name = slider.get_attribute("data-slider")
+                assert after != before, f"{path}: moving slider {name!r} did not change the figure"
+                assert page.locator(".sd-player output").nth(i).inner_text().strip(), path
+    finally:
+        page.close()
+
+
+def test_figures_open_enlarged(site, browser):
+    base, _ = site
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    try:
+        page.goto(base + "notebooks/01_toy_example.html", wait_until="load")
+        image = page.locator("figure img.sd-zoomable").first
+        shown = image.bounding_box()["width"]
+        image.click()
+        enlarged = page.locator(".sd-lightbox img")
+        enlarged.wait_for()
+        assert enlarged.bounding_box()["width"] > 1.2 * shown
+        page.keyboard.press("Escape")
+        assert page.locator(".sd-lightbox").count() == 0
+    finally:
+        page.close()
+
+
+def test_figure_text_is_as_large_as_the_body_text(visits):
+    """The notebooks draw figures 6.4 in wide with 12 pt labels at 100 px per inch (tests/test_theory_notebooks.py
+    checks their style), that is 16.7 px; shown at their natural size at 1280 px (checked above), their labels
+    are then at least as large as the body text."""
+    for (viewport, path), seen in visits.items():
+        if viewport == "desktop" and seen["figures"]:
+            assert seen["bodyFont"] <= 12 * 100 / 72, f"{path}: body text {seen['bodyFont']} px is larger than the figures'"
