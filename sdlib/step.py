@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import os
 import time
 import warnings
@@ -151,7 +152,8 @@ def teacher_probs(teacher: torch.nn.Module, x: torch.Tensor, bn_mode: str = "eva
     """
     if bn_mode not in TEACHER_BN_MODES:
         raise ValueError(f"bn_mode must be one of {TEACHER_BN_MODES}, got {bn_mode!r}")
-    teacher.eval()
+    if teacher.training or bn_mode == "train":  # no walk over the modules per batch where nothing changes
+        teacher.eval()
     norms = [m for m in teacher.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)] \
         if bn_mode == "train" else []
     tracked = [m.track_running_stats for m in norms]
@@ -723,7 +725,7 @@ def distill_group(config: TrainConfig, data, *, seed: int, step: int, members: S
         raise ValueError("members must name at least one model to train, got none")
     for member in members:
         # fixed alphas lie in [0, 1]; an unbounded alpha-hat may lie outside
-        if isinstance(member.alpha, bool) or not isinstance(member.alpha, (int, float)) \
+        if isinstance(member.alpha, bool) or not isinstance(member.alpha, numbers.Real) \
                 or not math.isfinite(member.alpha):
             raise ValueError(f"alpha must be a finite number, got {member.alpha!r} (chain {member.chain!r})")
         if member.alpha != 1.0 and member.teacher is None:
