@@ -767,15 +767,17 @@ def test_results_from_before_the_protocol_fields_are_reused(reference_run, tiny_
     assert results_module.load_records(tmp_path / "results")["best_test_acc"].isna().all()
 
 
-def test_official_protocol_on_all_training_images(tiny_data_root, run_dir):
+@pytest.mark.parametrize("in_flight, alphas", [("streams", (0.0,)), ("batched", (0.0, 1.0))])
+def test_official_protocol_on_all_training_images(tiny_data_root, run_dir, in_flight, alphas):
     """n_val = 0 (all training images), the teacher's BatchNorm on batch statistics and one fixed data order, on
-    real images; the alpha-hat chain, which would need validation images, is refused before any work."""
+    real images; the alpha-hat chain, which would need validation images, is refused before any work. Also with
+    the chains of step 2 trained in flight as one batched network (evaluated on the empty validation split)."""
     tmp_path = run_dir
     with pytest.raises(ValueError, match=r"TrainConfig\.n_val"):
         tiny_config(tmp_path, tiny_data_root, n_val=0)
     assert not any(tmp_path.iterdir())
-    config = tiny_config(tmp_path, tiny_data_root, n_val=0, include_alpha_hat=False, alphas=(0.0,),
-                         teacher_bn="train", data_order="fixed")
+    config = tiny_config(tmp_path, tiny_data_root, n_val=0, include_alpha_hat=False, alphas=alphas,
+                         teacher_bn="train", data_order="fixed", chains_in_flight=in_flight)
     teacher_file = tmp_path / "checkpoints" / config.config_hash() / "seed0" / "shared" / "step1.pt"
     teacher_bytes = []
 
@@ -784,7 +786,7 @@ def test_official_protocol_on_all_training_images(tiny_data_root, run_dir):
             teacher_bytes.append(teacher_file.read_bytes())
 
     records = run_chains(config, progress=False, callback=snapshot)
-    assert [(r["chain"], r["step"]) for r in records] == [("shared", 1), ("alpha=0", 2)]
+    assert [(r["chain"], r["step"]) for r in records] == [("shared", 1)] + [(f"alpha={a:g}", 2) for a in alphas]
     for record in records:
         assert set(record) == RECORD_FIELDS
         assert record["data"]["sizes"] == {"train": 64, "val": 0, "test": 64}
