@@ -22,14 +22,14 @@ from pybtex.database import parse_file
 
 REPO = Path(__file__).resolve().parents[1]
 MATHJAX_ENTRY = "mathjax/es5/tex-chtml.js"  # relative to _static/, as in _config.yml
-# The chapters every build must contain, in this order (the table of contents may hold more, e.g. chapter 6).
-# Each chapter is one page: its notebook.
+# The chapters every build must contain, in this order. Each chapter is one page: its notebook.
 CHAPTERS = [
     "notebooks/01_toy_example",
     "notebooks/02_eigenvalue_damping",
     "notebooks/03_infinite_limit",
     "notebooks/04_optimal_alpha",
     "notebooks/05_cifar10_self_distillation",
+    "notebooks/06_kernel_classification",
 ]
 CORE_PAGES = ["book/intro", *CHAPTERS, "book/reproduce", "book/bibliography"]
 REMOTE_HOSTS = ("cdn.jsdelivr", "unpkg.com", "cdnjs", "googleapis", "gstatic", "mathjax.org")
@@ -90,7 +90,7 @@ def test_each_chapter_is_one_page_its_notebook(book):
     toc = yaml.safe_load((root / "book" / "_toc.yml").read_text(encoding="utf-8"))
     chapters = [entry for part in toc["parts"] if part["caption"] == "Chapters" for entry in part["chapters"]]
     files = [entry["file"] for entry in chapters]
-    assert [f for f in files if f in CHAPTERS] == CHAPTERS, "chapters 1 to 5 in order"
+    assert [f for f in files if f in CHAPTERS] == CHAPTERS, "chapters 1 to 6 in order"
     assert all(f.startswith("notebooks/") and "sections" not in entry for f, entry in zip(files, chapters)), \
         "a chapter is its notebook, with no separate prose page"
     # no leftover prose copies of the chapters (book/05_protocols.md is included by chapter 5, not a page)
@@ -313,3 +313,28 @@ def test_reproduce_page_lists_every_notebook_parameter():
     assert sorted(table) == notebooks
     for name in notebooks:
         assert table[name] == set(papermill.inspect_notebook(str(REPO / "notebooks" / name))), name
+
+
+def test_chapter_6_tables_are_captioned_with_readable_rows(book):
+    """Chapter 6's results tables: a caption each, and rows named as the reader reads them (α = 0.25,
+    α̂ (Algorithm 1), ridge, λ tuned), not the chains' ids (alpha=0.25, alpha_hat) or raw TeX."""
+    root, _ = book
+    page_html = _html(root, "notebooks/06_kernel_classification")
+    main = re.search(r"<main.*?</main>", page_html, re.S).group(0)
+    cifar = (root / "results" / "krr_cifar10" / "results.json").is_file()
+    tables = re.findall(r"<table.*?</table>", main, re.S)
+    assert len(tables) == (3 if cifar else 1), "the digits table, and the CIFAR-10 accuracy and α̂ tables"
+    for table in tables:
+        caption = re.search(r"<caption>(.*?)</caption>", table, re.S)
+        assert caption and len(_text(caption.group(1))) > 60, f"uncaptioned table: {_text(table)[:80]}"
+        rows = [_text(h) for h in re.findall(r'<th[^>]*class="row_heading[^"]*"[^>]*>(.*?)</th>', table, re.S)]
+        assert rows, _text(table)[:80]
+        for row in rows:
+            assert not re.search(r"alpha|_|\$|\\", row), f"row name {row!r} is not for a reader"
+    accuracy_rows = [_text(h) for h in re.findall(r'class="row_heading[^"]*"[^>]*>(.*?)</th>', tables[0], re.S)]
+    assert accuracy_rows[0] == "ridge, λ tuned" and "α = 0.25" in accuracy_rows
+    assert accuracy_rows[-2:] == ["α̂ (Algorithm 1)", "α̂ (unclipped)"]
+    # the live figures, and the committed CIFAR-10 run's when it is there
+    figures = re.findall(r'<figure class="[^"]*" id="(fig-ch6-[^"]+)">', main)
+    assert figures == ["fig-ch6-steps-live", "fig-ch6-pairs-live"] + \
+        (["fig-ch6-steps-cifar", "fig-ch6-pairs-cifar"] if cifar else [])
