@@ -44,7 +44,7 @@ import torchvision
 from torch import nn
 
 __all__ = ["BatchedResNet50", "stack_models", "unstack", "model_slice", "batched_distillation_loss",
-           "batched_l2_penalty"]
+           "batched_l2_penalty", "BatchedStudents", "evaluate_batched"]
 
 IN_CHANNELS = 3
 FEATURES = 2048  # ResNet-50's penultimate width
@@ -85,11 +85,37 @@ class _GroupedLinear(nn.Module):
         return f"n_models={self.n_models}, in_features={self.in_features}, out_features={self.out_features}"
 
 
-def _batch_modules(module: nn.Module, n: int, factory: dict) -> None:
-    """Replace, in place and recursively, every Conv2d / BatchNorm2d by its n-model grouped version."""
+class _PointwiseMatmulConv2d(nn.Conv2d):
+    """A grouped 1x1 convolution of n models (weight (n*out, in, 1, 1), ``groups=n``: the layout of the grouped
+    convolution it replaces) computed as one batched matrix product: (n, B*H*W, in) @ (n, in, out). For channels-
+    last activations the reshapes are views; whether it beats cuDNN's grouped kernels is a measurement
+    (``TrainConfig.chains_in_flight = "batched-matmul"``). A stride s subsamples first (a 1x1 convolution with
+    stride s and no padding sees every s-th pixel)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, (s_h, s_w) = self.groups, self.stride
+        if (s_h, s_w) != (1, 1):
+            x = x[:, :, ::s_h, ::s_w]
+        batch, channels, height, width = x.shape
+        c_in, c_out = channels // n, self.out_channels // n
+        pixels = x.permute(0, 2, 3, 1).reshape(batch * height * width, n, c_in).transpose(0, 1)  # (n, BHW, in)
+        weight = self.weight.reshape(n, c_out, c_in).transpose(1, 2)  # (n, in, out)
+        out = torch.bmm(pixels, weight)  # (n, BHW, out)
+        out = out.transpose(0, 1).reshape(batch, height, width, n * c_out).permute(0, 3, 1, 2)
+        return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
+
+
+POINTWISE = ("conv", "matmul")
+
+
+def _batch_modules(module: nn.Module, n: int, factory: dict, pointwise: str = "conv") -> None:
+    """Replace, in place and recursively, every Conv2d / BatchNorm2d by its n-model grouped version (1x1
+    convolutions as batched matrix products where ``pointwise == "matmul"``)."""
     for name, child in module.named_children():
         if isinstance(child, nn.Conv2d):
-            new = nn.Conv2d(n * child.in_channels, n * child.out_channels, child.kernel_size, stride=child.stride,
+            matmul = (pointwise == "matmul" and child.kernel_size == (1, 1) and child.groups == 1
+                      and child.padding == (0, 0) and child.dilation == (1, 1))
+            new = (_PointwiseMatmulConv2d if matmul else nn.Conv2d)(n * child.in_channels, n * child.out_channels, child.kernel_size, stride=child.stride,
                             padding=child.padding, dilation=child.dilation, groups=n * child.groups,
                             bias=child.bias is not None, padding_mode=child.padding_mode, **factory)
         elif isinstance(child, nn.BatchNorm2d):
@@ -98,7 +124,7 @@ def _batch_modules(module: nn.Module, n: int, factory: dict) -> None:
         elif isinstance(child, (nn.Linear, nn.Conv1d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm3d)):
             raise TypeError(f"cannot batch {type(child).__name__} at {name!r}")  # not in a ResNet-50 body
         else:
-            _batch_modules(child, n, factory)
+            _batch_modules(child, n, factory, pointwise)
             continue
         setattr(module, name, new)
 
@@ -135,8 +161,11 @@ class BatchedResNet50(nn.Module):
     """
 
     def __init__(self, n_models: int, num_classes: int = 10, *, init: bool = True,
-                 device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+                 device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                 pointwise: str = "conv"):
         super().__init__()
+        if pointwise not in POINTWISE:
+            raise ValueError(f"pointwise must be one of {list(POINTWISE)}, got {pointwise!r}")
         self.n_models = _check_n_models(n_models)
         self.num_classes = _check_num_classes(num_classes)
         # The structure comes from a template built on the meta device: no memory, no RNG draws.
@@ -146,7 +175,7 @@ class BatchedResNet50(nn.Module):
             stem = _StemConv2d(n_models, template.conv1, **factory)
             fc = _GroupedLinear(n_models, template.fc.in_features, num_classes, **factory)
             body = nn.Sequential(template.bn1, template.layer1, template.layer2, template.layer3, template.layer4)
-            _batch_modules(body, n_models, factory)
+            _batch_modules(body, n_models, factory, pointwise)
         self.conv1 = stem
         self.bn1, self.relu, self.maxpool = body[0], template.relu, template.maxpool
         template.layer1, template.layer2, template.layer3, template.layer4 = body[1], body[2], body[3], body[4]
@@ -264,9 +293,10 @@ def _check_models(models) -> list[nn.Module]:
     return models
 
 
-def stack_models(models: Sequence[nn.Module]) -> BatchedResNet50:
+def stack_models(models: Sequence[nn.Module], pointwise: str = "conv") -> BatchedResNet50:
     """Fuse n torchvision resnet50 models (same num_classes; the same module may repeat) into one
-    :class:`BatchedResNet50` on their device and dtype, in train mode; the inputs are not modified."""
+    :class:`BatchedResNet50` on their device and dtype, in train mode; the inputs are not modified.
+    ``pointwise="matmul"``: its 1x1 convolutions as batched matrix products (same weights, same function)."""
     models = _check_models(models)
     fc = getattr(models[0], "fc", None)
     if not isinstance(fc, nn.Linear):
@@ -283,7 +313,8 @@ def stack_models(models: Sequence[nn.Module]) -> BatchedResNet50:
         if p.device != first.device or p.dtype != first.dtype:
             raise ValueError(f"models must share one device and dtype: models[0] is {first.device}/{first.dtype}, "
                              f"models[{i}] is {p.device}/{p.dtype}")
-    batched = BatchedResNet50(len(models), num_classes, init=False, device=first.device, dtype=first.dtype)
+    batched = BatchedResNet50(len(models), num_classes, init=False, device=first.device, dtype=first.dtype,
+                              pointwise=pointwise)
     for i, m in enumerate(models):
         batched.load_model_state_dict(i, m.state_dict())
     return batched
@@ -312,7 +343,8 @@ def batched_distillation_loss(logits: torch.Tensor, labels: torch.Tensor, alphas
         as distillation_loss does (bf16/fp16/fp32 logits), or in float64 for float64 logits, so that float64
         equivalence tests are not seeded with float32 noise. Returns (n,) of that dtype.
     labels : (B,) int64 class indices, shared by the n models.
-    alphas : (n,) weights of the labels in [0, 1] (sequence or tensor).
+    alphas : (n,) weights of the labels, finite (in [0, 1] for fixed chains; an unbounded alpha-hat may lie
+        outside), a sequence or tensor.
     teacher_probs : (n, B, K) teacher softmax outputs, or None when every alpha is 1. Rows of models with
         alpha == 1 are ignored (any placeholder, even NaN, is fine there).
     Minimize ``losses.sum()`` (plus the L2 terms): each model then gets exactly its own gradient.
@@ -326,14 +358,15 @@ def batched_distillation_loss(logits: torch.Tensor, labels: torch.Tensor, alphas
                          f"{(tuple(labels.shape), labels.dtype) if isinstance(labels, torch.Tensor) else labels!r}")
     alpha_values = alphas.detach().cpu().tolist() if isinstance(alphas, torch.Tensor) else alphas
     if isinstance(alpha_values, (str, bytes)) or not isinstance(alpha_values, Sequence):
-        raise ValueError(f"alphas must be a sequence of {n} floats in [0, 1], got {alphas!r}")
+        raise ValueError(f"alphas must be a sequence of {n} finite floats, got {alphas!r}")
     alpha_values = list(alpha_values)
     if len(alpha_values) != n:
         raise ValueError(f"alphas must have one entry per model (n_models = {n} from logits), "
                          f"got {len(alpha_values)}")
     for a in alpha_values:
-        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0 or math.isnan(a):
-            raise ValueError(f"alphas must lie in [0, 1], got {alpha_values!r}")
+        # fixed alphas lie in [0, 1]; an unbounded alpha-hat (TrainConfig.alpha_hat_bounds=None) may not
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a):
+            raise ValueError(f"alphas must be finite numbers, got {alpha_values!r}")
     needs_teacher = any(a != 1.0 for a in alpha_values)
     if teacher_probs is None:
         if needs_teacher:
@@ -356,3 +389,170 @@ def batched_distillation_loss(logits: torch.Tensor, labels: torch.Tensor, alphas
             teacher_weight = (1.0 - alpha64).to(device=logits.device, dtype=dtype)
             losses = losses + teacher_weight * (probs - target).square().mean(dim=(1, 2))
     return losses
+
+
+# ----------------------------------------------------------------------------------- the in-flight network
+
+class BatchedStudents:
+    """The students of one (seed, step) trained in flight as one :class:`BatchedResNet50`
+    (``TrainConfig.chains_in_flight = "batched"``), with the interface of the step's lockstep engine
+    (:func:`sdlib.step.distill_group` drives both).
+
+    models : n resnet50s (their initial or resumed weights, on the training device and memory format).
+    alphas : their alphas. l2_coef : the L2 term's coefficient. lr : the schedule's 0-dim device tensor.
+    pointwise : "conv" (grouped 1x1 convolutions) or "matmul" (batched matrix products), see stack_models.
+    The step minimizes the SUM of the n objectives (each model gets exactly its own gradient); the L2 term's
+    value and its gradient ``coef * W_i / ||W_i||`` per model slice W_i are computed without autograd, by
+    multi-tensor ops over views made once (gradients live in persistent buffers, so the views stay valid);
+    one fused Adam updates the n models (exactly n Adams, see the module's docstring).
+    """
+
+    def __init__(self, models: Sequence[nn.Module], alphas: Sequence[float], l2_coef: float, lr: torch.Tensor,
+                 *, use_bf16: bool = False, memory_format=torch.contiguous_format, pointwise: str = "conv"):
+        from sdlib.step import _BatchCounters  # noqa: PLC0415 (sdlib.step imports this module lazily)
+        self.n, self.memory_format = len(models), memory_format
+        self.net = stack_models(models, pointwise).to(memory_format=memory_format)
+        self.device = next(self.net.parameters()).device
+        self.on_cuda = self.device.type == "cuda"
+        self.use_bf16, self.coef, self.lr = use_bf16, float(l2_coef), lr
+        self.counters = _BatchCounters(self.net)
+        self.names = [name for name, p in self.net.named_parameters() if p.requires_grad]
+        self.params = [p for p in self.net.parameters() if p.requires_grad]
+        for p in self.params:
+            p.grad = torch.zeros_like(p)
+        n = self.n
+        # Model-major views, p-major order: slices[j * n + i] is model i's part of parameter j.
+        self.param_slices = [s for p in self.params for s in p.detach().unflatten(0, (n, -1)).unbind(0)]
+        self.grad_slices = [s for p in self.params for s in p.grad.unflatten(0, (n, -1)).unbind(0)]
+        self.grads = [p.grad for p in self.params]
+        self.optimizer = torch.optim.Adam(self.params, lr=lr, fused=True, capturable=self.on_cuda)
+        alpha64 = torch.tensor([float(a) for a in alphas], dtype=torch.float64)
+        dtype = torch.promote_types(self.params[0].dtype, torch.float32)
+        self.alpha = alpha64.to(self.device, dtype).view(n, 1, 1)
+        # 1 - alpha rounded from float64, as Python does for distillation_loss.
+        self.teacher_weight = (1.0 - alpha64).to(self.device, dtype).view(n, 1, 1)
+        self.needs_teacher = bool((alpha64 < 1.0).any())
+        self.loss_sum = torch.zeros(n, device=self.device)
+        self.loss_sums = list(self.loss_sum.unbind(0))
+
+    def __len__(self):
+        return self.n
+
+    def networks(self) -> list[nn.Module]:
+        return [self.net]
+
+    def train(self):
+        self.net.train()
+
+    def step(self, x: torch.Tensor, onehot: torch.Tensor, targets: torch.Tensor | None) -> None:
+        """One optimizer step of the n models on the static batch x (B, 3, H, W), one-hot labels (B, C) and
+        the teachers' probabilities (n, B, C) (None when every alpha is 1)."""
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+            logits = self.net(x)  # (n, B, C)
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=2)
+            per_element = self.alpha * (probs - onehot).square()
+            if self.needs_teacher:
+                per_element = per_element + self.teacher_weight * (probs - targets).square()
+            losses = per_element.mean(dim=(1, 2))  # (n,) the distillation losses
+        torch._foreach_zero_(self.grads)
+        losses.sum().backward()
+        with torch.no_grad():
+            self.loss_sum.add_(losses)
+            if self.coef:
+                norms = torch.stack(torch._foreach_norm(self.param_slices))  # (P * n,)
+                scales = norms.clamp_min(torch.finfo(norms.dtype).tiny).reciprocal_().mul_(self.coef).unbind()
+                torch._foreach_addcmul_(self.grad_slices, self.param_slices, list(scales))
+                self.loss_sum.add_(norms.view(-1, self.n).sum(0), alpha=self.coef)
+        self.optimizer.step()
+
+    def evaluate(self, x_uint8, y, batch_size, bf16, channels_last, return_probs) -> list[dict]:
+        return evaluate_batched(self.net, x_uint8, y, batch_size, bf16=bf16, channels_last=channels_last,
+                                return_probs=return_probs)
+
+    def model_state(self, i: int, batches: int) -> dict:
+        self.counters.restore(batches)
+        state = {k: v.detach().to("cpu", copy=True) for k, v in self.net.model_state_dict(i).items()}
+        self.counters.detach()
+        return state
+
+    def load(self, i: int, optimizer_state: dict) -> None:
+        """Model i's Adam state (a one-model ``torch.optim.Adam`` state_dict) into its slices."""
+        saved = optimizer_state["state"]
+        if len(saved) != len(self.params):
+            raise ValueError(f"optimizer state of model {i} holds {len(saved)} parameters, expected "
+                             f"{len(self.params)}")
+        with torch.no_grad():
+            for j, (name, p) in enumerate(zip(self.names, self.params)):
+                state = self.optimizer.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=self.device)
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                entry = saved[j] if j in saved else saved[str(j)]
+                state["step"].copy_(entry["step"])  # shared by the n models: they stand at the same step
+                for key in ("exp_avg", "exp_avg_sq"):
+                    model_slice(name, state[key], i, self.n).copy_(entry[key])
+
+    def optimizer_state(self, i: int, lr: float) -> dict:
+        """Model i's Adam state as a one-model ``torch.optim.Adam(model.parameters())`` state_dict."""
+        group = {k: v for k, v in self.optimizer.param_groups[0].items() if k != "params"}
+        group.update(lr=lr, params=list(range(len(self.params))))
+        state = {}
+        for j, (name, p) in enumerate(zip(self.names, self.params)):
+            s = self.optimizer.state.get(p)
+            if s:
+                state[j] = {"step": s["step"].detach().to("cpu", copy=True),
+                            **{k: model_slice(name, s[k], i, self.n).detach().to("cpu", copy=True)
+                               for k in ("exp_avg", "exp_avg_sq")}}
+        return {"state": state, "param_groups": [group]}
+
+    def final_models(self, batches: int) -> list[nn.Module]:
+        """The n trained models as separate resnet50s (eval mode, on the training device)."""
+        from sdlib.step import build_model  # noqa: PLC0415
+        self.counters.restore(batches)
+        models = []
+        for i in range(self.n):
+            model = build_model().to(self.device, memory_format=self.memory_format)
+            model.load_state_dict(self.net.model_state_dict(i))
+            models.append(model.eval())
+        return models
+
+
+@torch.inference_mode()
+def evaluate_batched(net: BatchedResNet50, x_uint8: torch.Tensor, y: torch.Tensor, batch_size: int = 1000,
+                     bf16: bool = False, channels_last: bool = False, return_probs: bool = False) -> list[dict]:
+    """:func:`sdlib.step.evaluate` of each of the n models of ``net`` (put in eval mode) at once: a list of n
+    ``{"acc", "loss"}`` (plus ``"probs"``, float32 (N, C) on the CPU, with ``return_probs``). With N = 0 (no
+    validation split: ``n_val=0``) acc and loss are None, as evaluate gives."""
+    from sdlib import data as cifar  # noqa: PLC0415
+    net.eval()
+    device, n = x_uint8.device, net.n_models
+    if len(x_uint8) == 0:
+        return [{"acc": None, "loss": None, **({"probs": torch.zeros(0, net.num_classes)} if return_probs else {})}
+                for _ in range(n)]
+    dtype = next(net.parameters()).dtype
+    correct = torch.zeros(n, device=device, dtype=torch.int64)
+    squared = torch.zeros(n, device=device, dtype=torch.float64)
+    probs_out = []
+    for start in range(0, len(x_uint8), batch_size):
+        x = cifar.normalize(x_uint8[start:start + batch_size]).to(dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        labels = y[start:start + batch_size]
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = net(x)
+        probs = torch.softmax(logits.float(), dim=2)  # (n, B, C)
+        correct += (probs.argmax(dim=2) == labels).sum(dim=1)
+        onehot = F.one_hot(labels, probs.shape[2]).float()
+        squared += (probs - onehot).square().sum(dim=(1, 2), dtype=torch.float64)
+        if return_probs:
+            probs_out.append(probs)
+    count = len(x_uint8)
+    acc, sq = correct.tolist(), squared.tolist()
+    results = [{"acc": acc[i] / count, "loss": sq[i] / (count * net.num_classes)} for i in range(n)]
+    if return_probs:
+        probs = torch.cat(probs_out, dim=1).cpu()
+        for i in range(n):
+            results[i]["probs"] = probs[i].clone()
+    return results

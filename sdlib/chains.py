@@ -33,7 +33,7 @@ from sdlib.alpha import least_squares_alpha
 from sdlib.config import NUM_CLASSES, TrainConfig, effective_config, resolve_device
 from sdlib.records import ALPHA_HAT_CHAIN, PROBE_CHAIN, SHARED_CHAIN, chain_name, remove_stale_temporaries
 from sdlib.store import ResultsStore, check_writable_dir
-from sdlib.step import atomic_torch_save, build_model, cpu_state, distill_step, load_checkpoint
+from sdlib.step import Member, atomic_torch_save, build_model, cpu_state, distill_group, load_checkpoint
 
 __all__ = ["run_chains", "pending_tasks", "provenance", "DataMismatchError"]
 
@@ -187,26 +187,47 @@ class _ChainRunner:
         return (seed, PROBE_CHAIN, step)
 
     def train(self, key):
-        seed, chain, step = key
-        alpha, extra = self.alpha_for(key)
-        teacher = self.model(self.teacher_key(*key)) if alpha != 1.0 else None
-        self.ensure_data()
-        state_path = self.state_path(*key)
-        for path in (state_path, self.final_path(*key)):  # what a killed save of this step left (only we write it)
-            remove_stale_temporaries(path)
+        self.train_group([key])
+
+    def epoch_writer(self, chain: str) -> Callable[[dict], None]:
+        """The on_epoch callback of a model of ``chain``: its epoch log appended to the store's epochs
+        (probe_epochs for a probe)."""
 
         def on_epoch(log):
             self.store.append_epoch({**log, "config_hash": self.hash, "profile": self.config.profile},
                                     probe=chain == PROBE_CHAIN)
 
-        result = distill_step(self.config, self.data, seed=seed, step=step, alpha=alpha, teacher=teacher,
-                              chain=chain, device=self.device, state_path=state_path, callback=self.callback,
-                              on_epoch=on_epoch, progress=self.progress)
+        return on_epoch
+
+    def train_group(self, keys):
+        """Train the models ``keys`` (all of one (seed, step)) in flight (:func:`sdlib.step.distill_group`), each
+        with its alpha and teacher; save, record and announce each as :meth:`train` does for one."""
+        seed, step = keys[0][0], keys[0][2]
+        if any((k[0], k[2]) != (seed, step) for k in keys):
+            raise ValueError(f"models trained in flight must share seed and step, got {keys}")
+        members, extras = [], []
+        for key in keys:
+            alpha, extra = self.alpha_for(key)
+            teacher = self.model(self.teacher_key(*key)) if alpha != 1.0 else None
+            for path in (self.state_path(*key), self.final_path(*key)):  # what a killed save left (only we write)
+                remove_stale_temporaries(path)
+            members.append(Member(chain=key[1], alpha=alpha, teacher=teacher, state_path=self.state_path(*key),
+                                  on_epoch=self.epoch_writer(key[1])))
+            extras.append(extra)
+        self.ensure_data()
+        results = distill_group(self.config, self.data, seed=seed, step=step, members=members, device=self.device,
+                                callback=self.callback, progress=self.progress)
+        for key, member, result, extra in zip(keys, members, results, extras):
+            self.finish(key, result, member.alpha, extra)
+
+    def finish(self, key, result, alpha: float, extra: dict):
+        """A trained model: its final checkpoint (then its resumable state goes), summary, record, event."""
+        seed, chain, step = key
         summary = {**result.summary(), "alpha": float(alpha), **extra, "val_probs": result.val_probs}
         atomic_torch_save({"model": cpu_state(result.model), "summary": summary, "config_hash": self.hash,
                             "seed": seed, "chain": chain, "step": step}, self.final_path(*key))
         with contextlib.suppress(FileNotFoundError):
-            state_path.unlink()
+            self.state_path(*key).unlink()
         self.summaries[key] = summary
         if chain != PROBE_CHAIN:  # a probe is never a teacher: only its summary is kept
             self.models[key] = result.model
@@ -215,6 +236,19 @@ class _ChainRunner:
             metrics = {k: v for k, v in summary.items() if k != "val_probs"}
             self.callback({"event": "step_end", "seed": seed, "chain": chain, "step": step,
                            "epoch": self.config.epochs, **metrics, "record": self.records.get(key)})
+
+    def in_flight(self, seed, step) -> list[tuple]:
+        """What trains together at (seed, step >= 2): every fixed-alpha chain without a final model yet and, when
+        the alpha-hat step is still to train, its alpha = 0 probe (same init, data order and batches; at step 2
+        the alpha = 0 chain is the probe when it is part of the run). The alpha-hat step itself needs the
+        probe's outputs, so it trains after the group."""
+        keys = [(seed, chain, step) for chain in self.config.chains if chain != ALPHA_HAT_CHAIN]
+        if ALPHA_HAT_CHAIN in self.config.chains and (seed, ALPHA_HAT_CHAIN, step) not in self.records \
+                and not self.final_path(seed, ALPHA_HAT_CHAIN, step).is_file():
+            probe = self.probe_key(seed, step)
+            if probe not in keys and probe not in self.summaries:
+                keys.append(probe)
+        return [key for key in keys if key not in self.records and not self.final_path(*key).is_file()]
 
     def write_record(self, key):
         seed, chain, step = key
@@ -310,6 +344,11 @@ def run_chains(config: TrainConfig, progress: bool = True, callback: Callable[[d
     :class:`sdlib.step.CorruptCheckpointError` naming the file to delete. ``skip_bad_lines``: skip unreadable
     lines of records.jsonl (with a warning) instead of raising :class:`sdlib.store.UnreadableLineError`.
 
+    With ``config.chains_in_flight`` "streams" or "batched" the fixed-alpha chains of a (seed, step), and the
+    alpha-hat chain's probe, train in flight (:meth:`_ChainRunner.in_flight`, :func:`sdlib.step.distill_group`);
+    their records equal those of one model at a time ("off"), exactly for "streams" on the CPU, up to rounding
+    for "batched". Epoch events then arrive interleaved, one per model at each epoch end.
+
     ``callback(event)`` receives a dict at every epoch end (``event="epoch_end"``: seed, chain, step, epoch,
     epochs and the epoch's metrics) and at every step end (``event="step_end"``: seed, chain, step, epoch,
     the step's metrics incl. train_images and train_time_s, and ``record``, None for a probe); raising from it
@@ -357,11 +396,14 @@ def run_chains(config: TrainConfig, progress: bool = True, callback: Callable[[d
             continue
         bar.set_description(f"seed {seed} step {step} {chain}")
         runner.release_before(seed, step - 1)
+        before = len(runner.records)
         if runner.final_path(seed, chain, step).is_file():  # trained, but stopped before its record
             runner.load_final((seed, chain, step))
             runner.write_record((seed, chain, step))
+        elif config.chains_in_flight != "off" and step >= 2 and chain != ALPHA_HAT_CHAIN:
+            runner.train_group(runner.in_flight(seed, step))
         else:
             runner.train((seed, chain, step))
-        bar.update(1)
+        bar.update(len(runner.records) - before)
     bar.close()
     return [runner.records[task] for task in tasks]

@@ -21,11 +21,14 @@ import numpy as np
 
 from sdlib.records import ALPHA_HAT_CHAIN, chain_name
 
-__all__ = ["PROFILES", "TrainConfig", "effective_config", "resolve_device", "derive_seed", "NUM_CLASSES",
-           "TEACHER_BN_MODES", "DATA_ORDERS"]
+__all__ = ["PROFILES", "CHAINS_IN_FLIGHT", "CAPTURE_MODES", "TrainConfig", "effective_config", "resolve_device",
+           "derive_seed", "NUM_CLASSES", "TEACHER_BN_MODES", "DATA_ORDERS"]
 
 NUM_CLASSES = 10
-# Bump when a change of the training code changes results: it is part of every config_hash.
+# Bump when a change of the training code changes results: it is part of every config_hash. Not bumped for the
+# lean step (L2 gradient without autograd, folded teacher batch norms, fused Adam, chains in flight): it computes
+# the same function up to float rounding (tests/test_step.py, test_inflight.py: against the plain autograd step
+# in float64), and a bump would change every hash and orphan the committed results/cifar10.
 _PIPELINE_VERSION = 1
 # Seed streams: every random stream of a run is derived from (seed, step[, epoch], purpose).
 INIT, ORDER, AUGMENT = 0, 1, 2
@@ -60,6 +63,15 @@ PROFILES: dict[str, dict[str, Any]] = {
     "fast": dict(epochs=75, batch_size=256, lr=1e-3, lr_schedule="cosine", warmup_epochs=1,
                  bf16=True, channels_last=True),
 }
+# The paper profile in bf16 autocast and channels_last (CUDA only), for users who accept the rounding:
+# benchmarks/train_throughput.py --ab compares its loss curve with the float32 one from the same start. A variant
+# of "paper", not a protocol of its own (sdlib.protocols.PROTOCOLS lists official, paper and fast).
+PROFILES["paper-bf16"] = dict(PROFILES["paper"], bf16=True, channels_last=True)
+
+# How the models of one (seed, step) train together (TrainConfig.chains_in_flight) and how the step runs
+# (TrainConfig.capture); neither changes what is computed beyond rounding, so neither enters config_hash.
+CHAINS_IN_FLIGHT = ("off", "streams", "batched", "batched-matmul")
+CAPTURE_MODES = ("auto", "none", "graph", "reduce-overhead", "max-autotune")
 
 # Fields added after results were committed, left out of config_hash while they hold the value that reproduces the
 # pipeline before they existed: every config written before keeps its hash (its records and checkpoints are
@@ -71,7 +83,8 @@ _HASHED_UNLESS = {"teacher_bn": "eval", "data_order": "reshuffle", "alpha_hat_bo
 # data_root is left out for the data's content: config_hash holds the data's fingerprint instead (data_fingerprint,
 # or that of the copy under data_root).
 _NOT_HASHED = ("profile", "seeds", "steps", "alphas", "include_alpha_hat", "data_root", "results_dir",
-               "checkpoint_dir", "device", "eval_batch_size", "download", "checkpoint_every", "data_fingerprint")
+               "checkpoint_dir", "device", "eval_batch_size", "download", "checkpoint_every", "data_fingerprint",
+               "eval_every", "chains_in_flight", "capture")
 _FINGERPRINT = re.compile(r"^[0-9a-f]{16}$")
 
 
@@ -87,10 +100,10 @@ def _is_real(value) -> bool:
 class TrainConfig:
     """Everything that defines a run; recorded in full with every result.
 
-    Build with ``TrainConfig.from_profile("paper" | "official" | "fast", **overrides)``, or directly: the
-    defaults are the paper profile's values except ``alpha_hat_bounds`` (default (0, 1), the pipeline's clipped
-    estimate; the paper profile has None). Invalid values raise ValueError naming the field and what was
-    expected.
+    Build with ``TrainConfig.from_profile("paper" | "official" | "fast" | "paper-bf16", **overrides)``, or
+    directly: the defaults are the paper profile's values except ``alpha_hat_bounds`` (default (0, 1), the
+    pipeline's clipped estimate; the paper profile has None). Invalid values raise ValueError naming the field
+    and what was expected.
 
     ``profile`` names the profile the values came from (a label: ``from_profile`` applies a profile's values).
     Training: ``epochs`` per step, ``batch_size``, Adam ``lr``, ``l2_coef`` (times the sum over parameter
@@ -106,7 +119,13 @@ class TrainConfig:
     then the alpha-hat chain, which needs them, is refused), ``subset`` (None, or an int >= 10 cutting every
     part for smoke runs), ``data_root``, ``download``. Where: ``results_dir``,
     ``checkpoint_dir``, ``device`` ("auto": cuda if available, else cpu), ``eval_batch_size``, and
-    ``checkpoint_every`` (epochs between resumable checkpoints; 1 = every epoch).
+    ``checkpoint_every`` (epochs between resumable checkpoints; 1 = every epoch). Speed (none of these enters
+    config_hash): ``eval_every`` (epochs between evaluations; the last epoch is always evaluated and is what
+    the records hold), ``chains_in_flight`` ("streams": the chains of one (seed, step) train together on the
+    same batches, each its own network, on its own CUDA stream on a GPU; "batched": as one batched network,
+    :mod:`sdlib.batched`; "batched-matmul": the same with its 1x1 convolutions as batched matrix
+    products; "off": one model at a time), ``capture`` ("auto": the step as one CUDA graph on
+    CUDA, eager elsewhere; "none"; "graph"; or the torch.compile mode "reduce-overhead" / "max-autotune").
 
     ``data_fingerprint`` (None, or the 16 hex digits of :func:`sdlib.data.data_fingerprint`) pins the data a
     config is for: its hash then needs no data on this machine (a sweep file, a dry run), and a run refuses
@@ -143,12 +162,15 @@ class TrainConfig:
     eval_batch_size: int = 1000
     download: bool = False
     checkpoint_every: int = 1
+    eval_every: int = 5
+    chains_in_flight: str = "streams"
+    capture: str = "auto"
     data_fingerprint: str | None = None
 
     @classmethod
     def from_profile(cls, profile: str = "paper", **overrides) -> "TrainConfig":
-        """The named profile (``"paper"``, ``"official"`` or ``"fast"``) with ``overrides`` applied (any field
-        names)."""
+        """The named profile (``"paper"``, ``"official"``, ``"fast"`` or ``"paper-bf16"``) with ``overrides``
+        applied (any field names)."""
         if profile not in PROFILES:
             raise ValueError(f"profile must be one of {sorted(PROFILES)}, got {profile!r}")
         valid = {f.name for f in dataclasses.fields(cls)} - {"profile"}
@@ -179,7 +201,7 @@ class TrainConfig:
 
         if self.profile not in PROFILES:
             fail("profile", f"one of {sorted(PROFILES)}")
-        for name in ("epochs", "batch_size", "steps", "eval_batch_size", "checkpoint_every"):
+        for name in ("epochs", "batch_size", "steps", "eval_batch_size", "checkpoint_every", "eval_every"):
             positive_int(name)
         positive_int("n_val", 0)
         positive_int("warmup_epochs", 0)
@@ -240,6 +262,10 @@ class TrainConfig:
             fail("data_fingerprint", "None or 16 lower-case hex digits (sdlib.data.data_fingerprint of the data)")
         if not isinstance(self.device, str) or not (self.device == "auto" or _valid_device(self.device)):
             fail("device", "'auto', 'cpu', 'cuda', 'cuda:<index>' or another torch device name")
+        if self.chains_in_flight not in CHAINS_IN_FLIGHT:
+            fail("chains_in_flight", f"one of {list(CHAINS_IN_FLIGHT)}")
+        if self.capture not in CAPTURE_MODES:
+            fail("capture", f"one of {list(CAPTURE_MODES)}")
 
     def to_dict(self) -> dict:
         """All fields as a JSON-serializable dict (tuples become lists)."""

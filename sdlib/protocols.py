@@ -25,7 +25,8 @@ from sdlib.results import resolve_repo_path
 __all__ = ["PROTOCOLS", "AUTHORS_CODE", "CIFAR10_TRAIN_IMAGES", "protocol_table", "teacher_bn_effect",
            "TEACHER_BN_RESULTS"]
 
-# The order of the columns: the authors' code, the paper's description, our quick profile.
+# The order of the columns: the authors' code, the paper's description, our quick profile. (PROFILES also holds
+# "paper-bf16", the paper profile in bf16 autocast: a speed variant of "paper", not a protocol of its own.)
 PROTOCOLS = ("official", "paper", "fast")
 CIFAR10_TRAIN_IMAGES = 50_000
 # The authors' repository at the commit read (their CIFAR-10 code is one file, self_distiller.py).

@@ -17,7 +17,8 @@ import warnings
 from sdlib import data as cifar  # noqa: F401  (tests patch cifar.load_splits through here)
 from sdlib.chains import _tasks as _all_tasks
 from sdlib.chains import pending_tasks, provenance, run_chains
-from sdlib.config import DATA_ORDERS, PROFILES, TEACHER_BN_MODES, TrainConfig, effective_config, resolve_device
+from sdlib.config import (CAPTURE_MODES, CHAINS_IN_FLIGHT, DATA_ORDERS, PROFILES, TEACHER_BN_MODES, TrainConfig,
+                          effective_config, resolve_device)
 from sdlib.records import chain_name
 from sdlib.step import (StepResult, build_model, distill_step, distillation_loss, epoch_order, evaluate, l2_penalty,
                         teacher_probs)
@@ -99,7 +100,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="paper: the protocol as the paper describes it (batch 16, Adam 1e-4, 75 epochs, "
                         "eval-mode teacher, 5,000 held out, alpha-hat unbounded); official: the authors' code as "
                         "it ran (teacher BatchNorm in train mode, all 50,000 images, one fixed data order, fixed "
-                        "alphas only); fast: batch 256, lr 1e-3, warmup+cosine, bf16 (CUDA) (default: paper)")
+                        "alphas only); fast: batch 256, lr 1e-3, warmup+cosine, bf16 (CUDA); paper-bf16: the paper "
+                        "profile in bf16 autocast and channels_last (CUDA) (default: paper)")
     p.add_argument("--epochs", type=int, help=f"epochs per step ({_default('epochs')})")
     p.add_argument("--batch-size", type=int, help=f"training batch size ({_default('batch_size')})")
     p.add_argument("--lr", type=float, help=f"Adam learning rate ({_default('lr')})")
@@ -149,6 +151,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batch-size", type=int, help=f"batch size of evaluation ({_default('eval_batch_size')})")
     p.add_argument("--checkpoint-every", type=int,
                    help=f"epochs between resumable checkpoints ({_default('checkpoint_every')})")
+    p.add_argument("--eval-every", type=int,
+                   help="epochs between evaluations of val/test; the last epoch is always evaluated and is what the "
+                        f"records hold ({_default('eval_every')})")
+    p.add_argument("--chains-in-flight", choices=CHAINS_IN_FLIGHT,
+                   help="how the chains of a step train: streams (each its own network, together on the same "
+                        "batches, on its own CUDA stream on a GPU), batched (one batched network), batched-matmul "
+                        "(the same, 1x1 convolutions as batched matrix products) or off (one at a time) "
+                        f"({_default('chains_in_flight')})")
+    p.add_argument("--capture", choices=CAPTURE_MODES,
+                   help="how the training step runs: auto (one CUDA graph on CUDA, eager elsewhere), none, graph "
+                        f"(CUDA only), or a torch.compile mode ({_default('capture')})")
     p.add_argument("--data-fingerprint",
                    help="the data's fingerprint (sdlib.data.data_fingerprint): the run refuses other data under "
                         "--data-root (default: none, the fingerprint of the data found there)")

@@ -19,6 +19,7 @@ from sdlib.batched import (  # noqa: E402
     BatchedResNet50,
     batched_distillation_loss,
     batched_l2_penalty,
+    evaluate_batched,
     model_slice,
     stack_models,
     unstack,
@@ -180,6 +181,12 @@ def test_batched_loss_matches_distillation_loss_per_model():
     only_labels = batched_distillation_loss(logits, labels, [1.0] * N_MODELS)
     for i in range(N_MODELS):
         _assert_close(only_labels[i], distillation_loss(logits[i], labels, 1.0), f"alpha=1 loss {i}", rtol=1e-6)
+    # an unbounded alpha-hat (alpha_hat_bounds=None) may lie outside [0, 1]: the same objective per model
+    outside = (1.7, -0.4, 0.3)  # N_MODELS = 3
+    losses_out = batched_distillation_loss(logits, labels, outside, teacher)
+    for i, alpha in enumerate(outside):
+        _assert_close(losses_out[i], distillation_loss(logits[i], labels, alpha, teacher[i]),
+                      f"loss of model {i} at alpha={alpha}", rtol=1e-6)
 
 
 def test_l2_penalty_per_group_slice_equals_separate_models():
@@ -261,6 +268,18 @@ def small_batched():
     return BatchedResNet50(2)
 
 
+def test_evaluate_batched_on_an_empty_split_gives_none(small_batched):
+    """n_val = 0 (no validation split): every model's acc and loss are None, as sdlib.step.evaluate gives."""
+    from sdlib.step import evaluate
+
+    empty_x, empty_y = torch.zeros((0, 3, 32, 32), dtype=torch.uint8), torch.zeros(0, dtype=torch.int64)
+    results = evaluate_batched(small_batched, empty_x, empty_y, return_probs=True)
+    assert len(results) == 2
+    assert all(r["acc"] is None and r["loss"] is None and r["probs"].shape == (0, NUM_CLASSES) for r in results)
+    single = evaluate(build_model(), empty_x, empty_y, return_probs=True)
+    assert (single["acc"], single["loss"], single["probs"].shape) == (None, None, (0, NUM_CLASSES))
+
+
 def test_bad_construction_raises_value_error():
     with pytest.raises(ValueError, match="models"):
         stack_models([])
@@ -296,7 +315,7 @@ def test_bad_loss_input_raises_value_error():
     with pytest.raises(ValueError, match="alphas"):
         batched_distillation_loss(logits, labels, (0.5, 0.5), teacher)  # n = 3 models, 2 alphas
     with pytest.raises(ValueError, match="alphas"):
-        batched_distillation_loss(logits, labels, (0.5, 1.5, 0.0), teacher)
+        batched_distillation_loss(logits, labels, (0.5, math.inf, 0.0), teacher)
     with pytest.raises(ValueError, match="alphas"):
         batched_distillation_loss(logits, labels, (0.5, math.nan, 0.0), teacher)
     with pytest.raises(ValueError, match="logits"):
@@ -309,3 +328,28 @@ def test_bad_loss_input_raises_value_error():
         batched_distillation_loss(logits, labels, (0.5,) * N_MODELS, teacher[:2])
     with pytest.raises(ValueError, match="teacher_probs"):
         batched_distillation_loss(logits, labels, (1.0, 0.5, 1.0), None)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pointwise_matmul_network_equals_the_grouped_convolution_one(channels_last):
+    """pointwise="matmul" (1x1 convolutions, strided downsamples included, as batched matrix products) is the
+    same function with the same weights and gradients as the grouped-convolution network."""
+    models = _models()
+    conv = stack_models(models)
+    matmul = stack_models(models, pointwise="matmul")
+    assert sum(type(m).__name__ == "_PointwiseMatmulConv2d" for m in matmul.modules()) == 36  # 1x1 convs
+    assert set(conv.state_dict()) == set(matmul.state_dict())
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    conv, matmul = conv.to(memory_format=memory_format), matmul.to(memory_format=memory_format)
+    x, labels, teacher_probs = _batch()
+    x = x.contiguous(memory_format=memory_format)
+    outputs = []
+    for net in (conv, matmul):
+        logits = net(x)
+        batched_distillation_loss(logits, labels, ALPHAS, teacher_probs).sum().backward()
+        outputs.append((logits.detach(), {k: p.grad for k, p in net.named_parameters()}))
+    _assert_close(outputs[1][0], outputs[0][0], "logits")
+    for key, grad in outputs[0][1].items():
+        _assert_close(outputs[1][1][key], grad, f"grad {key}")
+    with pytest.raises(ValueError, match="pointwise must be one of"):
+        BatchedResNet50(2, pointwise="gemm")

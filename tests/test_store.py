@@ -278,7 +278,8 @@ def test_unwritable_and_file_valued_dirs_fail_before_any_work(tmp_path, data_roo
         raise AssertionError("trained before checking the folders")
 
     monkeypatch.setattr(step_module, "distill_step", no_training)
-    monkeypatch.setattr("sdlib.chains.distill_step", no_training)
+    monkeypatch.setattr(step_module, "distill_group", no_training)
+    monkeypatch.setattr("sdlib.chains.distill_group", no_training)  # run_chains trains through distill_group
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     if os.geteuid() == 0:  # root writes anywhere a permission allows: use a read-only file system instead

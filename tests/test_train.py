@@ -279,7 +279,7 @@ def _hash_before_the_protocol_fields(config: TrainConfig) -> str:
     payload = {k: v for k, v in config.to_dict().items() if k not in NEW_CONFIG_FIELDS
                and k not in ("profile", "seeds", "steps", "alphas", "include_alpha_hat", "data_root", "results_dir",
                              "checkpoint_dir", "device", "eval_batch_size", "download", "checkpoint_every",
-                             "data_fingerprint")}
+                             "data_fingerprint", "eval_every", "chains_in_flight", "capture")}
     payload["pipeline_version"] = 1
     payload["data"] = config.resolved_data_fingerprint()  # the data's identity, in the hash since the store
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
@@ -397,7 +397,8 @@ def test_epoch_order_reshuffle_and_fixed():
 def test_distill_step_uses_the_configured_order_and_teacher_mode(monkeypatch):
     """The loop takes its order from epoch_order and its targets from teacher_probs with config.teacher_bn."""
     data = synthetic_data()
-    config = TrainConfig(epochs=2, batch_size=16, eval_batch_size=64, teacher_bn="train", data_order="fixed")
+    config = TrainConfig(epochs=2, batch_size=16, eval_batch_size=64, teacher_bn="train", data_order="fixed",
+                         eval_every=1)
     orders, modes = [], []
     real_order, real_probs = step_module.epoch_order, step_module.teacher_probs
 
@@ -612,15 +613,21 @@ def test_run_chains_end_to_end(reference_run, tiny_data_root):
         if line["epoch"] == 2:
             record = by_key[(0, line["chain"], line["step"])]
             assert all(line[k] == record[k] for k in ("train_loss", "val_acc", "val_loss", "test_acc", "test_loss"))
-    # Beside the last epoch, the record holds the best test accuracy over the epochs and the first epoch with it.
+    # Beside the last epoch, the record holds the best test accuracy over the evaluated epochs (every
+    # eval_every-th and the last; the others log None) and the first epoch with it.
     for key, record in by_key.items():
-        curve = sorted((e["epoch"], e["test_acc"]) for e in epochs if (0, e["chain"], e["step"]) == key)
+        logged = sorted((e["epoch"], e["test_acc"]) for e in epochs if (0, e["chain"], e["step"]) == key)
+        curve = [(ep, acc) for ep, acc in logged if acc is not None]
+        assert [ep for ep, _ in curve] == [ep for ep, _ in logged
+                                            if ep % config.eval_every == 0 or ep == config.epochs]
         best = max(acc for _, acc in curve)
         assert (record["best_test_acc"], record["best_test_epoch"]) == (best, next(ep for ep, a in curve if a == best))
 
     # Events: one epoch_end per epoch of every trained model, a step_end per model (no probe at step 2).
-    assert [(e["chain"], e["epoch"]) for e in events if e["event"] == "epoch_end"] == \
-           [(chain, epoch) for _, chain, _ in KEYS for epoch in (1, 2)]
+    # (run_chains trains the chains of a step in flight by default: their epoch events interleave)
+    epoch_ends = [(e["chain"], e["epoch"]) for e in events if e["event"] == "epoch_end"]
+    assert sorted(epoch_ends) == sorted((chain, epoch) for _, chain, _ in KEYS for epoch in (1, 2))
+    assert all([epoch for c, epoch in epoch_ends if c == chain] == [1, 2] for _, chain, _ in KEYS)
     assert [e["chain"] for e in events if e["event"] == "step_end"] == [chain for _, chain, _ in KEYS]
     images = sum(e["train_images"] for e in events if e["event"] == "step_end")
     seconds = sum(e["train_time_s"] for e in events if e["event"] == "step_end")
@@ -638,7 +645,7 @@ def test_finished_config_does_no_work(reference_run, monkeypatch, capsys):
     def forbidden(*args, **kwargs):
         raise AssertionError("a finished config must not train or load data")
 
-    monkeypatch.setattr(chains, "distill_step", forbidden)
+    monkeypatch.setattr(chains, "distill_group", forbidden)
     monkeypatch.setattr(train.cifar, "load_splits", forbidden)
     events = []
     assert run_chains(config, progress=False, callback=events.append) == records
@@ -653,7 +660,9 @@ def test_finished_config_does_no_work(reference_run, monkeypatch, capsys):
 def test_interrupted_run_resumes_to_the_same_records(reference_run, tiny_data_root, run_dir):
     tmp_path = run_dir
     reference_config, reference_records, _ = reference_run
-    config = tiny_config(tmp_path, tiny_data_root)
+    # One model at a time (tests/test_inflight.py resumes the chains in flight); the reference trained them in
+    # flight: the records must be the same.
+    config = tiny_config(tmp_path, tiny_data_root, chains_in_flight="off")
     assert config.config_hash() == reference_config.config_hash()
 
     class Interrupt(Exception):
@@ -748,7 +757,7 @@ def test_results_from_before_the_protocol_fields_are_reused(reference_run, tiny_
     def forbidden(*args, **kwargs):
         raise AssertionError("results written before the new fields must not be trained again")
 
-    monkeypatch.setattr(chains, "distill_step", forbidden)
+    monkeypatch.setattr(chains, "distill_group", forbidden)
     records = run_chains(config, progress=False)
     assert [(r["seed"], r["chain"], r["step"]) for r in records] == KEYS[:3]
     assert records[:2] == old_records[:2]  # found as they were
@@ -758,15 +767,17 @@ def test_results_from_before_the_protocol_fields_are_reused(reference_run, tiny_
     assert results_module.load_records(tmp_path / "results")["best_test_acc"].isna().all()
 
 
-def test_official_protocol_on_all_training_images(tiny_data_root, run_dir):
+@pytest.mark.parametrize("in_flight, alphas", [("streams", (0.0,)), ("batched", (0.0, 1.0))])
+def test_official_protocol_on_all_training_images(tiny_data_root, run_dir, in_flight, alphas):
     """n_val = 0 (all training images), the teacher's BatchNorm on batch statistics and one fixed data order, on
-    real images; the alpha-hat chain, which would need validation images, is refused before any work."""
+    real images; the alpha-hat chain, which would need validation images, is refused before any work. Also with
+    the chains of step 2 trained in flight as one batched network (evaluated on the empty validation split)."""
     tmp_path = run_dir
     with pytest.raises(ValueError, match=r"TrainConfig\.n_val"):
         tiny_config(tmp_path, tiny_data_root, n_val=0)
     assert not any(tmp_path.iterdir())
-    config = tiny_config(tmp_path, tiny_data_root, n_val=0, include_alpha_hat=False, alphas=(0.0,),
-                         teacher_bn="train", data_order="fixed")
+    config = tiny_config(tmp_path, tiny_data_root, n_val=0, include_alpha_hat=False, alphas=alphas,
+                         teacher_bn="train", data_order="fixed", chains_in_flight=in_flight)
     teacher_file = tmp_path / "checkpoints" / config.config_hash() / "seed0" / "shared" / "step1.pt"
     teacher_bytes = []
 
@@ -775,7 +786,7 @@ def test_official_protocol_on_all_training_images(tiny_data_root, run_dir):
             teacher_bytes.append(teacher_file.read_bytes())
 
     records = run_chains(config, progress=False, callback=snapshot)
-    assert [(r["chain"], r["step"]) for r in records] == [("shared", 1), ("alpha=0", 2)]
+    assert [(r["chain"], r["step"]) for r in records] == [("shared", 1)] + [(f"alpha={a:g}", 2) for a in alphas]
     for record in records:
         assert set(record) == RECORD_FIELDS
         assert record["data"]["sizes"] == {"train": 64, "val": 0, "test": 64}
