@@ -43,11 +43,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import sys
 import time
 import types
-from pathlib import Path
 
 import numpy as np
 import torch
