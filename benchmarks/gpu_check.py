@@ -40,6 +40,7 @@ from sdlib.chains import provenance  # noqa: E402
 from sdlib.config import CAPTURE_MODES, TrainConfig, resolve_device  # noqa: E402
 from sdlib.records import write_atomically  # noqa: E402
 from sdlib.step import GroupStep, Member, _step_runner, build_model  # noqa: E402
+from train_throughput import _positive_int  # noqa: E402  (one argument check for the benchmarks)
 
 MODES = ("reference", "paper", "fast", "streams", "batched", "batched-matmul")
 ALPHA = 0.5
@@ -180,13 +181,6 @@ def summarize(paths: list[Path], profile_path: Path | None) -> dict:
         "aims": {k: {"value": v, "aim": AIMS[k], "met": v >= AIMS[k]} for k, v in aims.items()},
         "profile": json.loads(profile_path.read_text()) if profile_path else None,
     }
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
 
 
 def parse_args(argv=None):

@@ -50,6 +50,7 @@ from sdlib.chains import provenance  # noqa: E402
 from sdlib.config import TrainConfig  # noqa: E402
 from sdlib.records import write_atomically  # noqa: E402
 from sdlib.step import GroupStep, Member, _Lockstep, build_model  # noqa: E402
+from train_throughput import _positive_int  # noqa: E402  (one argument check for the benchmarks)
 
 MODES = ("reference", "paper-before", "paper", "fast", "streams-step2", "streams-step3", "batched-step2",
          "batched-step3", "batched-matmul-step3")
@@ -210,13 +211,6 @@ def count(mode: str, batch_size: int) -> dict:
     kind, step = mode.rsplit("-", 1)
     return count_group("paper", IN_FLIGHT_ALPHAS, distinct_teachers=step == "step3", in_flight=kind,
                        batch_size=batch_size)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
 
 
 def parse_args(argv=None):
