@@ -14,7 +14,7 @@ from sklearn.datasets import load_digits
 from sklearn.kernel_ridge import KernelRidge
 from sklearn.model_selection import train_test_split
 
-from sdlib.krr import kernel_matrix, one_hot, refit_chain, symmetric_label_noise
+from sdlib.krr import one_hot, refit_chain, symmetric_label_noise
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "06_kernel_classification.ipynb"
