@@ -43,6 +43,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from sdlib.models import build_model
+
 __all__ = ["BatchedResNet50", "stack_models", "unstack", "model_slice", "batched_distillation_loss",
            "batched_l2_penalty", "BatchedStudents", "evaluate_batched"]
 
@@ -509,7 +511,6 @@ class BatchedStudents:
 
     def final_models(self, batches: int) -> list[nn.Module]:
         """The n trained models as separate resnet50s (eval mode, on the training device)."""
-        from sdlib.step import build_model  # noqa: PLC0415
         self.counters.restore(batches)
         models = []
         for i in range(self.n):

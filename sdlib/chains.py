@@ -14,6 +14,7 @@ Layout of a run (see :func:`run_chains`)::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import os
 import platform
@@ -30,12 +31,14 @@ from tqdm.auto import tqdm
 
 from sdlib import data as cifar
 from sdlib.alpha import least_squares_alpha
-from sdlib.config import NUM_CLASSES, TrainConfig, effective_config, resolve_device
+from sdlib.config import LABEL_NOISE, NUM_CLASSES, TrainConfig, derive_seed, device_precision, effective_config, \
+    resolve_device
+from sdlib.models import build_model
 from sdlib.records import ALPHA_HAT_CHAIN, PROBE_CHAIN, SHARED_CHAIN, chain_name, remove_stale_temporaries
 from sdlib.store import ResultsStore, check_writable_dir
-from sdlib.step import Member, atomic_torch_save, build_model, cpu_state, distill_group, load_checkpoint
+from sdlib.step import Member, atomic_torch_save, cpu_state, distill_group, load_checkpoint
 
-__all__ = ["run_chains", "pending_tasks", "provenance", "DataMismatchError"]
+__all__ = ["run_chains", "pending_tasks", "provenance", "DataMismatchError", "noisy_splits"]
 
 
 # --------------------------------------------------------------------------------------- records and provenance
@@ -82,6 +85,7 @@ def provenance(device: torch.device) -> dict:
         "torchvision": torchvision.__version__,
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "numpy": np.__version__,
         "platform": platform.platform(),
@@ -95,6 +99,25 @@ def _utc_now() -> str:
 # --------------------------------------------------------------------------------------------------- chains
 
 
+def noisy_splits(data, rate: float, seed: int):
+    """The splits a seed trains on: ``data`` with ``rate`` of its training and of its validation labels replaced
+    by another class (:func:`sdlib.data.symmetric_label_noise`: exactly ``round(rate * n)`` of each split, drawn
+    from streams keyed by the seed, so the same labels for every step and chain of a seed). Test labels stay
+    clean. ``meta["label_noise"]`` records the rate and how many labels of each split were changed."""
+    labels = {}
+    for k, part in enumerate(("train", "val")):
+        clean = getattr(data, f"y_{part}")
+        if rate == 0.0 or len(clean) == 0:
+            labels[part] = clean
+            continue
+        noisy = cifar.symmetric_label_noise(clean.cpu().numpy(), rate, NUM_CLASSES,
+                                            seed=derive_seed(seed, k, 0, LABEL_NOISE))
+        labels[part] = torch.from_numpy(noisy).to(clean.device)
+    counts = {f"{part}_changed": int((labels[part] != getattr(data, f"y_{part}")).sum()) for part in labels}
+    meta = {**data.meta, "label_noise": {"rate": rate, "seed": seed, **counts}}
+    return dataclasses.replace(data, y_train=labels["train"], y_val=labels["val"], meta=meta)
+
+
 class _ChainRunner:
     """The bookkeeping of :func:`run_chains`: which model of (seed, chain, step) exists where, and training
     the missing ones with the right teacher."""
@@ -106,7 +129,8 @@ class _ChainRunner:
         self.results_dir = Path(config.results_dir)
         self.ckpt_root = Path(config.checkpoint_dir) / self.hash
         self.records = store.records(self.hash)
-        self.data = None
+        self.clean_data = None  # the splits as loaded; self.data: with the current seed's label noise
+        self.data, self.data_seed = None, None
         self.provenance = None
         self.models: dict[tuple, torch.nn.Module] = {}  # final models of the latest step, as teachers
         self.summaries: dict[tuple, dict] = {}  # metrics + val_probs of every model met so far
@@ -117,15 +141,18 @@ class _ChainRunner:
     def state_path(self, seed, chain, step) -> Path:
         return self.ckpt_root / f"seed{seed}" / chain / f"step{step}.state.pt"
 
-    def ensure_data(self):
-        if self.data is None:
+    def ensure_data(self, seed: int):
+        """Load the splits once; ``self.data``: those of ``seed`` (its label noise, if any)."""
+        if self.clean_data is None:
             c = self.config
             data = cifar.load_splits(c.data_root, n_val=c.n_val, split_seed=c.split_seed, subset=c.subset,
                                      device=self.device, download=False,
                                      progress=None if self.progress else False)
             _check_fingerprint(c, data.meta["fingerprint"])
-            self.data = data
+            self.clean_data = data
             self.provenance = provenance(self.device)
+        if self.data_seed != seed:
+            self.data, self.data_seed = noisy_splits(self.clean_data, self.config.label_noise, seed), seed
 
     def teacher_key(self, seed, chain, step):
         """The model a step of ``chain`` distills from: the previous step of its chain (the shared model at 2)."""
@@ -151,9 +178,9 @@ class _ChainRunner:
 
     def load_final(self, key):
         checkpoint = load_checkpoint(self.final_path(*key))
-        memory_format = torch.channels_last if (self.config.channels_last and self.device.type == "cuda") \
+        memory_format = torch.channels_last if device_precision(self.config, self.device)[1] \
             else torch.contiguous_format
-        model = build_model().to(self.device, memory_format=memory_format)
+        model = build_model(model=self.config.model).to(self.device, memory_format=memory_format)
         model.load_state_dict(checkpoint["model"])
         self.models[key] = model.eval()
         self.summaries[key] = checkpoint["summary"]
@@ -169,7 +196,7 @@ class _ChainRunner:
             return float(chain.split("=", 1)[1]), {}
         probe = self.summary(self.probe_key(seed, step))
         f1 = self.summary((seed, SHARED_CHAIN, 1))["val_probs"]
-        self.ensure_data()
+        self.ensure_data(seed)
         onehot = F.one_hot(self.data.y_val.cpu(), NUM_CLASSES).double().numpy()
         f1, g = f1.cpu().double().numpy(), probe["val_probs"].cpu().double().numpy()
         # Algorithm 1: the least-squares alpha over all reals, then clipped to alpha_hat_bounds (None: not at all).
@@ -214,7 +241,7 @@ class _ChainRunner:
             members.append(Member(chain=key[1], alpha=alpha, teacher=teacher, state_path=self.state_path(*key),
                                   on_epoch=self.epoch_writer(key[1])))
             extras.append(extra)
-        self.ensure_data()
+        self.ensure_data(seed)
         results = distill_group(self.config, self.data, seed=seed, step=step, members=members, device=self.device,
                                 callback=self.callback, progress=self.progress)
         for key, member, result, extra in zip(keys, members, results, extras):
@@ -253,7 +280,7 @@ class _ChainRunner:
     def write_record(self, key):
         seed, chain, step = key
         s = self.summaries[key]
-        self.ensure_data()
+        self.ensure_data(seed)
         record = {
             "seed": seed, "chain": chain, "step": step, "alpha": s["alpha"],
             "alpha_hat": s.get("alpha_hat"), "alpha_hat_unconstrained": s.get("alpha_hat_unconstrained"),

@@ -22,7 +22,7 @@ import numpy as np
 from sdlib.records import ALPHA_HAT_CHAIN, chain_name
 
 __all__ = ["PROFILES", "CHAINS_IN_FLIGHT", "CAPTURE_MODES", "TrainConfig", "effective_config", "resolve_device",
-           "derive_seed", "NUM_CLASSES", "TEACHER_BN_MODES", "DATA_ORDERS"]
+           "derive_seed", "NUM_CLASSES", "TEACHER_BN_MODES", "DATA_ORDERS", "MODELS", "device_precision"]
 
 NUM_CLASSES = 10
 # Bump when a change of the training code changes results: it is part of every config_hash. Not bumped for the
@@ -31,7 +31,7 @@ NUM_CLASSES = 10
 # in float64), and a bump would change every hash and orphan the committed results/cifar10.
 _PIPELINE_VERSION = 1
 # Seed streams: every random stream of a run is derived from (seed, step[, epoch], purpose).
-INIT, ORDER, AUGMENT = 0, 1, 2
+INIT, ORDER, AUGMENT, LABEL_NOISE = 0, 1, 2, 3
 
 
 # ------------------------------------------------------------------------------------------------ configuration
@@ -42,6 +42,9 @@ _PAPER_ALPHAS = tuple(round(0.1 * k, 10) for k in range(11))  # 0.0, 0.1, ..., 1
 # ordered (sdlib.step.epoch_order); the first value of each is the pipeline's behaviour before the field existed.
 TEACHER_BN_MODES = ("eval", "train")
 DATA_ORDERS = ("reshuffle", "fixed")
+# The networks (sdlib.models.build_model): the paper's ResNet-50, and a small network for 32x32 images that trains
+# to convergence on a CPU (the cpu profile).
+MODELS = ("resnet50", "cnn4")
 
 PROFILES: dict[str, dict[str, Any]] = {
     # What the paper describes (Section 5): Adam 1e-4, batch 16, 75 epochs, constant learning rate, float32, a
@@ -67,6 +70,14 @@ PROFILES: dict[str, dict[str, Any]] = {
 # benchmarks/train_throughput.py --ab compares its loss curve with the float32 one from the same start. A variant
 # of "paper", not a protocol of its own (sdlib.protocols.PROTOCOLS lists official, paper and fast).
 PROFILES["paper-bf16"] = dict(PROFILES["paper"], bf16=True, channels_last=True)
+# Deep self-distillation trained to convergence on a 2-core CPU (chapter 7): the small cnn4 network on 10,000
+# training images (2,000 more held out for alpha-hat and model selection; all 10,000 test images), batch 256,
+# Adam 2e-3 with one warm-up epoch and cosine decay to 0, bf16 autocast and channels_last on CPUs with native
+# bf16 (AVX512-BF16 / AMX; elsewhere float32, recorded so), validation every epoch, test at the last. Speed
+# settings measured by benchmarks/cpu_throughput.py; the epochs by the plateau of the validation curve.
+PROFILES["cpu"] = dict(model="cnn4", epochs=10, batch_size=256, lr=2e-3, lr_schedule="cosine", warmup_epochs=1,
+                       bf16=True, channels_last=True, n_val=2000, subset=10000, eval_every=1, test_every=10,
+                       alphas=(0.0, 0.25, 0.5, 0.75, 1.0), seeds=(0, 1, 2), steps=5)
 
 # How the models of one (seed, step) train together (TrainConfig.chains_in_flight) and how the step runs
 # (TrainConfig.capture); neither changes what is computed beyond rounding, so neither enters config_hash.
@@ -76,7 +87,8 @@ CAPTURE_MODES = ("auto", "none", "graph", "reduce-overhead", "max-autotune")
 # Fields added after results were committed, left out of config_hash while they hold the value that reproduces the
 # pipeline before they existed: every config written before keeps its hash (its records and checkpoints are
 # found, nothing is retrained); any other value is hashed, so e.g. teacher_bn="train" is a different config.
-_HASHED_UNLESS = {"teacher_bn": "eval", "data_order": "reshuffle", "alpha_hat_bounds": [0.0, 1.0]}
+_HASHED_UNLESS = {"teacher_bn": "eval", "data_order": "reshuffle", "alpha_hat_bounds": [0.0, 1.0],
+                  "model": "resnet50", "label_noise": 0.0}
 
 # Fields that do not change results: left out of config_hash, so a run may move between machines or folders,
 # or add seeds, chains or steps, and still reuse every finished step.
@@ -84,7 +96,7 @@ _HASHED_UNLESS = {"teacher_bn": "eval", "data_order": "reshuffle", "alpha_hat_bo
 # or that of the copy under data_root).
 _NOT_HASHED = ("profile", "seeds", "steps", "alphas", "include_alpha_hat", "data_root", "results_dir",
                "checkpoint_dir", "device", "eval_batch_size", "download", "checkpoint_every", "data_fingerprint",
-               "eval_every", "chains_in_flight", "capture")
+               "eval_every", "test_every", "chains_in_flight", "capture")
 _FINGERPRINT = re.compile(r"^[0-9a-f]{16}$")
 
 
@@ -100,13 +112,14 @@ def _is_real(value) -> bool:
 class TrainConfig:
     """Everything that defines a run; recorded in full with every result.
 
-    Build with ``TrainConfig.from_profile("paper" | "official" | "fast" | "paper-bf16", **overrides)``, or
+    Build with ``TrainConfig.from_profile("paper" | "official" | "fast" | "paper-bf16" | "cpu", **overrides)``, or
     directly: the defaults are the paper profile's values except ``alpha_hat_bounds`` (default (0, 1), the
     pipeline's clipped estimate; the paper profile has None). Invalid values raise ValueError naming the field
     and what was expected.
 
     ``profile`` names the profile the values came from (a label: ``from_profile`` applies a profile's values).
-    Training: ``epochs`` per step, ``batch_size``, Adam ``lr``, ``l2_coef`` (times the sum over parameter
+    ``model``: the network, one of :data:`MODELS` ("resnet50", the paper's; "cnn4", the small CPU network,
+    :mod:`sdlib.models`). Training: ``epochs`` per step, ``batch_size``, Adam ``lr``, ``l2_coef`` (times the sum over parameter
     tensors of their L2 norm), ``lr_schedule`` "constant" or "cosine" after ``warmup_epochs`` of linear warmup
     (per batch), ``bf16`` autocast and ``channels_last`` (CUDA only), ``teacher_bn``: "eval" (the teacher's
     BatchNorm uses its running statistics) or "train" (the statistics of each batch, as the authors' teacher
@@ -117,11 +130,16 @@ class TrainConfig:
     Algorithm 1's least-squares alpha to, or None (unbounded, as the paper writes it). Data: ``n_val``
     validation images held out of the training set (stratified, ``split_seed``; 0 trains on all of it, and
     then the alpha-hat chain, which needs them, is refused), ``subset`` (None, or an int >= 10 cutting every
-    part for smoke runs), ``data_root``, ``download``. Where: ``results_dir``,
+    part for smoke runs), ``label_noise``: the fraction in [0, 1) of training and validation labels replaced by
+    another class drawn uniformly (exactly ``round(rate * n)`` of each split, :func:`sdlib.data.symmetric_label_noise`,
+    seeded by the run's seed: the same labels for every step and chain of a seed; the test labels stay clean),
+    ``data_root``, ``download``. Where: ``results_dir``,
     ``checkpoint_dir``, ``device`` ("auto": cuda if available, else cpu), ``eval_batch_size``, and
     ``checkpoint_every`` (epochs between resumable checkpoints; 1 = every epoch). Speed (none of these enters
     config_hash): ``eval_every`` (epochs between evaluations; the last epoch is always evaluated and is what
-    the records hold), ``chains_in_flight`` ("streams": the chains of one (seed, step) train together on the
+    the records hold), ``test_every`` (None: as ``eval_every``; else epochs between evaluations of the test
+    set alone, so that the validation curve can be followed every epoch at the cost of 2,000 images, not
+    12,000), ``chains_in_flight`` ("streams": the chains of one (seed, step) train together on the
     same batches, each its own network, on its own CUDA stream on a GPU; "batched": as one batched network,
     :mod:`sdlib.batched`; "batched-matmul": the same with its 1x1 convolutions as batched matrix
     products; "off": one model at a time), ``capture`` ("auto": the step as one CUDA graph on
@@ -137,6 +155,7 @@ class TrainConfig:
     """
 
     profile: str = "paper"
+    model: str = "resnet50"
     epochs: int = 75
     batch_size: int = 16
     lr: float = 1e-4
@@ -155,6 +174,7 @@ class TrainConfig:
     n_val: int = 5000
     split_seed: int = 0
     subset: int | None = None
+    label_noise: float = 0.0
     data_root: str = "data/cifar10"
     results_dir: str = "runs/cifar10"
     checkpoint_dir: str = "checkpoints/cifar10"
@@ -163,13 +183,14 @@ class TrainConfig:
     download: bool = False
     checkpoint_every: int = 1
     eval_every: int = 5
+    test_every: int | None = None
     chains_in_flight: str = "streams"
     capture: str = "auto"
     data_fingerprint: str | None = None
 
     @classmethod
     def from_profile(cls, profile: str = "paper", **overrides) -> "TrainConfig":
-        """The named profile (``"paper"``, ``"official"``, ``"fast"`` or ``"paper-bf16"``) with ``overrides``
+        """The named profile (``"paper"``, ``"official"``, ``"fast"``, ``"paper-bf16"`` or ``"cpu"``) with ``overrides``
         applied (any field names)."""
         if profile not in PROFILES:
             raise ValueError(f"profile must be one of {sorted(PROFILES)}, got {profile!r}")
@@ -201,8 +222,16 @@ class TrainConfig:
 
         if self.profile not in PROFILES:
             fail("profile", f"one of {sorted(PROFILES)}")
+        if self.model not in MODELS:
+            fail("model", f"one of {list(MODELS)}")
+        rate = self.label_noise
+        if not _is_real(rate) or not 0.0 <= rate < 1.0:
+            fail("label_noise", "a number in [0, 1) (the fraction of training and validation labels changed)")
+        self.label_noise = float(rate)
         for name in ("epochs", "batch_size", "steps", "eval_batch_size", "checkpoint_every", "eval_every"):
             positive_int(name)
+        if self.test_every is not None:
+            positive_int("test_every")
         positive_int("n_val", 0)
         positive_int("warmup_epochs", 0)
         positive_int("split_seed", 0)
@@ -264,6 +293,9 @@ class TrainConfig:
             fail("device", "'auto', 'cpu', 'cuda', 'cuda:<index>' or another torch device name")
         if self.chains_in_flight not in CHAINS_IN_FLIGHT:
             fail("chains_in_flight", f"one of {list(CHAINS_IN_FLIGHT)}")
+        if self.chains_in_flight.startswith("batched") and self.model != "resnet50":
+            fail("chains_in_flight", f"'streams' or 'off' for model {self.model!r}: the batched network "
+                                     "(sdlib.batched) is ResNet-50 only")
         if self.capture not in CAPTURE_MODES:
             fail("capture", f"one of {list(CAPTURE_MODES)}")
 
@@ -331,16 +363,31 @@ def resolve_device(name: str) -> "torch.device":
     return device
 
 
-def effective_config(config: TrainConfig, device: "torch.device") -> TrainConfig:
-    """``config`` as it runs on ``device``: bf16 autocast and channels_last are CUDA-only, so elsewhere they are
-    switched off (with a warning), and the results are recorded and hashed with the values actually used."""
+def device_precision(config: TrainConfig, device: "torch.device") -> tuple[bool, bool]:
+    """(bf16 autocast, channels_last) as ``config`` runs them on ``device``. On CUDA: as configured. On the
+    CPU: never for ResNet-50 (its CPU runs, the tests' among them, stay float32 and contiguous, as they always
+    were); for the small networks bf16 only where the CPU computes bf16 natively (AVX512-BF16 / AMX, which is
+    where benchmarks/cpu_throughput.py measured it faster than float32), channels_last as configured."""
     import torch
 
-    if torch.device(device).type != "cuda" and (config.bf16 or config.channels_last):
-        warnings.warn(f"bf16 autocast and channels_last are used on CUDA only; on {torch.device(device).type} "
-                      "this run uses float32 and the default memory format, and records bf16=False, "
-                      "channels_last=False", RuntimeWarning, stacklevel=3)
-        return dataclasses.replace(config, bf16=False, channels_last=False)
+    if torch.device(device).type == "cuda":
+        return config.bf16, config.channels_last
+    if torch.device(device).type != "cpu" or config.model == "resnet50":
+        return False, False
+    return config.bf16 and torch.ops.mkldnn._is_mkldnn_bf16_supported(), config.channels_last
+
+
+def effective_config(config: TrainConfig, device: "torch.device") -> TrainConfig:
+    """``config`` as it runs on ``device`` (:func:`device_precision`): bf16 autocast and channels_last that do
+    not apply there are switched off (with a warning), and the results are recorded and hashed with the values
+    actually used."""
+    bf16, channels_last = device_precision(config, device)
+    if (bf16, channels_last) != (config.bf16, config.channels_last):
+        warnings.warn(f"bf16={config.bf16}, channels_last={config.channels_last} do not apply to model "
+                      f"{config.model!r} on this {device} device (bf16 autocast: CUDA, or the small networks on a "
+                      f"CPU with native bf16); this run uses bf16={bf16}, channels_last={channels_last} and "
+                      "records them", RuntimeWarning, stacklevel=3)
+        return dataclasses.replace(config, bf16=bf16, channels_last=channels_last)
     return config
 
 

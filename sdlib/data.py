@@ -19,6 +19,7 @@ folder names, so it agrees with ``torchvision.datasets.ImageFolder``).
 from __future__ import annotations
 
 import hashlib
+import numbers
 import os
 import pickle
 import warnings
@@ -51,6 +52,7 @@ __all__ = [
     "split_fingerprint",
     "sample_crop_flip",
     "stratified_split",
+    "symmetric_label_noise",
 ]
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -915,3 +917,41 @@ def augment(x_uint8: torch.Tensor, generator: torch.Generator | None = None) -> 
     x = _check_images("x_uint8", x_uint8)
     top, left, flip = sample_crop_flip(x.shape[0], generator=generator, device=x.device)
     return normalize(crop_flip(x, top, left, flip))
+
+
+# ------------------------------------------------------------------------------------------------ label noise
+
+
+def _check_labels(labels, n_classes) -> tuple[np.ndarray, int]:
+    if isinstance(n_classes, bool) or not isinstance(n_classes, numbers.Integral) or n_classes < 2:
+        raise ValueError(f"n_classes must be an integer >= 2, got {n_classes!r}")
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.size == 0:
+        raise ValueError(f"labels must be a non-empty 1-D array of class indices, got shape {labels.shape}")
+    if labels.dtype == bool or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must hold integers, got dtype {labels.dtype}")
+    if labels.min() < 0 or labels.max() >= n_classes:
+        raise ValueError(f"labels must lie in 0..{n_classes - 1} (n_classes={n_classes}), "
+                         f"got values from {labels.min()} to {labels.max()}")
+    return labels.astype(np.int64), int(n_classes)
+
+
+def symmetric_label_noise(labels, rate: float, n_classes: int, seed: int = 0) -> np.ndarray:
+    """(n,) labels with exactly ``round(rate * n)`` of them changed, each to a uniformly drawn *other* class.
+
+    Symmetric label noise at an exact rate: the corrupted positions are a uniform random subset of that size,
+    and a corrupted label is never its own class. ``rate`` in [0, 1); ``seed`` makes it repeatable (numpy's
+    default_rng). The input is not modified.
+    """
+    labels, n_classes = _check_labels(labels, n_classes)
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0.0 <= rate < 1.0:
+        raise ValueError(f"rate must be a number in [0, 1), got {rate!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    rng = np.random.default_rng(seed)
+    n_flip = int(round(rate * labels.size))
+    flip = rng.choice(labels.size, size=n_flip, replace=False)
+    noisy = labels.copy()
+    # A shift of 1..n_classes - 1 (mod n_classes) is a uniform draw among the other classes.
+    noisy[flip] = (labels[flip] + rng.integers(1, n_classes, size=n_flip)) % n_classes
+    return noisy

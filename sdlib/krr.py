@@ -52,6 +52,7 @@ from sklearn.exceptions import NotFittedError
 from sklearn.metrics.pairwise import euclidean_distances
 
 from .alpha import least_squares_alpha
+from .data import _check_labels, symmetric_label_noise  # one generator for the kernel and the deep half
 
 __all__ = [
     "SelfDistillation", "kernel_matrix", "refit_chain", "toy_data", "one_hot", "symmetric_label_noise",
@@ -755,45 +756,10 @@ def refit_chain(X, y, X_new, steps: int, alpha: Alpha, *, lam: float, kernel: Ke
 # ---------------------------------------------------------------------------------------------------------
 # classes: one-hot targets and symmetric label noise
 # ---------------------------------------------------------------------------------------------------------
-def _check_labels(labels, n_classes) -> tuple[np.ndarray, int]:
-    if isinstance(n_classes, bool) or not isinstance(n_classes, numbers.Integral) or n_classes < 2:
-        raise ValueError(f"n_classes must be an integer >= 2, got {n_classes!r}")
-    labels = np.asarray(labels)
-    if labels.ndim != 1 or labels.size == 0:
-        raise ValueError(f"labels must be a non-empty 1-D array of class indices, got shape {labels.shape}")
-    if labels.dtype == bool or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels must hold integers, got dtype {labels.dtype}")
-    if labels.min() < 0 or labels.max() >= n_classes:
-        raise ValueError(f"labels must lie in 0..{n_classes - 1} (n_classes={n_classes}), "
-                         f"got values from {labels.min()} to {labels.max()}")
-    return labels.astype(np.int64), int(n_classes)
-
-
 def one_hot(labels, n_classes: int) -> np.ndarray:
     """(n, n_classes) float64 one-hot targets of integer ``labels`` (n,) in 0..n_classes - 1."""
     labels, n_classes = _check_labels(labels, n_classes)
     return np.eye(n_classes)[labels]
-
-
-def symmetric_label_noise(labels, rate: float, n_classes: int, seed: int = 0) -> np.ndarray:
-    """(n,) labels with exactly ``round(rate * n)`` of them changed, each to a uniformly drawn *other* class.
-
-    Symmetric label noise at an exact rate: the corrupted positions are a uniform random subset of that size,
-    and a corrupted label is never its own class. ``rate`` in [0, 1); ``seed`` makes it repeatable (numpy's
-    default_rng). The input is not modified.
-    """
-    labels, n_classes = _check_labels(labels, n_classes)
-    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0.0 <= rate < 1.0:
-        raise ValueError(f"rate must be a number in [0, 1), got {rate!r}")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-    rng = np.random.default_rng(seed)
-    n_flip = int(round(rate * labels.size))
-    flip = rng.choice(labels.size, size=n_flip, replace=False)
-    noisy = labels.copy()
-    # A shift of 1..n_classes - 1 (mod n_classes) is a uniform draw among the other classes.
-    noisy[flip] = (labels[flip] + rng.integers(1, n_classes, size=n_flip)) % n_classes
-    return noisy
 
 
 def toy_data() -> tuple[np.ndarray, np.ndarray]:

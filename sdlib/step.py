@@ -44,11 +44,12 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from tqdm.auto import tqdm
 
 from sdlib import data as cifar
-from sdlib.config import AUGMENT, DATA_ORDERS, INIT, NUM_CLASSES, ORDER, TEACHER_BN_MODES, TrainConfig, derive_seed
+from sdlib.config import (AUGMENT, DATA_ORDERS, NUM_CLASSES, ORDER, TEACHER_BN_MODES, TrainConfig, derive_seed,
+                          device_precision)
+from sdlib.models import build_model
 from sdlib.records import write_atomically
 
 __all__ = ["build_model", "distillation_loss", "l2_penalty", "l2_norms", "add_l2_grad_", "teacher_probs",
@@ -60,18 +61,6 @@ _NAN_CHECK_EVERY = 200
 
 
 # ------------------------------------------------------------------------------------------ model, loss, penalty
-
-
-def build_model(seed: int | None = None, step: int = 1) -> torch.nn.Module:
-    """torchvision ResNet-50 with 10 outputs and its ImageNet stem (7x7 stride-2 conv + max-pool), as the
-    authors used it on 32x32 images. Initialized on the CPU from a stream seeded by ``(seed, step)`` when
-    ``seed`` is given (same seed and step: bit-identical weights; the global RNG is left untouched), else from
-    the global RNG."""
-    if seed is None:
-        return torchvision.models.resnet50(num_classes=NUM_CLASSES)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(seed, step, INIT))
-        return torchvision.models.resnet50(num_classes=NUM_CLASSES)
 
 
 def distillation_loss(logits: torch.Tensor, labels: torch.Tensor, alpha: float,
@@ -748,14 +737,13 @@ def distill_group(config: TrainConfig, data, *, seed: int, step: int, members: S
         return [results[i] for i in range(len(members))]
     start_epoch = starts[0]
 
-    on_cuda = device.type == "cuda"
-    use_bf16 = config.bf16 and on_cuda
-    memory_format = torch.channels_last if (config.channels_last and on_cuda) else torch.contiguous_format
+    use_bf16, channels_last = device_precision(config, device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     batched = config.chains_in_flight in ("batched", "batched-matmul") and len(members) > 1
 
     models = []
     for state in states:
-        model = build_model(seed, step)
+        model = build_model(seed, step, config.model)
         if state is not None:
             model.load_state_dict(state["model"])
         models.append(model.to(device, memory_format=memory_format))
@@ -805,8 +793,8 @@ def distill_group(config: TrainConfig, data, *, seed: int, step: int, members: S
         lr_used = schedule.value(batches - 1)
         last = epoch == config.epochs
         evals = {}
-        if last or epoch % config.eval_every == 0:
-            for part in ("val", "test"):
+        for part, every in (("val", config.eval_every), ("test", config.test_every or config.eval_every)):
+            if last or epoch % every == 0:
                 evals[part] = students.evaluate(getattr(data, f"x_{part}"), getattr(data, f"y_{part}"),
                                                 config.eval_batch_size, bf16=use_bf16,
                                                 channels_last=memory_format is torch.channels_last,
@@ -817,9 +805,9 @@ def distill_group(config: TrainConfig, data, *, seed: int, step: int, members: S
             train_images[k] += iters_per_epoch * batch_size
             train_time[k] += epoch_train_time
             wall_time[k] += epoch_wall
-            metrics = {f"{part}_{name}": (evals[part][k][name] if evals else None)
+            metrics = {f"{part}_{name}": (evals[part][k][name] if part in evals else None)
                        for part in ("val", "test") for name in ("acc", "loss")}
-            if evals and last:
+            if last:
                 val_probs[k] = evals["val"][k].pop("probs")
             log = {"seed": seed, "chain": member.chain, "step": step, "epoch": epoch,
                    "train_loss": train_loss[k], **metrics, "lr": lr_used, "wall_time_s": epoch_wall,

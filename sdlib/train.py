@@ -17,10 +17,11 @@ import warnings
 from sdlib import data as cifar  # noqa: F401  (tests patch cifar.load_splits through here)
 from sdlib.chains import _tasks as _all_tasks
 from sdlib.chains import pending_tasks, provenance, run_chains
-from sdlib.config import (CAPTURE_MODES, CHAINS_IN_FLIGHT, DATA_ORDERS, PROFILES, TEACHER_BN_MODES, TrainConfig,
-                          effective_config, resolve_device)
+from sdlib.config import (CAPTURE_MODES, CHAINS_IN_FLIGHT, DATA_ORDERS, MODELS, PROFILES, TEACHER_BN_MODES,
+                          TrainConfig, effective_config, resolve_device)
 from sdlib.records import chain_name
-from sdlib.step import (StepResult, build_model, distill_step, distillation_loss, epoch_order, evaluate, l2_penalty,
+from sdlib.models import build_model
+from sdlib.step import (StepResult, distill_step, distillation_loss, epoch_order, evaluate, l2_penalty,
                         teacher_probs)
 
 __all__ = [
@@ -101,7 +102,13 @@ def _parser() -> argparse.ArgumentParser:
                         "eval-mode teacher, 5,000 held out, alpha-hat unbounded); official: the authors' code as "
                         "it ran (teacher BatchNorm in train mode, all 50,000 images, one fixed data order, fixed "
                         "alphas only); fast: batch 256, lr 1e-3, warmup+cosine, bf16 (CUDA); paper-bf16: the paper "
-                        "profile in bf16 autocast and channels_last (CUDA) (default: paper)")
+                        "profile in bf16 autocast and channels_last (CUDA); cpu: the small cnn4 network trained "
+                        "to convergence on a 2-core CPU (10,000 training images, 2,000 held out, batch 256, Adam "
+                        "2e-3, warmup+cosine, 12 epochs, bf16 autocast on CPUs with native bf16, every value "
+                        "measured: benchmarks/cpu_throughput.py) (default: paper)")
+    p.add_argument("--model", choices=MODELS,
+                   help="the network: resnet50 (the paper's) or cnn4 (four 3x3 convolutions for 32x32 images, "
+                        f"sdlib.models) ({_default('model')})")
     p.add_argument("--epochs", type=int, help=f"epochs per step ({_default('epochs')})")
     p.add_argument("--batch-size", type=int, help=f"training batch size ({_default('batch_size')})")
     p.add_argument("--lr", type=float, help=f"Adam learning rate ({_default('lr')})")
@@ -136,6 +143,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--split-seed", type=int, help=f"seed of the validation split and subsets ({_default('split_seed')})")
     p.add_argument("--subset", type=int,
                    help="cut every part to this many images, for smoke runs (default: all images)")
+    p.add_argument("--label-noise", type=float,
+                   help="fraction in [0, 1) of training and validation labels replaced by another class drawn "
+                        "uniformly, the same for every step and chain of a seed; test labels stay clean "
+                        f"({_default('label_noise')})")
     p.add_argument("--data-root",
                    help=f"CIFAR-10: torchvision's cifar-10-batches-py/ or an ImageFolder with train/ and test/ "
                         f"({_default('data_root')})")
@@ -154,6 +165,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int,
                    help="epochs between evaluations of val/test; the last epoch is always evaluated and is what the "
                         f"records hold ({_default('eval_every')})")
+    p.add_argument("--test-every", type=int,
+                   help="epochs between evaluations of the test set (the last epoch always) "
+                        f"({_default('test_every')}; none: as --eval-every)")
     p.add_argument("--chains-in-flight", choices=CHAINS_IN_FLIGHT,
                    help="how the chains of a step train: streams (each its own network, together on the same "
                         "batches, on its own CUDA stream on a GPU), batched (one batched network), batched-matmul "
@@ -166,7 +180,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="the data's fingerprint (sdlib.data.data_fingerprint): the run refuses other data under "
                         "--data-root (default: none, the fingerprint of the data found there)")
     p.add_argument("--no-bf16", action="store_true",
-                   help="float32 instead of bf16 autocast (default: the profile's, used on CUDA only)")
+                   help="float32 instead of bf16 autocast (default: the profile's, used on CUDA, and for the small "
+                        "networks on a CPU with native bf16)")
     p.add_argument("--no-channels-last", action="store_true",
                    help="the default memory format instead of channels_last (default: the profile's, CUDA only)")
     p.add_argument("--no-progress", action="store_true",
