@@ -14,8 +14,8 @@ job() {  # noise seed
     --data-root "$data_root" --results-dir "$results_dir" --checkpoint-dir checkpoints/cifar10_cpu --no-progress \
     >> "runs/cpu_grid/noise$1-seed$2.log" 2>&1
 }
-worker_a() { job 0 0; job 0 2; job 0.4 1; }
-worker_b() { job 0 1; job 0.4 0; job 0.4 2; }
+worker_a() { job 0.4 0; job 0 0; job 0.4 2; }
+worker_b() { job 0 1; job 0 2; job 0.4 1; }
 worker_a & a=$!
 worker_b & b=$!
 wait $a; wait $b

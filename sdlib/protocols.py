@@ -25,9 +25,10 @@ from sdlib.results import resolve_repo_path
 __all__ = ["PROTOCOLS", "AUTHORS_CODE", "CIFAR10_TRAIN_IMAGES", "protocol_table", "teacher_bn_effect",
            "TEACHER_BN_RESULTS"]
 
-# The order of the columns: the authors' code, the paper's description, our quick profile. (PROFILES also holds
-# "paper-bf16", the paper profile in bf16 autocast: a speed variant of "paper", not a protocol of its own.)
-PROTOCOLS = ("official", "paper", "fast")
+# The order of the columns: the authors' code, the paper's description, our quick profile, the small network
+# trained to convergence on a CPU (chapter 7). (PROFILES also holds "paper-bf16", the paper profile in bf16
+# autocast: a speed variant of "paper", not a protocol of its own.)
+PROTOCOLS = ("official", "paper", "fast", "cpu")
 CIFAR10_TRAIN_IMAGES = 50_000
 # The authors' repository at the commit read (their CIFAR-10 code is one file, self_distiller.py).
 AUTHORS_CODE = ("https://github.com/Kennethborup/self_distillation/blob/"
@@ -42,16 +43,19 @@ _DATA_ORDER = {"reshuffle": "reshuffled every epoch", "fixed": "one permutation 
 def _rows(config: TrainConfig) -> dict[str, object]:
     """The settings of one profile, as the table shows them (one entry per row)."""
     bounds = config.alpha_hat_bounds
+    train_images = CIFAR10_TRAIN_IMAGES - config.n_val
     return {
+        "network": {"resnet50": "ResNet-50 (torchvision)", "cnn4": "cnn4 (4 convolutions, sdlib.models)"}[config.model],
         "epochs per step": config.epochs,
         "batch size": config.batch_size,
         "optimizer": f"Adam, lr {config.lr:g}",
         "learning-rate schedule": config.lr_schedule + (f", {config.warmup_epochs} warmup epoch(s)"
                                                         if config.warmup_epochs else ""),
-        "precision": "bf16 autocast (CUDA)" if config.bf16 else "float32",
+        "precision": ("float32" if not config.bf16 else "bf16 autocast (CUDA)" if config.model == "resnet50"
+                      else "bf16 autocast (CUDA, or a CPU with native bf16)"),
         "teacher BatchNorm": _TEACHER_BN[config.teacher_bn],
-        "training images": CIFAR10_TRAIN_IMAGES - config.n_val,
-        "validation images (held out)": config.n_val,
+        "training images": train_images if config.subset is None else min(config.subset, train_images),
+        "validation images (held out)": config.n_val if config.subset is None else min(config.n_val, config.subset),
         "data order": _DATA_ORDER[config.data_order],
         "alpha-hat chain (Algorithm 1)": "yes" if config.include_alpha_hat else "no",
         "alpha-hat bounds": ("none (all reals)" if bounds is None else f"[{bounds[0]:g}, {bounds[1]:g}]")
@@ -60,7 +64,7 @@ def _rows(config: TrainConfig) -> dict[str, object]:
 
 
 def protocol_table(profiles: tuple[str, ...] = PROTOCOLS) -> pd.DataFrame:
-    """One row per setting, one column per profile (``official``, ``paper``, ``fast``), read from
+    """One row per setting, one column per profile (``official``, ``paper``, ``fast``, ``cpu``), read from
     :meth:`TrainConfig.from_profile` (so a field a profile leaves at its default shows that default), and a last
     column ``differs`` saying whether the profiles disagree on the row.
 

@@ -21,7 +21,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_protocol_table_is_read_from_the_profiles():
     table = protocols.protocol_table()
-    assert list(table.columns) == ["official", "paper", "fast", "differs"]
+    assert list(table.columns) == ["official", "paper", "fast", "cpu", "differs"]
+    cpu = TrainConfig.from_profile("cpu")
+    assert table.loc["training images", "cpu"] == cpu.subset == 10_000
+    assert table.loc["validation images (held out)", "cpu"] == cpu.n_val == 2_000
+    assert table.loc["network", "cpu"].startswith("cnn4") and table.loc["network", "paper"].startswith("ResNet-50")
+    assert table.loc["precision", "cpu"] == "bf16 autocast (CUDA, or a CPU with native bf16)"
     for name in ("official", "paper", "fast"):
         config = TrainConfig.from_profile(name)
         column = table[name]
@@ -38,8 +43,10 @@ def test_protocol_table_is_read_from_the_profiles():
     assert table.loc["alpha-hat bounds", "official"] == "(no alpha-hat chain)"
     # the rows where the official and the paper protocols agree are exactly the ones the issue found matching
     agree = table.index[table["official"].astype(str) == table["paper"].astype(str)]
-    assert set(agree) == {"epochs per step", "batch size", "optimizer", "learning-rate schedule", "precision"}
-    assert not table.loc["epochs per step", "differs"] and table.loc["teacher BatchNorm", "differs"]
+    assert set(agree) == {"network", "epochs per step", "batch size", "optimizer", "learning-rate schedule",
+                          "precision"}
+    assert table.loc["epochs per step", "differs"] and table.loc["teacher BatchNorm", "differs"]  # cpu: 10 epochs
+    assert not protocols.protocol_table(("official", "paper")).loc["epochs per step", "differs"]
     assert list(protocols.protocol_table(("fast",)).columns) == ["fast", "differs"]
     with pytest.raises(ValueError, match="profiles must be names from"):
         protocols.protocol_table(("paper", "turbo"))

@@ -1,0 +1,89 @@
+"""Chapter 7 (notebooks/07_cpu_self_distillation.ipynb) through papermill: by default it reads the committed CPU
+grid; with train=True it trains a tiny grid live on real images (clean and noisy), only where it is told to."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nbformat
+import pytest
+
+pm = pytest.importorskip("papermill")
+pytest.importorskip("torch")
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOK = REPO / "notebooks" / "07_cpu_self_distillation.ipynb"
+COMMITTED = REPO / "results" / "cifar10_cpu" / "records.jsonl"
+FIGURES = ("fig-ch7-epochs", "fig-ch7-steps", "fig-ch7-alpha-hat")
+
+
+def execute(tmp_path, name, parameters):
+    out = tmp_path / f"{name}.ipynb"
+    pm.execute_notebook(str(NOTEBOOK), str(out), parameters=parameters, cwd=str(NOTEBOOK.parent),
+                        kernel_name="python3", progress_bar=False)
+    return nbformat.read(out, as_version=4)
+
+
+def text_of(notebook) -> str:
+    parts = []
+    for cell in notebook.cells:
+        for output in cell.get("outputs", []):
+            parts.append(output.get("text", ""))
+            for kind in ("text/plain", "text/markdown", "text/html"):
+                parts.append(str(output.get("data", {}).get(kind, "")))
+    return "\n".join(parts)
+
+
+def figures(notebook) -> dict[str, int]:
+    found = {}
+    for cell in notebook.cells:
+        name = cell.metadata.get("mystnb", {}).get("figure", {}).get("name")
+        if name:
+            found[name] = sum("image/png" in o.get("data", {}) for o in cell.get("outputs", []))
+    return found
+
+
+def test_live_run_trains_clean_and_noisy_grids_where_told(tiny_cifar_root, tmp_path):
+    live = tmp_path / "live"
+    before = COMMITTED.read_bytes() if COMMITTED.is_file() else None
+    nb = execute(tmp_path, "live", {"train": True, "live_dir": str(live), "data_root": str(tiny_cifar_root),
+                                    "live_subset": 60, "live_n_val": 40, "live_epochs": 2, "live_steps": 2,
+                                    "live_batch_size": 20, "live_alphas": [0.0, 1.0]})
+    records = [json.loads(line) for line in (live / "records.jsonl").read_text().splitlines()]
+    by_noise = {}
+    for record in records:
+        by_noise.setdefault(record["config"]["label_noise"], []).append(record)
+    assert sorted(by_noise) == [0.0, 0.4]
+    for rate, rows in by_noise.items():  # shared step 1, alpha 0 and 1 and alpha-hat at step 2
+        assert sorted((r["chain"], r["step"]) for r in rows) == [
+            ("alpha=0", 2), ("alpha=1", 2), ("alpha_hat", 2), ("shared", 1)]
+        assert rows[0]["data"]["label_noise"]["train_changed"] == round(rate * 60)
+        assert all(r["config"]["model"] == "cnn4" and r["config"]["epochs"] == 2 for r in rows)
+    text = text_of(nb)
+    assert "**Live run**" in text and "4 of 4 step records" in text
+    assert "24 training and 16 held-out labels changed" in text  # 40 % of 60 and of 40
+    assert "Step 1 reaches" in text and "one seed" in text
+    assert figures(nb) == {name: 1 for name in FIGURES}
+    assert (COMMITTED.read_bytes() if COMMITTED.is_file() else None) == before  # results/ untouched
+
+
+@pytest.mark.skipif(not COMMITTED.is_file(), reason="no committed CPU grid under results/cifar10_cpu")
+def test_defaults_show_the_committed_grid(tmp_path):
+    # a snapshot of the committed folder, which a grid still running may append to while the page runs
+    snapshot = tmp_path / "cifar10_cpu"
+    shutil.copytree(COMMITTED.parent, snapshot)
+    nb = execute(tmp_path, "defaults", {"results_dir": str(snapshot)})
+    rows = [json.loads(line) for line in (snapshot / "records.jsonl").read_text().splitlines()]
+    text = text_of(nb)
+    assert "**Committed grid**" in text
+    for rate in sorted({r["config"]["label_noise"] for r in rows}):
+        mine = {(r["seed"], r["chain"], r["step"]) for r in rows if r["config"]["label_noise"] == rate}
+        assert f"{len(mine)} of 75 step records" in text  # 3 seeds x (1 + 4 steps x 6 chains)
+    assert figures(nb) == {name: 1 for name in FIGURES}
+
+
+def test_unknown_parameter_is_named(tmp_path):
+    with pytest.raises(pm.PapermillExecutionError, match="live_epoch"):
+        execute(tmp_path, "typo", {"live_epoch": 2})
