@@ -4,12 +4,14 @@ Prints and writes (``--out``, JSON with the CPU model, threads and library versi
 training step, teacher forward included, on real CIFAR-10 images:
 
 - ``ours``: the cpu profile's step (sdlib.step.GroupStep: uint8 images in memory, vectorized augmentation,
-  the lean step) for each network, dtype (float32 / bf16 autocast) and memory format, at the profile's batch;
+  the lean step) for each network, dtype (float32 / bf16 autocast) and memory format, at the profile's batch,
+  and as the grid runs it (scripts/cpu_grid.sh): two one-thread processes side by side, their rates added;
 - ``reference``: (a) the same network at the same batch trained the way the authors' code trains: torchvision
   transforms on PIL images through a DataLoader, float32, eager, the L2 term through autograd, plain Adam;
 - ``limit``: (b) the machine's own limit, the FLOPs of one step (torch.utils.flop_counter) divided by the
   measured FLOP rate of the same convolutions (forward, the profile's dtype and batch) and of a large matrix
   product in that dtype;
+- ``summary``: ours as the grid runs it against (a), and as a fraction of (b);
 - ``models``: the candidate small networks (cnn4, sdlib.models; a CIFAR ResNet-20, He et al. 2016, Sec. 4.2,
   defined here) trained from scratch on the profile's 10,000 images for the same wall time, test accuracy.
 
@@ -245,6 +247,29 @@ def accuracy_in_time(name: str, data, seconds: float, rate: float) -> dict:
             "val_acc": result.epochs[-1]["val_acc"]}
 
 
+def _one_process(data_root: str, steps: int, queue) -> None:
+    torch.set_num_threads(1)
+    profile = TrainConfig.from_profile("cpu")
+    data = cifar.load_splits(data_root, n_val=profile.n_val, subset=profile.subset, device="cpu", progress=False)
+    queue.put(ours("cnn4", data, profile.batch_size, True, True, steps, 3)["images_per_s"])
+
+
+def two_processes(data_root: str, steps: int) -> dict:
+    """What scripts/cpu_grid.sh does: two one-thread training processes side by side, one per core; their
+    images per second added up."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    workers = [context.Process(target=_one_process, args=(data_root, steps, queue)) for _ in range(2)]
+    for w in workers:
+        w.start()
+    rates = [queue.get() for _ in workers]
+    for w in workers:
+        w.join()
+    return {"images_per_s": float(sum(rates)), "per_process": rates}
+
+
 # ------------------------------------------------------------------------------------------------------ main
 
 
@@ -290,6 +315,9 @@ def main(argv=None) -> dict:
         out["ours"][key] = ours("cnn4", data, batch, True, True, args.steps, 3)
         show(f"ours {key}", out["ours"][key])
         torch.set_num_threads(threads)
+        key = "cnn4 bf16 channels_last 2 processes x 1 thread"
+        out["ours"][key] = two_processes(args.data_root, args.steps)
+        show(f"ours {key}", out["ours"][key])
     if "reference" in sections:
         out["reference"] = {}
         for workers in (0, 2):
@@ -312,6 +340,16 @@ def main(argv=None) -> dict:
                 ours(name, data, batch, True, True, args.steps, 3)["images_per_s"]
             out["models"][name] = {"images_per_s": rate, **accuracy_in_time(name, data, args.model_seconds, rate)}
             show(f"models {name} in {args.model_seconds:g} s", out["models"][name])
+    if {"ours", "reference", "limit"} <= sections:
+        grid = out["ours"]["cnn4 bf16 channels_last 2 processes x 1 thread"]["images_per_s"]
+        reference_best = max(row["images_per_s"] for row in out["reference"].values())
+        out["summary"] = {
+            "ours_images_per_s": grid, "reference_images_per_s": reference_best,
+            "ratio_to_reference": grid / reference_best,
+            "fraction_of_conv_limit": grid / out["limit"]["limit_images_per_s_conv"],
+            "fraction_of_matmul_limit": grid / out["limit"]["limit_images_per_s_matmul"],
+        }
+        show("summary (ours = 2 processes x 1 thread)", out["summary"])
     out["versions"] = {"python": platform.python_version(), "torch": torch.__version__,
                        "torchvision": torchvision.__version__}
     if args.out:
