@@ -176,6 +176,31 @@ def reference(name: str, data, batch: int, steps: int, warmup: int, workers: int
     return {"images_per_s": batch / seconds, "step_ms": 1000 * seconds, "num_workers": workers}
 
 
+def step_profile(data, batch: int, steps: int = 10) -> dict:
+    """Where one step of the cpu profile spends its time (torch.profiler, one thread): the share of self CPU
+    time of each op kind, the top ones."""
+    config = TrainConfig.from_profile("cpu")
+    teacher = build_model(1000, 1, "cnn4").eval().to(memory_format=torch.channels_last)
+    model = build_model(0, 2, "cnn4").to(memory_format=torch.channels_last)
+    group = GroupStep(config, [model], [Member(chain="alpha=0.5", alpha=0.5, teacher=teacher)], data.y_train,
+                      torch.device("cpu"), use_bf16=True, memory_format=torch.channels_last, batched=False)
+    group.students.train()
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        group.write_batch(data.x_train, torch.randint(0, len(data.y_train), (batch,), generator=generator),
+                          generator)
+        group.step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            group.write_batch(data.x_train, torch.randint(0, len(data.y_train), (batch,), generator=generator),
+                              generator)
+            group.step()
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+    return {e.key: round(e.self_cpu_time_total / total, 4) for e in top}
+
+
 def step_flops(name: str, batch: int) -> dict:
     """FLOPs of one training step per image: teacher forward, student forward and backward (convolutions and
     matrix products, as torch.utils.flop_counter counts them)."""
@@ -332,6 +357,11 @@ def main(argv=None) -> dict:
         row["limit_images_per_s_matmul"] = row["matmul_flops_per_s"] / row["flops_per_image"]
         out["limit"] = row
         show("limit (b) cnn4", row)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        out["step_profile_1_thread"] = step_profile(data, batch)
+        torch.set_num_threads(threads)
+        show("where a step's time goes (self CPU share)", out["step_profile_1_thread"])
     if "models" in sections:
         out["models"] = {}
         for name in ("cnn4", "resnet20"):
