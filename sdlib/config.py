@@ -74,9 +74,11 @@ PROFILES["paper-bf16"] = dict(PROFILES["paper"], bf16=True, channels_last=True)
 # training images (2,000 more held out for alpha-hat and model selection; all 10,000 test images), batch 256,
 # Adam 2e-3 with one warm-up epoch and cosine decay to 0, bf16 autocast and channels_last on CPUs with native
 # bf16 (AVX512-BF16 / AMX; elsewhere float32, recorded so), validation every epoch, test at the last. Speed
-# settings measured by benchmarks/cpu_throughput.py; the epochs by the plateau of the validation curve.
-PROFILES["cpu"] = dict(model="cnn4", epochs=10, batch_size=256, lr=2e-3, lr_schedule="cosine", warmup_epochs=1,
-                       bf16=True, channels_last=True, n_val=2000, subset=10000, eval_every=1, test_every=10,
+# settings measured by benchmarks/cpu_throughput.py; the epochs by the plateau of the validation curve: at 10
+# epochs 3 of the first 15 models of the grid still gained more than 0.5 points of held-out accuracy in their last
+# epoch (the step-1 network 0.697 -> 0.705); at 15 epochs that network's last three epochs were within 0.25.
+PROFILES["cpu"] = dict(model="cnn4", epochs=15, batch_size=256, lr=2e-3, lr_schedule="cosine", warmup_epochs=1,
+                       bf16=True, channels_last=True, n_val=2000, subset=10000, eval_every=1, test_every=15,
                        alphas=(0.0, 0.25, 0.5, 0.75, 1.0), seeds=(0, 1, 2), steps=5)
 
 # How the models of one (seed, step) train together (TrainConfig.chains_in_flight) and how the step runs
