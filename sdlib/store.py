@@ -17,6 +17,8 @@ Guarantees
   raise :class:`UnreadableLineError` naming the file and the line; ``skip_bad_lines=True`` skips them (with a
   RuntimeWarning naming each). A writer that finds the file not ending in a newline starts a fresh line, so a
   torn line never swallows the next record.
+- **One rewrite, for migrations.** :meth:`ResultsStore.rewrite` (``scripts/migrate_results.py``) reads and
+  rewrites the files under the same lock, so an append of another process waits for it and is never lost.
 - **Lock.** ``results_dir/.sdlib-store.lock``, created for each write and removed after it (a waiting writer
   checks that the file it locked is still the one at that path, else it locks the new one), so no lock file is
   left behind; ``*.lock`` is git-ignored for the one a killed process may leave.
@@ -37,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from sdlib.records import EPOCHS_FILE, PROBE_EPOCHS_FILE, RECORDS_FILE, remove_stale_temporaries
+from sdlib.records import EPOCHS_FILE, PROBE_EPOCHS_FILE, RECORDS_FILE, remove_stale_temporaries, write_atomically
 
 __all__ = [
     "StoreError",
@@ -316,6 +318,22 @@ class ResultsStore:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+    def rewrite(self, transform) -> dict[str, list[dict]]:
+        """Read every results file and write back what ``transform`` makes of them, under the folder's lock.
+
+        ``transform({filename: [(line_number, row), ...]})`` (records, epochs, probe epochs; a missing file: no
+        rows) returns ``{filename: [row, ...]}`` for the files to replace (each written atomically) or raises,
+        and then nothing is written. Appends of other processes wait for the lock, so none is lost between the
+        read and the write. The one exception to append-only, for ``scripts/migrate_results.py``; returns what
+        was written."""
+        self.results_dir.mkdir(parents=True, exist_ok=True)
+        with _locked(self.results_dir):
+            new = transform({name: self.read(name) for name in (RECORDS_FILE, EPOCHS_FILE, PROBE_EPOCHS_FILE)})
+            for name, rows in new.items():
+                write_atomically(self.path(name),
+                                 lambda handle, rows=rows: handle.writelines(json.dumps(row) + "\n" for row in rows))
+        return new
 
     def append_record(self, record: dict) -> None:
         self.append(RECORDS_FILE, [record])

@@ -1,5 +1,7 @@
 """The table of bad inputs tried against the results store, the trainer's checks, the data's download and
 fingerprint, and sweep files, with the error each gives: one row per input, ``input -> exception, message``.
+A row whose exception is None is an input that must not fail but must lose nothing and run nothing it should
+not: its attempt returns what became of the data, in words, and ``message`` matches those words.
 
 Every error names what is wrong and where (the file and line, the folder, the parameter) before any work is
 done; none is a parser's or urllib's traceback. Rows are cheap (no training, no data but a few files), so the
@@ -11,8 +13,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -64,8 +68,56 @@ def run_cli(tmp_path: Path, module: str, *args: str) -> None:
     raise ValueError(done.stderr.strip().splitlines()[-1])
 
 
+def migrate_while_appending(t: Path) -> str:
+    """scripts/migrate_results.py on a folder while another process appends a record through the store: the
+    appender starts after the migration has read the file (while it computes the new hashes)."""
+    import migrate_results
+
+    folder = folder_with(t, "records.jsonl", "".join(json.dumps({**GOOD_RECORD, "seed": s}) + "\n"
+                                                     for s in range(200)))
+    appender = threading.Thread(target=store.ResultsStore(folder).append_record, args=({**GOOD_RECORD, "seed": 999},))
+    original = migrate_results._config
+
+    def config_then_append(*args):
+        if appender.ident is None:
+            appender.start()
+            appender.join(timeout=1.0)  # an append that does not wait for the migration lands now
+        return original(*args)
+
+    migrate_results._config = config_then_append
+    try:
+        migrate_results.migrate(folder, "0123456789abcdef")
+    finally:
+        migrate_results._config = original
+    appender.join()
+    seeds = [row["seed"] for _, row in store.read_jsonl(folder / "records.jsonl")]
+    return f"{len(seeds)} records, the one appended during the migration {'kept' if 999 in seeds else 'lost'}"
+
+
+def migrate_other_data(t: Path) -> None:
+    """Records trained on data of fingerprint fedcba9876543210, migrated with another fingerprint."""
+    import migrate_results
+
+    record = {**GOOD_RECORD, "data": {"fingerprint": "fedcba9876543210"},
+              "config": {**GOOD_RECORD["config"], "data_fingerprint": "fedcba9876543210"}}
+    folder = folder_with(t, "records.jsonl", json.dumps(GOOD_RECORD) + "\n" + json.dumps(record) + "\n")
+    before = (folder / "records.jsonl").read_bytes()
+    try:
+        migrate_results.migrate(folder, "0123456789abcdef")
+    finally:
+        assert (folder / "records.jsonl").read_bytes() == before  # refused as a whole: nothing rewritten
+
+
 # (id: the input tried, a function of tmp_path that tries it, the exception, a regex of its message)
 TABLE = [
+    # --- data lost
+    ("migrate while a record is appended",
+     migrate_while_appending,
+     None, r"^201 records, the one appended during the migration kept$"),
+    ("migrate records trained on other data",
+     migrate_other_data,
+     ValueError, r"r/records\.jsonl, line 2: trained on data of fingerprint fedcba9876543210, not "
+                 r"0123456789abcdef: .*nothing was changed"),
     # --- the results store and its readers
     ("records.jsonl with a torn last line",
      lambda t: results.load_records(folder_with(t, "records.jsonl", json.dumps(GOOD_RECORD) + "\n{\"seed\": 0, \"ch")),
@@ -171,8 +223,12 @@ def scripts_on_path(monkeypatch):
 
 @pytest.mark.parametrize("attempt, error, message", [row[1:] for row in TABLE], ids=[row[0] for row in TABLE])
 def test_bad_input(tmp_path, attempt, error, message):
-    with pytest.raises(error, match=message):
-        attempt(tmp_path)
+    if error is None:  # nothing may fail, nothing may be lost: the attempt says what became of the data
+        outcome = attempt(tmp_path)
+        assert re.search(message, outcome), outcome
+    else:
+        with pytest.raises(error, match=message):
+            attempt(tmp_path)
     assert not (tmp_path / "checkpoints").exists()  # refused before any work
 
 
