@@ -197,12 +197,30 @@ def _list_image_folder(split_dir: Path) -> tuple[list[str], np.ndarray, list[tup
     return paths, np.asarray(labels, dtype=np.int64), records
 
 
+class _DataOnlyUnpickler(pickle.Unpickler):
+    """An unpickler that builds only what the CIFAR-10 python batches hold: dicts, lists, strings, bytes, numbers
+    and numpy arrays. Any other global a pickle names (``os.system``, ``builtins.eval``, a class whose
+    ``__reduce__`` runs code) is refused before it is called, so a batch file cannot run code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR-10 batch never holds (only "
+                                         f"numpy arrays, lists, dicts and strings are unpickled: a pickle can run "
+                                         f"code, so this file is refused unread)")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> Any:
-    # latin1 is how torchvision reads the python-2 pickles of CIFAR-10 (numpy arrays inside need it).
-    # Note that unpickling runs code from the file: only point this at data you trust.
+    # latin1 is how torchvision reads the python-2 pickles of CIFAR-10 (numpy arrays inside need it). A pickle can
+    # run code when loaded: the restricted unpickler admits only the arrays, lists, dicts and strings of the
+    # published files (whose MD5s torchvision checks on download), so a planted batches.meta runs nothing.
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")
+            return _DataOnlyUnpickler(f, encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError,
             ValueError, UnicodeDecodeError) as exc:
         raise ValueError(f"{str(path)!r} is not a readable CIFAR-10 pickle ({type(exc).__name__}: {exc})") from None

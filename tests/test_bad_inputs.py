@@ -108,6 +108,30 @@ def migrate_other_data(t: Path) -> None:
         assert (folder / "records.jsonl").read_bytes() == before  # refused as a whole: nothing rewritten
 
 
+class _RunsACommand:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch '{self.marker}'",)
+
+
+def planted_pickle(t: Path) -> None:
+    """A cifar-10-batches-py/batches.meta whose unpickling runs a shell command (here: touch a file)."""
+    import pickle
+
+    folder = t / "data" / data.PICKLE_DIRNAME
+    folder.mkdir(parents=True)
+    for name in (*data.PICKLE_TRAIN_FILES, *data.PICKLE_TEST_FILES):
+        (folder / name).write_bytes(b"")
+    marker = t / "the-command-ran"
+    (folder / data.PICKLE_META_FILE).write_bytes(pickle.dumps({"label_names": _RunsACommand(marker)}, protocol=2))
+    try:
+        data.load_cifar10(t / "data", "train")
+    finally:
+        assert not marker.exists(), "unpickling batches.meta ran its command"
+
+
 # (id: the input tried, a function of tmp_path that tries it, the exception, a regex of its message)
 TABLE = [
     # --- data lost
@@ -118,6 +142,11 @@ TABLE = [
      migrate_other_data,
      ValueError, r"r/records\.jsonl, line 2: trained on data of fingerprint fedcba9876543210, not "
                  r"0123456789abcdef: .*nothing was changed"),
+    # --- code run from data
+    ("a CIFAR-10 pickle whose unpickling runs a command",
+     planted_pickle,
+     ValueError, r"batches\.meta' is not a readable CIFAR-10 pickle \(UnpicklingError: it names posix\.system, "
+                 r"which a CIFAR-10 batch never holds"),
     # --- the results store and its readers
     ("records.jsonl with a torn last line",
      lambda t: results.load_records(folder_with(t, "records.jsonl", json.dumps(GOOD_RECORD) + "\n{\"seed\": 0, \"ch")),
