@@ -35,7 +35,7 @@ from sdlib.records import ALPHA_HAT_CHAIN, PROBE_CHAIN, SHARED_CHAIN, chain_name
 from sdlib.store import ResultsStore, check_writable_dir
 from sdlib.step import Member, atomic_torch_save, build_model, cpu_state, distill_group, load_checkpoint
 
-__all__ = ["run_chains", "pending_tasks", "provenance", "DataMismatchError"]
+__all__ = ["run_chains", "pending_tasks", "provenance", "DataMismatchError", "job_config", "job_config_hash"]
 
 
 # --------------------------------------------------------------------------------------- records and provenance
@@ -298,25 +298,37 @@ def _check_fingerprint(config: TrainConfig, actual: str | None) -> None:
             f"hash of these data)")
 
 
-def _effective_for_lookup(config: TrainConfig) -> TrainConfig:
-    if config.device != "auto":
-        with warnings.catch_warnings():  # the run itself warns about bf16 / channels_last off the GPU
-            warnings.simplefilter("ignore", RuntimeWarning)
-            config = effective_config(config, torch.device(config.device))
-    return config
+def job_config(config: TrainConfig, device: str | None = None) -> TrainConfig:
+    """``config`` as its job will run it: :func:`sdlib.config.effective_config` on the job's ``device`` (default:
+    ``config.device``, "auto" resolved on this machine; a sweep names the device of its cluster's jobs). The one
+    config whose :meth:`~sdlib.config.TrainConfig.config_hash` the records get, and the one the command line,
+    the dry run, the sweep and notebook 05 print and look up (:func:`job_config_hash`)."""
+    if device is None:
+        device = config.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    with warnings.catch_warnings():  # the run itself warns about bf16 / channels_last off the GPU
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return effective_config(config, torch.device(device))
 
 
-def pending_tasks(config: TrainConfig, skip_bad_lines: bool = False) -> list[tuple[int, str, int]]:
+def job_config_hash(config: TrainConfig, device: str | None = None) -> str:
+    """The config_hash the records of ``config`` get when it runs on ``device`` (see :func:`job_config`)."""
+    return job_config(config, device).config_hash()
+
+
+def pending_tasks(config: TrainConfig, skip_bad_lines: bool = False,
+                  device: str | None = None) -> list[tuple[int, str, int]]:
     """The (seed, chain, step) of ``config`` with no record of its ``config_hash`` in ``results_dir`` yet, in
     training order: what :func:`run_chains` would train (the alpha-hat probes, which have no records, aside).
     Reads ``records.jsonl`` (through :class:`sdlib.store.ResultsStore`) and, for the hash, the data's
     fingerprint: ``config.data_fingerprint`` if set (no data needed), else that of the copy under data_root
-    (its files hashed once per process; no data there: every task is pending). No torch work. With
-    ``device="auto"`` the records sought are those of the config as given (a CUDA run's); with a named device,
-    those of :func:`effective_config` there."""
+    (its files hashed once per process; no data there: every task is pending). No torch work.
+    The hash is that of the config as it will run on ``device`` (:func:`job_config`; default config.device,
+    "auto" resolved on this machine)."""
     if not isinstance(config, TrainConfig):
         raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
-    config = _effective_for_lookup(config)
+    config = job_config(config, device)
     done = ResultsStore(config.results_dir, skip_bad_lines).records(config.config_hash())
     return [task for task in _tasks(config) if task not in done]
 

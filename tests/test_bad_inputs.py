@@ -132,6 +132,28 @@ def planted_pickle(t: Path) -> None:
         assert not marker.exists(), "unpickling batches.meta ran its command"
 
 
+def sweep_dry_run_hash(t: Path) -> str:
+    """python -m sdlib.sweep --executor local --profile fast --dry-run here (no GPU: the jobs run in float32)."""
+    import contextlib
+    import io
+
+    import torch
+
+    from sdlib.config import effective_config, resolve_device
+
+    config = TrainConfig.from_profile("fast", **{k: v for k, v in vars(pinned_config(t)).items()
+                                                 if k in ("data_root", "data_fingerprint", "results_dir",
+                                                          "checkpoint_dir", "seeds", "steps")}, device="auto")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        sweep._print_dry_run(config, {"executor": "local", "folder": str(t / "submitit")})
+    shown = re.search(r"config_hash (\w+)", printed.getvalue()).group(1)
+    with pytest.warns(RuntimeWarning) if not torch.cuda.is_available() else contextlib.nullcontext():
+        recorded = effective_config(config, resolve_device("auto")).config_hash()  # what run_chains records
+    return "the dry run shows the hash the jobs record" if shown == recorded else \
+        f"the dry run shows {shown}, the jobs record {recorded}"
+
+
 # (id: the input tried, a function of tmp_path that tries it, the exception, a regex of its message)
 TABLE = [
     # --- data lost
@@ -147,6 +169,10 @@ TABLE = [
      planted_pickle,
      ValueError, r"batches\.meta' is not a readable CIFAR-10 pickle \(UnpicklingError: it names posix\.system, "
                  r"which a CIFAR-10 batch never holds"),
+    # --- silently wrong
+    ("sweep --dry-run of the fast profile where the jobs run without a GPU",
+     sweep_dry_run_hash,
+     None, r"^the dry run shows the hash the jobs record$"),
     # --- the results store and its readers
     ("records.jsonl with a torn last line",
      lambda t: results.load_records(folder_with(t, "records.jsonl", json.dumps(GOOD_RECORD) + "\n{\"seed\": 0, \"ch")),
