@@ -319,18 +319,41 @@ def job_config_hash(config: TrainConfig, device: str | None = None) -> str:
 
 def pending_tasks(config: TrainConfig, skip_bad_lines: bool = False,
                   device: str | None = None) -> list[tuple[int, str, int]]:
-    """The (seed, chain, step) of ``config`` with no record of its ``config_hash`` in ``results_dir`` yet, in
-    training order: what :func:`run_chains` would train (the alpha-hat probes, which have no records, aside).
-    Reads ``records.jsonl`` (through :class:`sdlib.store.ResultsStore`) and, for the hash, the data's
-    fingerprint: ``config.data_fingerprint`` if set (no data needed), else that of the copy under data_root
-    (its files hashed once per process; no data there: every task is pending). No torch work.
+    """The (seed, chain, step) of ``config`` that :func:`run_chains` would record, in training order (the
+    alpha-hat probes, which have no records, aside): those with no record of its ``config_hash`` in
+    ``results_dir`` yet, and the finished ones it would train again because a pending step needs their final
+    checkpoint and it is gone. Reads ``records.jsonl`` (through :class:`sdlib.store.ResultsStore`) and, for the
+    hash, the data's fingerprint: ``config.data_fingerprint`` if set (no data needed), else that of the copy
+    under data_root (its files hashed once per process; no data there: every task is pending). No torch work.
     The hash is that of the config as it will run on ``device`` (:func:`job_config`; default config.device,
     "auto" resolved on this machine)."""
     if not isinstance(config, TrainConfig):
         raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
     config = job_config(config, device)
-    done = ResultsStore(config.results_dir, skip_bad_lines).records(config.config_hash())
-    return [task for task in _tasks(config) if task not in done]
+    config_hash = config.config_hash()
+    done = ResultsStore(config.results_dir, skip_bad_lines).records(config_hash)
+    tasks = _tasks(config)
+    pending = {task for task in tasks if task not in done}
+    # A finished step whose final checkpoint is gone is trained again when a pending step needs it (as a
+    # teacher, or for the alpha-hat chain's step-1 and step-2 probe outputs): it is pending too.
+    ckpt_root = Path(config.checkpoint_dir) / config_hash
+    stack = list(pending)
+    while stack:
+        seed, chain, step = stack.pop()
+        if step < 2:
+            continue
+        needed = [(seed, SHARED_CHAIN, 1) if step == 2 else (seed, chain, step - 1)]
+        if chain == ALPHA_HAT_CHAIN:
+            needed.append((seed, SHARED_CHAIN, 1))
+            if step == 2 and 0.0 in config.alphas:
+                needed.append((seed, chain_name(0.0), 2))
+        elif chain == chain_name(1.0):
+            needed = []  # alpha = 1: the labels alone, no teacher
+        for key in needed:
+            if key not in pending and not (ckpt_root / f"seed{key[0]}" / key[1] / f"step{key[2]}.pt").is_file():
+                pending.add(key)
+                stack.append(key)
+    return [task for task in tasks if task in pending]
 
 
 def run_chains(config: TrainConfig, progress: bool = True, callback: Callable[[dict], None] | None = None,

@@ -154,6 +154,18 @@ def sweep_dry_run_hash(t: Path) -> str:
         f"the dry run shows {shown}, the jobs record {recorded}"
 
 
+def dry_run_without_checkpoints(t: Path) -> str:
+    """Records of steps 1-2 but no checkpoints (deleted, or another machine's), then --steps 3 --dry-run."""
+    from sdlib.chains import job_config_hash, pending_tasks
+
+    config = pinned_config(t, steps=3, alphas=(0.0, 1.0), include_alpha_hat=True)
+    rows = [{**GOOD_RECORD, "config_hash": job_config_hash(config), "seed": 0, "chain": chain, "step": step}
+            for chain, step in (("shared", 1), ("alpha=0", 2), ("alpha=1", 2), ("alpha_hat", 2))]
+    store.ResultsStore(config.results_dir).append(store.RECORDS_FILE, rows)
+    pending = pending_tasks(config)
+    return f"{len(pending)} of 7 pending: " + ", ".join(f"{c} {s}" for _, c, s in pending)
+
+
 # (id: the input tried, a function of tmp_path that tries it, the exception, a regex of its message)
 TABLE = [
     # --- data lost
@@ -173,6 +185,9 @@ TABLE = [
     ("sweep --dry-run of the fast profile where the jobs run without a GPU",
      sweep_dry_run_hash,
      None, r"^the dry run shows the hash the jobs record$"),
+    ("--dry-run with records but no checkpoints",
+     dry_run_without_checkpoints,
+     None, r"^6 of 7 pending: shared 1, alpha=0 2, alpha_hat 2, alpha=0 3, alpha=1 3, alpha_hat 3$"),
     # --- the results store and its readers
     ("records.jsonl with a torn last line",
      lambda t: results.load_records(folder_with(t, "records.jsonl", json.dumps(GOOD_RECORD) + "\n{\"seed\": 0, \"ch")),
