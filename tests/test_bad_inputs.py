@@ -132,6 +132,21 @@ def planted_pickle(t: Path) -> None:
         assert not marker.exists(), "unpickling batches.meta ran its command"
 
 
+def records_and_newer_epochs_of_two_configs(t: Path) -> str:
+    """A folder with records of config A and epochs of A, then newer epochs of config B (B still training)."""
+    import warnings
+
+    epoch = {"seed": 0, "chain": "shared", "step": 1, "epoch": 1, "val_acc": 0.5, "test_acc": 0.5}
+    folder = folder_with(t, "records.jsonl", json.dumps({**GOOD_RECORD, "config_hash": "A"}) + "\n")
+    (folder / "epochs.jsonl").write_text(json.dumps({**epoch, "config_hash": "A"}) + "\n"
+                                         + json.dumps({**epoch, "config_hash": "B"}) + "\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        tables = set(results.load_records(folder)["config_hash"])
+        curves = set(results.load_epochs(folder)["config_hash"])
+    return f"records of {sorted(tables)}, epochs of {sorted(curves)}"
+
+
 def sweep_dry_run_hash(t: Path) -> str:
     """python -m sdlib.sweep --executor local --profile fast --dry-run here (no GPU: the jobs run in float32)."""
     import contextlib
@@ -182,6 +197,9 @@ TABLE = [
      ValueError, r"batches\.meta' is not a readable CIFAR-10 pickle \(UnpicklingError: it names posix\.system, "
                  r"which a CIFAR-10 batch never holds"),
     # --- silently wrong
+    ("records of one config, newer epochs of another",
+     records_and_newer_epochs_of_two_configs,
+     None, r"^records of \['A'\], epochs of \['A'\]$"),
     ("sweep --dry-run of the fast profile where the jobs run without a GPU",
      sweep_dry_run_hash,
      None, r"^the dry run shows the hash the jobs record$"),
