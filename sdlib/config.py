@@ -197,7 +197,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, (str, os.PathLike)) or str(value) == "":
                 fail(name, "a non-empty path")
-            setattr(self, name, str(value))
+            setattr(self, name, os.path.expanduser(str(value)))  # "~/r": the home folder, never a folder "~"
 
         if self.profile not in PROFILES:
             fail("profile", f"one of {sorted(PROFILES)}")

@@ -132,6 +132,15 @@ def planted_pickle(t: Path) -> None:
         assert not marker.exists(), "unpickling batches.meta ran its command"
 
 
+def paths_with_tilde(t: Path) -> str:
+    """Every path field given as ~/...: each must name a folder in the home folder, never a folder '~'."""
+    config = TrainConfig(data_root="~/d", results_dir="~/r", checkpoint_dir="~/c")
+    home = os.path.expanduser("~")
+    return ", ".join(f"{name} " + ("in the home folder" if getattr(config, name) == os.path.join(home, short)
+                                   else "not expanded")
+                     for name, short in (("data_root", "d"), ("results_dir", "r"), ("checkpoint_dir", "c")))
+
+
 def records_and_newer_epochs_of_two_configs(t: Path) -> str:
     """A folder with records of config A and epochs of A, then newer epochs of config B (B still training)."""
     import warnings
@@ -197,6 +206,9 @@ TABLE = [
      ValueError, r"batches\.meta' is not a readable CIFAR-10 pickle \(UnpicklingError: it names posix\.system, "
                  r"which a CIFAR-10 batch never holds"),
     # --- silently wrong
+    ("paths starting with ~ (results_dir, checkpoint_dir, data_root)",
+     paths_with_tilde,
+     None, r"^data_root in the home folder, results_dir in the home folder, checkpoint_dir in the home folder$"),
     ("records of one config, newer epochs of another",
      records_and_newer_epochs_of_two_configs,
      None, r"^records of \['A'\], epochs of \['A'\]$"),
