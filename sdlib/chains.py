@@ -165,8 +165,8 @@ class _ChainRunner:
             return 1.0, {}
         if chain == PROBE_CHAIN:
             return 0.0, {}
-        if chain != ALPHA_HAT_CHAIN:
-            return float(chain.split("=", 1)[1]), {}
+        if chain != ALPHA_HAT_CHAIN:  # the config's alpha itself: the chain's name rounds it to 6 digits
+            return {chain_name(a): a for a in self.config.alphas}[chain], {}
         probe = self.summary(self.probe_key(seed, step))
         f1 = self.summary((seed, SHARED_CHAIN, 1))["val_probs"]
         self.ensure_data()

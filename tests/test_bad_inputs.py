@@ -141,6 +141,18 @@ def paths_with_tilde(t: Path) -> str:
                      for name, short in (("data_root", "d"), ("results_dir", "r"), ("checkpoint_dir", "c")))
 
 
+def alpha_with_seven_digits(t: Path) -> str:
+    """--alphas 0.1234567: the alpha a step trains with (its chain is named alpha=0.123457)."""
+    import torch
+
+    from sdlib.chains import _ChainRunner
+
+    config = pinned_config(t, alphas=(0.1234567,), steps=2, include_alpha_hat=False)
+    runner = _ChainRunner(config, torch.device("cpu"), False, None, store.ResultsStore(config.results_dir), "abc")
+    alpha, _ = runner.alpha_for((0, config.chains[0], 2))
+    return f"chain {config.chains[0]} trains with alpha {alpha!r}"
+
+
 def records_and_newer_epochs_of_two_configs(t: Path) -> str:
     """A folder with records of config A and epochs of A, then newer epochs of config B (B still training)."""
     import warnings
@@ -209,6 +221,9 @@ TABLE = [
     ("paths starting with ~ (results_dir, checkpoint_dir, data_root)",
      paths_with_tilde,
      None, r"^data_root in the home folder, results_dir in the home folder, checkpoint_dir in the home folder$"),
+    ("--alphas 0.1234567 (more digits than a chain name holds)",
+     alpha_with_seven_digits,
+     None, r"^chain alpha=0\.123457 trains with alpha 0\.1234567$"),
     ("records of one config, newer epochs of another",
      records_and_newer_epochs_of_two_configs,
      None, r"^records of \['A'\], epochs of \['A'\]$"),
