@@ -218,9 +218,9 @@ class _ChainRunner:
         results = distill_group(self.config, self.data, seed=seed, step=step, members=members, device=self.device,
                                 callback=self.callback, progress=self.progress)
         for key, member, result, extra in zip(keys, members, results, extras):
-            self.finish(key, result, member.alpha, extra)
+            self.finish(key, result, member.alpha, extra, in_flight=len(keys))
 
-    def finish(self, key, result, alpha: float, extra: dict):
+    def finish(self, key, result, alpha: float, extra: dict, in_flight: int = 1):
         """A trained model: its final checkpoint (then its resumable state goes), summary, record, event."""
         seed, chain, step = key
         summary = {**result.summary(), "alpha": float(alpha), **extra, "val_probs": result.val_probs}
@@ -235,7 +235,8 @@ class _ChainRunner:
         if self.callback is not None:
             metrics = {k: v for k, v in summary.items() if k != "val_probs"}
             self.callback({"event": "step_end", "seed": seed, "chain": chain, "step": step,
-                           "epoch": self.config.epochs, **metrics, "record": self.records.get(key)})
+                           "epoch": self.config.epochs, **metrics, "in_flight": in_flight,
+                           "record": self.records.get(key)})
 
     def in_flight(self, seed, step) -> list[tuple]:
         """What trains together at (seed, step >= 2): every fixed-alpha chain without a final model yet and, when
@@ -386,7 +387,8 @@ def run_chains(config: TrainConfig, progress: bool = True, callback: Callable[[d
 
     ``callback(event)`` receives a dict at every epoch end (``event="epoch_end"``: seed, chain, step, epoch,
     epochs and the epoch's metrics) and at every step end (``event="step_end"``: seed, chain, step, epoch,
-    the step's metrics incl. train_images and train_time_s, and ``record``, None for a probe); raising from it
+    the step's metrics incl. train_images and train_time_s (the time of the models trained with it: ``in_flight``
+    of them shared it), and ``record``, None for a probe); raising from it
     stops the run, which a later call resumes. The alpha-hat probes have chain ``"alpha_hat_probe"``.
 
     Returns one record per (seed, chain, step) of the config, in training order (step 1 once per seed, chain

@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     images = sum(event["train_images"] for event in trained)
-    seconds = sum(event["train_time_s"] for event in trained)
+    seconds = sum(event["train_time_s"] / event.get("in_flight", 1) for event in trained)  # a group's time once
     print(f"{len(records)} records in {config.results_dir} (config_hash {records[0]['config_hash']}); "
           f"{len(trained)} model(s) trained in {time.perf_counter() - start:.1f} s")
     if trained:
