@@ -29,7 +29,9 @@ Two exact solvers (``SelfDistillation(solver=...)``):
 
 Both are exact for any positive semi-definite Gram matrix, singular ones included: the eigh path computes
 :math:`D^{-1}B^{(t)} = (D+\lambda I)^{-1}((1-\alpha)B^{(t-1)} + \alpha I)`, which never divides by an
-eigenvalue, and the Cholesky path only factors :math:`K + \lambda I` with :math:`\lambda > 0`.
+eigenvalue, and the Cholesky path only factors :math:`K + \lambda I` with :math:`\lambda > 0`. Both apply one
+conditioning rule: :math:`\lambda` at least the Gram matrix's round-off level, n times 10 machine epsilons times
+its largest entry (:data:`LAM_RTOL_PER_POINT`), else :class:`KernelError`.
 
 Targets may have several outputs: ``y`` of shape (n, k), e.g. one-hot classes (:func:`one_hot`), predicted as
 (m, k); :meth:`~SelfDistillation.predict_classes` takes the argmax. Algorithm 1's alpha
@@ -286,6 +288,25 @@ def _check_spectrum(eigenvalues: np.ndarray) -> None:
                           f"(e.g. tanh is not one); clipping the negative eigenvalues would change the model")
 
 
+# The conditioning rule of both solvers: lam must lie above the round-off of the Gram matrix, n points times
+# 10 machine epsilons times its largest entry (on its diagonal). Below it K + lam I is numerically singular where K
+# is (duplicate points, a low-rank kernel): Cholesky fails, and the eigenbasis divides round-off by lam (1e286 for
+# lam = 1e-300). Both raise the same KernelError instead.
+LAM_RTOL_PER_POINT = 10 * np.finfo(np.float64).eps
+
+
+def _lam_floor(K: np.ndarray) -> float:
+    return K.shape[0] * LAM_RTOL_PER_POINT * max(float(np.max(np.diagonal(K))), 0.0)
+
+
+def _check_conditioning(lam: float, floor: float) -> None:
+    if lam < floor:
+        raise KernelError(f"lam = {lam:.3g} is below {floor:.3g}, the round-off level of this Gram matrix (n points x "
+                          f"10 machine epsilons x its largest entry): K + lam I is numerically singular (duplicate "
+                          f"or nearly duplicate points make K singular) and the fit would be round-off amplified "
+                          f"by 1/lam; use lam >= {floor:.3g}")
+
+
 def _factor(regularized: np.ndarray, what: str):
     """Lower Cholesky factor of ``regularized`` (overwritten), or a KernelError instead of LinAlgError."""
     largest = float(np.abs(np.diagonal(regularized)).max())  # the largest entry of a PSD matrix is on its diagonal
@@ -413,8 +434,8 @@ class SelfDistillation(RegressorMixin, BaseEstimator):
                           f"{memory_gb:.1f} GB of memory and of the order of {minutes:.0f} min on a 2-core CPU "
                           f"(both grow as n^2 and n^3); subsample for a quick look", LargeFitWarning, stacklevel=2)
 
-        for name in ("solver_", "_fitted_params", "X_fit_", "n_features_in_", "_Y", "_y_1d", "eigenvalues_",
-                     "eigenvectors_", "projected_targets_", "_cholesky", "_spectrum"):
+        for name in ("solver_", "_fitted_params", "_lam_floor", "X_fit_", "n_features_in_", "_Y", "_y_1d",
+                     "eigenvalues_", "eigenvectors_", "projected_targets_", "_cholesky", "_spectrum"):
             self.__dict__.pop(name, None)  # nothing of an earlier fit survives, not even a failed refit
         K = np.array(X) if self._precomputed() else self._gram(X, X)
         user_kernel = callable(self.kernel) or self._precomputed()
@@ -423,6 +444,8 @@ class SelfDistillation(RegressorMixin, BaseEstimator):
             if solver == "cholesky":  # the spectrum, values only; eigh below has it anyway
                 _check_spectrum(scipy.linalg.eigvalsh(K, driver="evd", check_finite=False))
         Y = y if y.ndim == 2 else y[:, None]
+        lam_floor = _lam_floor(K)
+        _check_conditioning(lam, lam_floor)
         if solver == "eigh":
             K = 0.5 * (K + K.T)  # exact symmetry for eigh
             try:
@@ -448,6 +471,7 @@ class SelfDistillation(RegressorMixin, BaseEstimator):
         self.X_fit_ = np.array(X)
         self.n_features_in_ = X.shape[1]
         self.solver_ = solver
+        self._lam_floor = lam_floor
         self._fitted_params = self._factor_params()
         return self
 
@@ -455,7 +479,8 @@ class SelfDistillation(RegressorMixin, BaseEstimator):
         if not hasattr(self, "solver_"):
             raise NotFittedError("this SelfDistillation is not fitted yet: call fit(X, y) before predict/damping")
         if self.solver_ == "eigh":
-            _check_positive("lam", self.lam)  # may have changed since fit: exact with the new value
+            # lam may have changed since fit: exact with the new value, under the same conditioning rule
+            _check_conditioning(_check_positive("lam", self.lam), self._lam_floor)
         current = self._factor_params()
         for name, fitted in self._fitted_params.items():
             now = current.get(name)

@@ -12,6 +12,7 @@ during a run, changed data) are in tests/test_store.py, where they run the real 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -24,6 +25,7 @@ import pytest
 pytest.importorskip("torch")
 
 from sdlib import data, results, store, sweep  # noqa: E402
+from sdlib.krr import KernelError  # noqa: E402
 from sdlib.step import load_checkpoint  # noqa: E402
 from sdlib.train import TrainConfig, run_chains  # noqa: E402
 
@@ -202,6 +204,17 @@ def dry_run_without_checkpoints(t: Path) -> str:
     return f"{len(pending)} of 7 pending: " + ", ".join(f"{c} {s}" for _, c, s in pending)
 
 
+def duplicate_points(solver: str, lam: float, step=1):
+    """Kernel ridge regression on 11 points, two of them the same, with a tiny lam."""
+    import numpy as np
+
+    from sdlib.krr import SelfDistillation
+
+    X = np.r_[np.linspace(0, 1, 10), 0.5]
+    y = np.sin(2 * np.pi * X)
+    return SelfDistillation(gamma=80.0, lam=lam, solver=solver).fit(X, y).predict(X, step=step, alpha=0.5)
+
+
 # (id: the input tried, a function of tmp_path that tries it, the exception, a regex of its message)
 TABLE = [
     # --- data lost
@@ -233,6 +246,15 @@ TABLE = [
     ("--dry-run with records but no checkpoints",
      dry_run_without_checkpoints,
      None, r"^6 of 7 pending: shared 1, alpha=0 2, alpha_hat 2, alpha=0 3, alpha=1 3, alpha_hat 3$"),
+    ("KRR eigh: duplicate points with lam 1e-20",
+     lambda t: duplicate_points("eigh", 1e-20),
+     KernelError, r"lam = 1e-20 is below .*the round-off level of this Gram matrix .*use lam >= "),
+    ("KRR eigh: duplicate points with lam 1e-300, the limit step = inf",
+     lambda t: duplicate_points("eigh", 1e-300, step=math.inf),
+     KernelError, r"lam = 1e-300 is below "),
+    ("KRR cholesky: duplicate points with lam 1e-20 (the same rule as eigh)",
+     lambda t: duplicate_points("cholesky", 1e-20),
+     KernelError, r"lam = 1e-20 is below .*the round-off level of this Gram matrix"),
     # --- the results store and its readers
     ("records.jsonl with a torn last line",
      lambda t: results.load_records(folder_with(t, "records.jsonl", json.dumps(GOOD_RECORD) + "\n{\"seed\": 0, \"ch")),
