@@ -52,6 +52,7 @@ from scipy.spatial.distance import cdist
 from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.exceptions import NotFittedError
 from sklearn.metrics.pairwise import euclidean_distances
+from sklearn.utils.validation import _check_feature_names  # what validate_data does with a DataFrame's names
 
 from .alpha import least_squares_alpha
 
@@ -95,15 +96,27 @@ class LargeFitWarning(UserWarning):
 # ---------------------------------------------------------------------------------------------------------
 # validation helpers
 # ---------------------------------------------------------------------------------------------------------
+def _as_float(name: str, values) -> np.ndarray:
+    """``values`` as float64, or an error naming ``name`` (strings, pd.NA, None, complex numbers)."""
+    try:
+        values = np.asarray(values)
+    except (TypeError, ValueError) as error:  # ragged nested lists, pd.NA in a comparison
+        raise ValueError(f"{name} must be an array of real numbers: {error}") from None
+    if values.dtype.kind == "c":
+        raise ValueError(f"{name} must be real: Complex data not supported")
+    try:
+        return values.astype(np.float64, copy=False)
+    except (TypeError, ValueError) as error:  # "abc" (ValueError), pd.NA or None (TypeError): the same type, named
+        raise type(error)(f"{name} must hold real numbers only ({error}); drop or impute the missing values and "
+                          f"encode text columns as numbers first") from None
+
+
 def _as_features(name: str, X, n_features: int | None = None) -> np.ndarray:
     """(n,) or (n, d) finite real array -> (n, d) float64."""
     if scipy.sparse.issparse(X):
         raise TypeError(f"{name} must be a dense array: sparse input is not supported (the Gram matrix is dense "
                         f"anyway); pass {name}.toarray()")
-    X = np.asarray(X)
-    if X.dtype.kind == "c":
-        raise ValueError(f"{name} must be real: Complex data not supported")
-    X = X.astype(np.float64, copy=False)
+    X = _as_float(name, X)
     one_dimensional = X.ndim == 1
     if one_dimensional:
         X = X[:, None]
@@ -128,10 +141,7 @@ def _as_targets(name: str, y, n: int) -> np.ndarray:
         raise ValueError(f"{name} is None: SelfDistillation requires y to be passed, but the target y is None")
     if scipy.sparse.issparse(y):
         raise TypeError(f"{name} must be a dense array: sparse targets are not supported")
-    y = np.asarray(y)
-    if y.dtype.kind == "c":
-        raise ValueError(f"{name} must be real: Complex data not supported")
-    y = y.astype(np.float64, copy=False)
+    y = _as_float(name, y)
     if y.ndim not in (1, 2) or y.shape[0] != n or (y.ndim == 2 and y.shape[1] == 0):
         raise ValueError(f"{name} must have shape ({n},) or ({n}, k) with k >= 1 to match X, got shape {y.shape}")
     if not np.all(np.isfinite(y)):
@@ -396,7 +406,9 @@ class SelfDistillation(RegressorMixin, BaseEstimator):
         return kernel_matrix(A, B, self.kernel, gamma=self.gamma, degree=self.degree, coef0=self.coef0)
 
     def _query(self, name: str, X) -> np.ndarray:
-        """Validated query points X (m, d), or (precomputed) kernel values (m, n) against the training points."""
+        """Validated query points X (m, d), or (precomputed) kernel values (m, n) against the training points.
+        A DataFrame's columns must be those of fit, in the same order (as scikit-learn checks them)."""
+        _check_feature_names(self, X, reset=False)
         X = _as_features(name, X, n_features=None if self._precomputed() else self.n_features_in_)
         if self._precomputed() and X.shape[1] != self.n_features_in_:
             raise ValueError(f"{name} must hold kernel values against the {self.n_features_in_} training points "
@@ -419,6 +431,7 @@ class SelfDistillation(RegressorMixin, BaseEstimator):
         step = _check_step(self.step)
         _check_alpha(self.alpha, step)
         solver = _check_solver(self.solver)
+        _check_feature_names(self, X, reset=True)  # feature_names_in_ of a DataFrame, as scikit-learn sets it
         X = _as_features("X", X)
         if self._precomputed() and X.shape[0] != X.shape[1]:
             raise ValueError(f"X must be the square (n, n) Gram matrix of the training points for "

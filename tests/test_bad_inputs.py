@@ -215,6 +215,17 @@ def duplicate_points(solver: str, lam: float, step=1):
     return SelfDistillation(gamma=80.0, lam=lam, solver=solver).fit(X, y).predict(X, step=step, alpha=0.5)
 
 
+def reordered_columns(t: Path):
+    import numpy as np
+    import pandas as pd
+
+    from sdlib.krr import SelfDistillation
+
+    frame = pd.DataFrame({"a": np.linspace(0, 1, 8), "b": np.linspace(1, 3, 8) ** 2})
+    model = SelfDistillation(gamma=1.0, lam=0.1).fit(frame, np.arange(8.0))
+    return model.predict(frame[["b", "a"]])
+
+
 # (id: the input tried, a function of tmp_path that tries it, the exception, a regex of its message)
 TABLE = [
     # --- data lost
@@ -255,6 +266,17 @@ TABLE = [
     ("KRR cholesky: duplicate points with lam 1e-20 (the same rule as eigh)",
      lambda t: duplicate_points("cholesky", 1e-20),
      KernelError, r"lam = 1e-20 is below .*the round-off level of this Gram matrix"),
+    ("KRR: a DataFrame's columns in another order at predict than at fit",
+     reordered_columns,
+     ValueError, r"The feature names should match those that were passed during fit"),
+    # --- errors a user can act on
+    ("KRR: X of strings",
+     lambda t: __import__("sdlib.krr", fromlist=["SelfDistillation"]).SelfDistillation().fit([["a"], ["b"]], [0, 1]),
+     ValueError, r"^X must hold real numbers only \(could not convert string to float: .*'a'"),
+    ("KRR: X holding pd.NA",
+     lambda t: __import__("sdlib.krr", fromlist=["SelfDistillation"]).SelfDistillation().fit(
+         __import__("pandas").DataFrame({"x": [0.0, __import__("pandas").NA, 1.0]}, dtype=object), [0, 1, 2]),
+     TypeError, r"^X must hold real numbers only \(.*NAType"),
     # --- the results store and its readers
     ("records.jsonl with a torn last line",
      lambda t: results.load_records(folder_with(t, "records.jsonl", json.dumps(GOOD_RECORD) + "\n{\"seed\": 0, \"ch")),
