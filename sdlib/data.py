@@ -150,6 +150,26 @@ def detect_layout(root: str | os.PathLike, split: str = "train") -> str | None:
     return None
 
 
+def _refuse_linked_loops(dirpath: str, dirnames: list[str], split_dir: Path) -> None:
+    """A folder symlink inside a class folder is followed (images may live on another disk), unless it points
+    back into the split's folder (another class's images, labelled with this class) or at a folder that contains
+    it (a loop: ``ln -s .. train/cat/loop`` would list every image 40 times, all labelled cat): refused by name."""
+    here = os.path.realpath(dirpath)
+    split = os.path.realpath(split_dir)
+    for name in dirnames:
+        link = os.path.join(dirpath, name)
+        if name.startswith(".") or not os.path.islink(link):
+            continue
+        target = os.path.realpath(link)
+        inside = lambda folder, parent: folder == parent or folder.startswith(parent.rstrip(os.sep) + os.sep)
+        if inside(here, target) or inside(target, split):
+            raise ValueError(f"{link!r} is a symbolic link to {target!r}, "
+                             + ("a folder that contains it: it would list the same images again and again"
+                                if inside(here, target) else f"inside {str(split_dir)!r}: its images would be "
+                                "listed twice, under two classes")
+                             + f". Remove the link (rm {link!r})")
+
+
 def _list_image_folder(split_dir: Path) -> tuple[list[str], np.ndarray, list[tuple]]:
     """Files of ``split_dir/<class>/`` in ImageFolder order, their labels, and (relpath, size, mtime_ns,
     ctime_ns, inode) records (the key under which a content fingerprint is remembered, see :func:`_content_hash`).
@@ -178,9 +198,10 @@ def _list_image_folder(split_dir: Path) -> tuple[list[str], np.ndarray, list[tup
     for label, name in enumerate(CIFAR10_CLASSES):
         class_dir = split_dir / name
         n_before = len(paths)
-        for dirpath, _, filenames in sorted(os.walk(class_dir, followlinks=True)):
+        for dirpath, dirnames, filenames in sorted(os.walk(class_dir, followlinks=True)):
             if any(part.startswith(".") for part in Path(dirpath).relative_to(class_dir).parts):
                 continue
+            _refuse_linked_loops(dirpath, dirnames, split_dir)
             for fname in sorted(filenames):
                 if fname.startswith(".") or not fname.lower().endswith(IMAGE_EXTENSIONS):
                     continue

@@ -204,6 +204,18 @@ def dry_run_without_checkpoints(t: Path) -> str:
     return f"{len(pending)} of 7 pending: " + ", ".join(f"{c} {s}" for _, c, s in pending)
 
 
+def image_folder_with_a_link(t: Path, target: str) -> None:
+    """An ImageFolder copy with one image per class and a folder link train/cat/loop -> target."""
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for name in data.CIFAR10_CLASSES:
+            (t / "d" / split / name).mkdir(parents=True)
+            Image.new("RGB", (32, 32)).save(t / "d" / split / name / "0.png")
+    os.symlink(target, t / "d" / "train" / "cat" / "loop")
+    data.load_cifar10(t / "d", "train", cache=False)
+
+
 def duplicate_points(solver: str, lam: float, step=1):
     """Kernel ridge regression on 11 points, two of them the same, with a tiny lam."""
     import numpy as np
@@ -257,6 +269,13 @@ TABLE = [
     ("--dry-run with records but no checkpoints",
      dry_run_without_checkpoints,
      None, r"^6 of 7 pending: shared 1, alpha=0 2, alpha_hat 2, alpha=0 3, alpha=1 3, alpha_hat 3$"),
+    ("a folder link in a class folder to the folder above (ln -s .. train/cat/loop)",
+     lambda t: image_folder_with_a_link(t, ".."),
+     ValueError, r"train/cat/loop' is a symbolic link to '.*/d/train', a folder that contains it.*Remove the link"),
+    ("a folder link in a class folder to another class (ln -s ../../dog train/cat/loop)",
+     lambda t: image_folder_with_a_link(t, "../dog"),
+     ValueError, r"train/cat/loop' is a symbolic link to '.*/d/train/dog', inside '.*/d/train': its images would "
+                 r"be listed twice, under two classes"),
     ("KRR eigh: duplicate points with lam 1e-20",
      lambda t: duplicate_points("eigh", 1e-20),
      KernelError, r"lam = 1e-20 is below .*the round-off level of this Gram matrix .*use lam >= "),
