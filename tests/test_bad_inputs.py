@@ -238,6 +238,18 @@ def reordered_columns(t: Path):
     return model.predict(frame[["b", "a"]])
 
 
+def notebook_parameters(notebook: str, **values) -> None:
+    """The notebook's parameters cell, papermill's values over it, then its checking cell (no kernel needed)."""
+    import nbformat
+
+    nb = nbformat.read(REPO / "notebooks" / f"{notebook}.ipynb", as_version=4)
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    namespace: dict = {}
+    exec(code[0].source, namespace)
+    namespace.update(values)
+    exec(code[1].source, namespace)
+
+
 # (id: the input tried, a function of tmp_path that tries it, the exception, a regex of its message)
 TABLE = [
     # --- data lost
@@ -288,6 +300,28 @@ TABLE = [
     ("KRR: a DataFrame's columns in another order at predict than at fit",
      reordered_columns,
      ValueError, r"The feature names should match those that were passed during fit"),
+    ("notebook 05: -r train False (the string 'False')",
+     lambda t: notebook_parameters("05_cifar10_self_distillation", train="False"),
+     ValueError, r"parameter 'train' must be True or False, got 'False' \(a string: papermill's -r passes text"),
+    ("notebook 01: table_alphas [0.5, 0.5000001] (one column as shown)",
+     lambda t: notebook_parameters("01_toy_example", table_alphas=[0.5, 0.5000001]),
+     ValueError, r"parameter 'table_alphas' must be a list of numbers >= 0 and <= 1 that differ as shown \(to the "
+                 r"digits shown: 0\.5, 0\.5\)"),
+    ("notebook 01: alphas [null]",
+     lambda t: notebook_parameters("01_toy_example", alphas=[None]),
+     ValueError, r"parameter 'alphas' must be a list of numbers >= 0 and <= 1 that differ as shown, got \[None\]"),
+    ("notebook 02: panel_lams []",
+     lambda t: notebook_parameters("02_eigenvalue_damping", panel_lams=[]),
+     ValueError, r"parameter 'panel_lams' must be a list of numbers > 0 that differ as shown, got \[\]"),
+    ("notebook 04: seed -1",
+     lambda t: notebook_parameters("04_optimal_alpha", seed=-1),
+     ValueError, r"parameter 'seed' must be an integer >= 0 and <= 4\.29497e\+09, got -1"),
+    ("notebook 05: seeds 0 (not a list)",
+     lambda t: notebook_parameters("05_cifar10_self_distillation", seeds=0),
+     ValueError, r"parameter 'seeds' must be a list of integers >= 0 without repeats, got 0"),
+    ("notebook 01: results_path a folder",
+     lambda t: notebook_parameters("01_toy_example", results_path=str(t)),
+     ValueError, r"parameter 'results_path' must be None or the path of a file to write, not of a folder"),
     # --- errors a user can act on
     ("KRR: X of strings",
      lambda t: __import__("sdlib.krr", fromlist=["SelfDistillation"]).SelfDistillation().fit([["a"], ["b"]], [0, 1]),
