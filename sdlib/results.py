@@ -237,7 +237,7 @@ def _read_jsonl(results_dir: str | os.PathLike, filename: str, what: str, skip_b
     if not directory.is_dir():
         raise ValueError(f"results_dir must be a directory holding {filename}, got the file {str(directory)!r}")
     path = directory / filename
-    if not path.is_file():
+    if not path.is_file() and not path.is_dir():  # a folder: store.read_jsonl names it
         raise FileNotFoundError(
             f"no {filename} in results_dir {str(directory)!r}: expected {what} as written by "
             f"sdlib.train.run_chains; {_HOW_TO_PRODUCE}"

@@ -250,6 +250,36 @@ def notebook_parameters(notebook: str, **values) -> None:
     exec(code[1].source, namespace)
 
 
+def read_during_an_append(t: Path) -> str:
+    """load_records while another process appends a large record: the reader meets the last line half-written."""
+    folder = folder_with(t, "records.jsonl", json.dumps(GOOD_RECORD) + "\n")
+    line = json.dumps({**GOOD_RECORD, "seed": 1, "pad": "x" * 100_000}) + "\n"
+    outcome = {}
+
+    def read():
+        try:
+            outcome["seeds"] = sorted(int(seed) for seed in results.load_records(folder)["seed"].unique())
+        except Exception as error:  # noqa: BLE001 - reported in the outcome
+            outcome["error"] = f"{type(error).__name__}: {str(error)[:80]}"
+
+    with store._locked(folder):  # the writer holds the lock while its one write is under way
+        with open(folder / "records.jsonl", "ab") as handle:
+            handle.write(line[:50_000].encode())
+        reader = threading.Thread(target=read)
+        reader.start()
+        reader.join(timeout=0.5)
+        with open(folder / "records.jsonl", "ab") as handle:
+            handle.write(line[50_000:].encode())
+    reader.join()
+    return f"the reader got {outcome['seeds']}" if "seeds" in outcome else f"the reader failed: {outcome['error']}"
+
+
+def folder_in_place_of(t: Path, name: str) -> None:
+    """A results_dir holding a folder where the store writes a file, then a run."""
+    (t / "results" / name).mkdir(parents=True)
+    run_chains(pinned_config(t), progress=False)
+
+
 # (id: the input tried, a function of tmp_path that tries it, the exception, a regex of its message)
 TABLE = [
     # --- data lost
@@ -323,6 +353,22 @@ TABLE = [
      lambda t: notebook_parameters("01_toy_example", results_path=str(t)),
      ValueError, r"parameter 'results_path' must be None or the path of a file to write, not of a folder"),
     # --- errors a user can act on
+    ("records.jsonl read while a large record is appended",
+     read_during_an_append,
+     None, r"^the reader got \[0, 1\]$"),
+    ("records.jsonl that is a folder, then a run",
+     lambda t: folder_in_place_of(t, "records.jsonl"),
+     store.NotWritableError, r"results_dir '.*results' holds a folder 'records\.jsonl' where the results store "
+                             r"writes a file: move it away"),
+    ("epochs.jsonl that is a folder, then a run",
+     lambda t: folder_in_place_of(t, "epochs.jsonl"),
+     store.NotWritableError, r"holds a folder 'epochs\.jsonl'"),
+    ("the store's lock that is a folder, then a run",
+     lambda t: folder_in_place_of(t, store.LOCK_FILE),
+     store.NotWritableError, r"holds a folder '\.sdlib-store\.lock'"),
+    ("load_records where records.jsonl is a folder",
+     lambda t: (t / "r" / "records.jsonl").mkdir(parents=True) or results.load_records(t / "r"),
+     store.StoreError, r"r/records\.jsonl is a folder, not a results file: move it away"),
     ("KRR: X of strings",
      lambda t: __import__("sdlib.krr", fromlist=["SelfDistillation"]).SelfDistillation().fit([["a"], ["b"]], [0, 1]),
      ValueError, r"^X must hold real numbers only \(could not convert string to float: .*'a'"),
