@@ -548,6 +548,8 @@ def _yaml_loader():
     def construct_mapping(loader, node, deep=False):
         seen = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *anchor": merged keys may be given again
+                continue
             key = loader.construct_object(key_node, deep=True)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
@@ -577,7 +579,12 @@ def _read_mapping(source, what: str) -> dict:
         path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(f"{what} {path} does not exist")
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            line = path.read_bytes()[:error.start].count(b"\n") + 1
+            raise ValueError(f"{what} {path}, line {line}: not UTF-8 text (byte {error.object[error.start]:#04x}); "
+                             f"save it as UTF-8") from None
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml
 

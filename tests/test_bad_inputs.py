@@ -369,6 +369,13 @@ TABLE = [
     ("load_records where records.jsonl is a folder",
      lambda t: (t / "r" / "records.jsonl").mkdir(parents=True) or results.load_records(t / "r"),
      store.StoreError, r"r/records\.jsonl is a folder, not a results file: move it away"),
+    ("a sweep file that is not UTF-8",
+     lambda t: sweep.load_sweep_config(folder_with(t, "s.yaml", b"profile: fast\n# caf\xe9\n") / "s.yaml"),
+     ValueError, r"s\.yaml, line 2: not UTF-8 text \(byte 0xe9\); save it as UTF-8"),
+    ("a YAML sweep file with a merge key (<<: *b)",
+     lambda t: "lr {0.lr:g}, epochs {0.epochs}".format(sweep.load_sweep_config(sweep_file(
+         t, "s.yaml", "profile: fast\ntrain:\n  <<: {lr: 0.002, epochs: 2}\n  epochs: 3\n"))[0]),
+     None, r"^lr 0\.002, epochs 3$"),
     ("KRR: X of strings",
      lambda t: __import__("sdlib.krr", fromlist=["SelfDistillation"]).SelfDistillation().fit([["a"], ["b"]], [0, 1]),
      ValueError, r"^X must hold real numbers only \(could not convert string to float: .*'a'"),
