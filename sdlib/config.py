@@ -203,6 +203,9 @@ class TrainConfig:
             fail("profile", f"one of {sorted(PROFILES)}")
         for name in ("epochs", "batch_size", "steps", "eval_batch_size", "checkpoint_every", "eval_every"):
             positive_int(name)
+        if self.batch_size < 2:  # BatchNorm in training mode; the last partial batch of an epoch is dropped
+            fail("batch_size", "an integer >= 2 (BatchNorm normalizes over the batch: one image has no batch "
+                               "statistics)")
         positive_int("n_val", 0)
         positive_int("warmup_epochs", 0)
         positive_int("split_seed", 0)

@@ -376,6 +376,9 @@ TABLE = [
      lambda t: "lr {0.lr:g}, epochs {0.epochs}".format(sweep.load_sweep_config(sweep_file(
          t, "s.yaml", "profile: fast\ntrain:\n  <<: {lr: 0.002, epochs: 2}\n  epochs: 3\n"))[0]),
      None, r"^lr 0\.002, epochs 3$"),
+    ("--batch-size 1 (BatchNorm needs two images)",
+     lambda t: TrainConfig(batch_size=1, teacher_bn="train"),
+     ValueError, r"TrainConfig\.batch_size must be an integer >= 2 \(BatchNorm normalizes over the batch"),
     ("KRR: X of strings",
      lambda t: __import__("sdlib.krr", fromlist=["SelfDistillation"]).SelfDistillation().fit([["a"], ["b"]], [0, 1]),
      ValueError, r"^X must hold real numbers only \(could not convert string to float: .*'a'"),
