@@ -124,13 +124,16 @@ def job_configs(config) -> list[tuple[int, str, Any]]:
 
 def job_device(config, executor: str = "local", gpus_per_job: int | None = None) -> str | None:
     """The device the jobs of ``config`` run on, for the hash they record (:func:`sdlib.chains.job_config`):
-    ``config.device`` where named; with "auto", a SLURM job's (cuda with a GPU per job, the default; else cpu),
-    or None for local and debug jobs ("auto" resolved on this machine, where they run)."""
+    ``config.device`` where named; with "auto", cuda for jobs given a GPU (``gpus_per_job`` >= 1; SLURM's
+    default is 1) and cpu for jobs given none (local jobs by default: submitit hides the GPUs from them), or
+    None for debug jobs, which run in this process ("auto" resolved here)."""
     if config.device != "auto":
         return config.device
-    if executor == "slurm":
-        return "cuda" if gpus_per_job is None or gpus_per_job > 0 else "cpu"
-    return None
+    if executor == "debug":
+        return None
+    if gpus_per_job is None:
+        gpus_per_job = 1 if executor == "slurm" else 0  # make_executor's defaults
+    return "cuda" if gpus_per_job > 0 else "cpu"
 
 
 def grid_cost(config, images_per_s: float | None = None, n_train_images: int | None = None) -> dict:
