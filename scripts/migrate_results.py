@@ -6,7 +6,9 @@ code would never find them again (every step pending, teachers not reused). This
 recomputes each record's hash from its stored ``config`` and the fingerprint of the data it was trained on,
 records that fingerprint in the record (``config.data_fingerprint``, ``data.fingerprint``), keeps the old hash
 as ``legacy_config_hash``, and gives the epoch lines (``epochs.jsonl``, ``probe_epochs.jsonl``) the new hash of
-their config. Everything else is kept byte for byte in meaning; each file is rewritten atomically. Running it
+their config. Everything else is kept byte for byte in meaning; each file is rewritten atomically, under the
+results store's lock (a run appending meanwhile waits; its record is kept). A record that already carries the
+fingerprint of other data is refused, and then nothing is rewritten. Running it
 again changes nothing (the hash is recomputed from the same config and fingerprint), so it is also how records
 follow a later change of the hashed fields.
 
@@ -21,12 +23,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
-from sdlib.records import EPOCHS_FILE, PROBE_EPOCHS_FILE, RECORDS_FILE, write_atomically
-from sdlib.store import read_jsonl
+from sdlib.records import EPOCHS_FILE, PROBE_EPOCHS_FILE, RECORDS_FILE
+from sdlib.store import ResultsStore
 
 
 def _config(stored: dict, fingerprint: str):
@@ -41,40 +42,62 @@ def _config(stored: dict, fingerprint: str):
 
 
 def migrate(results_dir: str | Path, fingerprint: str) -> dict[str, str]:
-    """Migrate ``results_dir`` in place (see the module docstring); returns ``{old hash: new hash}``."""
+    """Migrate ``results_dir`` in place (see the module docstring); returns ``{old hash: new hash}``.
+
+    The folder is read and rewritten under the results store's lock (:meth:`sdlib.store.ResultsStore.rewrite`):
+    a run appending a record meanwhile waits, and its record is kept. Records that already carry the
+    fingerprint of other data (``data.fingerprint`` or ``config.data_fingerprint``) are refused, naming the file
+    and line, and then nothing is rewritten: their hash must stay that of the data they were trained on."""
     results_dir = Path(results_dir)
-    records = read_jsonl(results_dir / RECORDS_FILE)
-    if not records:
-        raise ValueError(f"no records in {results_dir / RECORDS_FILE}")
-    mapping: dict[str, str] = {}
-    migrated = []
-    for line_number, record in records:
-        if not isinstance(record.get("config"), dict):
-            raise ValueError(f"{results_dir / RECORDS_FILE}, line {line_number}: no config to hash")
-        config = _config(record["config"], fingerprint)
-        new = config.config_hash()
-        old = record.get("config_hash")
-        if mapping.setdefault(old, new) != new:
-            raise ValueError(f"{results_dir / RECORDS_FILE}, line {line_number}: records of config_hash {old} "
-                             f"would get two new hashes ({mapping[old]}, {new}); migrate them one by one")
-        mapping[new] = new  # a second run maps the new hash to itself
-        out = {**record, "config_hash": new, "legacy_config_hash": record.get("legacy_config_hash", old),
-               "config": {**record["config"], "data_fingerprint": fingerprint}}
-        if isinstance(record.get("data"), dict):
-            out["data"] = {**record["data"], "fingerprint": fingerprint}
-        migrated.append(out)
-    _rewrite(results_dir / RECORDS_FILE, migrated)
-    for name in (EPOCHS_FILE, PROBE_EPOCHS_FILE):
-        rows = read_jsonl(results_dir / name)
-        if rows:
-            _rewrite(results_dir / name, [{**row, "config_hash": mapping.get(row.get("config_hash"),
-                                                                              row.get("config_hash"))}
-                                          for _, row in rows])
-    return {old: new for old, new in mapping.items() if old != new}
+    path = results_dir / RECORDS_FILE
+    if not path.is_file():
+        raise ValueError(f"no records in {path}")
 
+    def transform(files: dict) -> dict:
+        records = files[RECORDS_FILE]
+        if not records:
+            raise ValueError(f"no records in {path}")
+        mapping: dict[str, str] = {}
+        migrated = []
+        for line_number, record in records:
+            where = f"{path}, line {line_number}"
+            if not isinstance(record.get("config"), dict):
+                raise ValueError(f"{where}: no config to hash")
+            trained_on = {value for value in (record.get("config", {}).get("data_fingerprint"),
+                                              (record.get("data") or {}).get("fingerprint")
+                                              if isinstance(record.get("data"), dict) else None)
+                          if value is not None}
+            other = sorted(trained_on - {fingerprint})
+            if other:
+                raise ValueError(f"{where}: trained on data of fingerprint {other[0]}, not {fingerprint}: its "
+                                 f"config_hash stays that of its own data (migrate with --data-root of the data "
+                                 f"it was trained on, or leave it); nothing was changed")
+            try:
+                config = _config(record["config"], fingerprint)
+            except ValueError as error:
+                raise ValueError(f"{where}: {error}; nothing was changed") from None
+            new = config.config_hash()
+            old = record.get("config_hash")
+            if mapping.setdefault(old, new) != new:
+                raise ValueError(f"{where}: records of config_hash {old} would get two new hashes "
+                                 f"({mapping[old]}, {new}); migrate them one by one")
+            mapping[new] = new  # a second run maps the new hash to itself
+            out = {**record, "config_hash": new, "legacy_config_hash": record.get("legacy_config_hash", old),
+                   "config": {**record["config"], "data_fingerprint": fingerprint}}
+            if isinstance(record.get("data"), dict):
+                out["data"] = {**record["data"], "fingerprint": fingerprint}
+            migrated.append(out)
+        changes["mapping"] = {old: new for old, new in mapping.items() if old != new}
+        rewritten = {RECORDS_FILE: migrated}
+        for name in (EPOCHS_FILE, PROBE_EPOCHS_FILE):
+            if files[name]:
+                rewritten[name] = [{**row, "config_hash": mapping.get(row.get("config_hash"), row.get("config_hash"))}
+                                   for _, row in files[name]]
+        return rewritten
 
-def _rewrite(path: Path, rows: list[dict]) -> None:
-    write_atomically(path, lambda handle: handle.writelines(json.dumps(row) + "\n" for row in rows))
+    changes: dict = {}
+    ResultsStore(results_dir).rewrite(transform)
+    return changes["mapping"]
 
 
 def main(argv: list[str] | None = None) -> dict[str, str]:

@@ -38,7 +38,8 @@ from sdlib.records import ALPHA_HAT_CHAIN, PROBE_CHAIN, SHARED_CHAIN, chain_name
 from sdlib.store import ResultsStore, check_writable_dir
 from sdlib.step import Member, atomic_torch_save, cpu_state, distill_group, load_checkpoint
 
-__all__ = ["run_chains", "pending_tasks", "provenance", "DataMismatchError", "noisy_splits"]
+__all__ = ["run_chains", "pending_tasks", "provenance", "DataMismatchError", "job_config", "job_config_hash",
+           "noisy_splits"]
 
 
 # --------------------------------------------------------------------------------------- records and provenance
@@ -192,8 +193,8 @@ class _ChainRunner:
             return 1.0, {}
         if chain == PROBE_CHAIN:
             return 0.0, {}
-        if chain != ALPHA_HAT_CHAIN:
-            return float(chain.split("=", 1)[1]), {}
+        if chain != ALPHA_HAT_CHAIN:  # the config's alpha itself: the chain's name rounds it to 6 digits
+            return {chain_name(a): a for a in self.config.alphas}[chain], {}
         probe = self.summary(self.probe_key(seed, step))
         f1 = self.summary((seed, SHARED_CHAIN, 1))["val_probs"]
         self.ensure_data(seed)
@@ -245,9 +246,9 @@ class _ChainRunner:
         results = distill_group(self.config, self.data, seed=seed, step=step, members=members, device=self.device,
                                 callback=self.callback, progress=self.progress)
         for key, member, result, extra in zip(keys, members, results, extras):
-            self.finish(key, result, member.alpha, extra)
+            self.finish(key, result, member.alpha, extra, in_flight=len(keys))
 
-    def finish(self, key, result, alpha: float, extra: dict):
+    def finish(self, key, result, alpha: float, extra: dict, in_flight: int = 1):
         """A trained model: its final checkpoint (then its resumable state goes), summary, record, event."""
         seed, chain, step = key
         summary = {**result.summary(), "alpha": float(alpha), **extra, "val_probs": result.val_probs}
@@ -262,7 +263,8 @@ class _ChainRunner:
         if self.callback is not None:
             metrics = {k: v for k, v in summary.items() if k != "val_probs"}
             self.callback({"event": "step_end", "seed": seed, "chain": chain, "step": step,
-                           "epoch": self.config.epochs, **metrics, "record": self.records.get(key)})
+                           "epoch": self.config.epochs, **metrics, "in_flight": in_flight,
+                           "record": self.records.get(key)})
 
     def in_flight(self, seed, step) -> list[tuple]:
         """What trains together at (seed, step >= 2): every fixed-alpha chain without a final model yet and, when
@@ -325,27 +327,62 @@ def _check_fingerprint(config: TrainConfig, actual: str | None) -> None:
             f"hash of these data)")
 
 
-def _effective_for_lookup(config: TrainConfig) -> TrainConfig:
-    if config.device != "auto":
-        with warnings.catch_warnings():  # the run itself warns about bf16 / channels_last off the GPU
-            warnings.simplefilter("ignore", RuntimeWarning)
-            config = effective_config(config, torch.device(config.device))
-    return config
+def job_config(config: TrainConfig, device: str | None = None) -> TrainConfig:
+    """``config`` as its job will run it: :func:`sdlib.config.effective_config` on the job's ``device`` (default:
+    ``config.device``, "auto" resolved on this machine; a sweep names the device of its cluster's jobs). The one
+    config whose :meth:`~sdlib.config.TrainConfig.config_hash` the records get, and the one the command line,
+    the dry run, the sweep and notebook 05 print and look up (:func:`job_config_hash`)."""
+    if device is None:
+        device = config.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    with warnings.catch_warnings():  # the run itself warns about bf16 / channels_last off the GPU
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return effective_config(config, torch.device(device))
 
 
-def pending_tasks(config: TrainConfig, skip_bad_lines: bool = False) -> list[tuple[int, str, int]]:
-    """The (seed, chain, step) of ``config`` with no record of its ``config_hash`` in ``results_dir`` yet, in
-    training order: what :func:`run_chains` would train (the alpha-hat probes, which have no records, aside).
-    Reads ``records.jsonl`` (through :class:`sdlib.store.ResultsStore`) and, for the hash, the data's
-    fingerprint: ``config.data_fingerprint`` if set (no data needed), else that of the copy under data_root
-    (its files hashed once per process; no data there: every task is pending). No torch work. With
-    ``device="auto"`` the records sought are those of the config as given (a CUDA run's); with a named device,
-    those of :func:`effective_config` there."""
+def job_config_hash(config: TrainConfig, device: str | None = None) -> str:
+    """The config_hash the records of ``config`` get when it runs on ``device`` (see :func:`job_config`)."""
+    return job_config(config, device).config_hash()
+
+
+def pending_tasks(config: TrainConfig, skip_bad_lines: bool = False,
+                  device: str | None = None) -> list[tuple[int, str, int]]:
+    """The (seed, chain, step) of ``config`` that :func:`run_chains` would record, in training order (the
+    alpha-hat probes, which have no records, aside): those with no record of its ``config_hash`` in
+    ``results_dir`` yet, and the finished ones it would train again because a pending step needs their final
+    checkpoint and it is gone. Reads ``records.jsonl`` (through :class:`sdlib.store.ResultsStore`) and, for the
+    hash, the data's fingerprint: ``config.data_fingerprint`` if set (no data needed), else that of the copy
+    under data_root (its files hashed once per process; no data there: every task is pending). No torch work.
+    The hash is that of the config as it will run on ``device`` (:func:`job_config`; default config.device,
+    "auto" resolved on this machine)."""
     if not isinstance(config, TrainConfig):
         raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
-    config = _effective_for_lookup(config)
-    done = ResultsStore(config.results_dir, skip_bad_lines).records(config.config_hash())
-    return [task for task in _tasks(config) if task not in done]
+    config = job_config(config, device)
+    config_hash = config.config_hash()
+    done = ResultsStore(config.results_dir, skip_bad_lines).records(config_hash)
+    tasks = _tasks(config)
+    pending = {task for task in tasks if task not in done}
+    # A finished step whose final checkpoint is gone is trained again when a pending step needs it (as a
+    # teacher, or for the alpha-hat chain's step-1 and step-2 probe outputs): it is pending too.
+    ckpt_root = Path(config.checkpoint_dir) / config_hash
+    stack = list(pending)
+    while stack:
+        seed, chain, step = stack.pop()
+        if step < 2:
+            continue
+        needed = [(seed, SHARED_CHAIN, 1) if step == 2 else (seed, chain, step - 1)]
+        if chain == ALPHA_HAT_CHAIN:
+            needed.append((seed, SHARED_CHAIN, 1))
+            if step == 2 and 0.0 in config.alphas:
+                needed.append((seed, chain_name(0.0), 2))
+        elif chain == chain_name(1.0):
+            needed = []  # alpha = 1: the labels alone, no teacher
+        for key in needed:
+            if key not in pending and not (ckpt_root / f"seed{key[0]}" / key[1] / f"step{key[2]}.pt").is_file():
+                pending.add(key)
+                stack.append(key)
+    return [task for task in tasks if task in pending]
 
 
 def run_chains(config: TrainConfig, progress: bool = True, callback: Callable[[dict], None] | None = None,
@@ -378,7 +415,8 @@ def run_chains(config: TrainConfig, progress: bool = True, callback: Callable[[d
 
     ``callback(event)`` receives a dict at every epoch end (``event="epoch_end"``: seed, chain, step, epoch,
     epochs and the epoch's metrics) and at every step end (``event="step_end"``: seed, chain, step, epoch,
-    the step's metrics incl. train_images and train_time_s, and ``record``, None for a probe); raising from it
+    the step's metrics incl. train_images and train_time_s (the time of the models trained with it: ``in_flight``
+    of them shared it), and ``record``, None for a probe); raising from it
     stops the run, which a later call resumes. The alpha-hat probes have chain ``"alpha_hat_probe"``.
 
     Returns one record per (seed, chain, step) of the config, in training order (step 1 once per seed, chain

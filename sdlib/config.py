@@ -220,7 +220,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, (str, os.PathLike)) or str(value) == "":
                 fail(name, "a non-empty path")
-            setattr(self, name, str(value))
+            setattr(self, name, os.path.expanduser(str(value)))  # "~/r": the home folder, never a folder "~"
 
         if self.profile not in PROFILES:
             fail("profile", f"one of {sorted(PROFILES)}")
@@ -232,6 +232,9 @@ class TrainConfig:
         self.label_noise = float(rate)
         for name in ("epochs", "batch_size", "steps", "eval_batch_size", "checkpoint_every", "eval_every"):
             positive_int(name)
+        if self.batch_size < 2:  # BatchNorm in training mode; the last partial batch of an epoch is dropped
+            fail("batch_size", "an integer >= 2 (BatchNorm normalizes over the batch: one image has no batch "
+                               "statistics)")
         if self.test_every is not None:
             positive_int("test_every")
         positive_int("n_val", 0)

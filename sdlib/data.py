@@ -152,6 +152,26 @@ def detect_layout(root: str | os.PathLike, split: str = "train") -> str | None:
     return None
 
 
+def _refuse_linked_loops(dirpath: str, dirnames: list[str], split_dir: Path) -> None:
+    """A folder symlink inside a class folder is followed (images may live on another disk), unless it points
+    back into the split's folder (another class's images, labelled with this class) or at a folder that contains
+    it (a loop: ``ln -s .. train/cat/loop`` would list every image 40 times, all labelled cat): refused by name."""
+    here = os.path.realpath(dirpath)
+    split = os.path.realpath(split_dir)
+    for name in dirnames:
+        link = os.path.join(dirpath, name)
+        if name.startswith(".") or not os.path.islink(link):
+            continue
+        target = os.path.realpath(link)
+        inside = lambda folder, parent: folder == parent or folder.startswith(parent.rstrip(os.sep) + os.sep)
+        if inside(here, target) or inside(target, split):
+            raise ValueError(f"{link!r} is a symbolic link to {target!r}, "
+                             + ("a folder that contains it: it would list the same images again and again"
+                                if inside(here, target) else f"inside {str(split_dir)!r}: its images would be "
+                                "listed twice, under two classes")
+                             + f". Remove the link (rm {link!r})")
+
+
 def _list_image_folder(split_dir: Path) -> tuple[list[str], np.ndarray, list[tuple]]:
     """Files of ``split_dir/<class>/`` in ImageFolder order, their labels, and (relpath, size, mtime_ns,
     ctime_ns, inode) records (the key under which a content fingerprint is remembered, see :func:`_content_hash`).
@@ -180,9 +200,10 @@ def _list_image_folder(split_dir: Path) -> tuple[list[str], np.ndarray, list[tup
     for label, name in enumerate(CIFAR10_CLASSES):
         class_dir = split_dir / name
         n_before = len(paths)
-        for dirpath, _, filenames in sorted(os.walk(class_dir, followlinks=True)):
+        for dirpath, dirnames, filenames in sorted(os.walk(class_dir, followlinks=True)):
             if any(part.startswith(".") for part in Path(dirpath).relative_to(class_dir).parts):
                 continue
+            _refuse_linked_loops(dirpath, dirnames, split_dir)
             for fname in sorted(filenames):
                 if fname.startswith(".") or not fname.lower().endswith(IMAGE_EXTENSIONS):
                     continue
@@ -199,12 +220,30 @@ def _list_image_folder(split_dir: Path) -> tuple[list[str], np.ndarray, list[tup
     return paths, np.asarray(labels, dtype=np.int64), records
 
 
+class _DataOnlyUnpickler(pickle.Unpickler):
+    """An unpickler that builds only what the CIFAR-10 python batches hold: dicts, lists, strings, bytes, numbers
+    and numpy arrays. Any other global a pickle names (``os.system``, ``builtins.eval``, a class whose
+    ``__reduce__`` runs code) is refused before it is called, so a batch file cannot run code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR-10 batch never holds (only "
+                                         f"numpy arrays, lists, dicts and strings are unpickled: a pickle can run "
+                                         f"code, so this file is refused unread)")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> Any:
-    # latin1 is how torchvision reads the python-2 pickles of CIFAR-10 (numpy arrays inside need it).
-    # Note that unpickling runs code from the file: only point this at data you trust.
+    # latin1 is how torchvision reads the python-2 pickles of CIFAR-10 (numpy arrays inside need it). A pickle can
+    # run code when loaded: the restricted unpickler admits only the arrays, lists, dicts and strings of the
+    # published files (whose MD5s torchvision checks on download), so a planted batches.meta runs nothing.
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")
+            return _DataOnlyUnpickler(f, encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError,
             ValueError, UnicodeDecodeError) as exc:
         raise ValueError(f"{str(path)!r} is not a readable CIFAR-10 pickle ({type(exc).__name__}: {exc})") from None

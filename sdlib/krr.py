@@ -29,7 +29,9 @@ Two exact solvers (``SelfDistillation(solver=...)``):
 
 Both are exact for any positive semi-definite Gram matrix, singular ones included: the eigh path computes
 :math:`D^{-1}B^{(t)} = (D+\lambda I)^{-1}((1-\alpha)B^{(t-1)} + \alpha I)`, which never divides by an
-eigenvalue, and the Cholesky path only factors :math:`K + \lambda I` with :math:`\lambda > 0`.
+eigenvalue, and the Cholesky path only factors :math:`K + \lambda I` with :math:`\lambda > 0`. Both apply one
+conditioning rule: :math:`\lambda` at least the Gram matrix's round-off level, n times 10 machine epsilons times
+its largest entry (:data:`LAM_RTOL_PER_POINT`), else :class:`KernelError`.
 
 Targets may have several outputs: ``y`` of shape (n, k), e.g. one-hot classes (:func:`one_hot`), predicted as
 (m, k); :meth:`~SelfDistillation.predict_classes` takes the argmax. Algorithm 1's alpha
@@ -50,6 +52,7 @@ from scipy.spatial.distance import cdist
 from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.exceptions import NotFittedError
 from sklearn.metrics.pairwise import euclidean_distances
+from sklearn.utils.validation import _check_feature_names  # what validate_data does with a DataFrame's names
 
 from .alpha import least_squares_alpha
 from .data import _check_labels, symmetric_label_noise  # one generator for the kernel and the deep half
@@ -94,15 +97,27 @@ class LargeFitWarning(UserWarning):
 # ---------------------------------------------------------------------------------------------------------
 # validation helpers
 # ---------------------------------------------------------------------------------------------------------
+def _as_float(name: str, values) -> np.ndarray:
+    """``values`` as float64, or an error naming ``name`` (strings, pd.NA, None, complex numbers)."""
+    try:
+        values = np.asarray(values)
+    except (TypeError, ValueError) as error:  # ragged nested lists, pd.NA in a comparison
+        raise ValueError(f"{name} must be an array of real numbers: {error}") from None
+    if values.dtype.kind == "c":
+        raise ValueError(f"{name} must be real: Complex data not supported")
+    try:
+        return values.astype(np.float64, copy=False)
+    except (TypeError, ValueError) as error:  # "abc" (ValueError), pd.NA or None (TypeError): the same type, named
+        raise type(error)(f"{name} must hold real numbers only ({error}); drop or impute the missing values and "
+                          f"encode text columns as numbers first") from None
+
+
 def _as_features(name: str, X, n_features: int | None = None) -> np.ndarray:
     """(n,) or (n, d) finite real array -> (n, d) float64."""
     if scipy.sparse.issparse(X):
         raise TypeError(f"{name} must be a dense array: sparse input is not supported (the Gram matrix is dense "
                         f"anyway); pass {name}.toarray()")
-    X = np.asarray(X)
-    if X.dtype.kind == "c":
-        raise ValueError(f"{name} must be real: Complex data not supported")
-    X = X.astype(np.float64, copy=False)
+    X = _as_float(name, X)
     one_dimensional = X.ndim == 1
     if one_dimensional:
         X = X[:, None]
@@ -127,10 +142,7 @@ def _as_targets(name: str, y, n: int) -> np.ndarray:
         raise ValueError(f"{name} is None: SelfDistillation requires y to be passed, but the target y is None")
     if scipy.sparse.issparse(y):
         raise TypeError(f"{name} must be a dense array: sparse targets are not supported")
-    y = np.asarray(y)
-    if y.dtype.kind == "c":
-        raise ValueError(f"{name} must be real: Complex data not supported")
-    y = y.astype(np.float64, copy=False)
+    y = _as_float(name, y)
     if y.ndim not in (1, 2) or y.shape[0] != n or (y.ndim == 2 and y.shape[1] == 0):
         raise ValueError(f"{name} must have shape ({n},) or ({n}, k) with k >= 1 to match X, got shape {y.shape}")
     if not np.all(np.isfinite(y)):
@@ -287,6 +299,25 @@ def _check_spectrum(eigenvalues: np.ndarray) -> None:
                           f"(e.g. tanh is not one); clipping the negative eigenvalues would change the model")
 
 
+# The conditioning rule of both solvers: lam must lie above the round-off of the Gram matrix, n points times
+# 10 machine epsilons times its largest entry (on its diagonal). Below it K + lam I is numerically singular where K
+# is (duplicate points, a low-rank kernel): Cholesky fails, and the eigenbasis divides round-off by lam (1e286 for
+# lam = 1e-300). Both raise the same KernelError instead.
+LAM_RTOL_PER_POINT = 10 * np.finfo(np.float64).eps
+
+
+def _lam_floor(K: np.ndarray) -> float:
+    return K.shape[0] * LAM_RTOL_PER_POINT * max(float(np.max(np.diagonal(K))), 0.0)
+
+
+def _check_conditioning(lam: float, floor: float) -> None:
+    if lam < floor:
+        raise KernelError(f"lam = {lam:.3g} is below {floor:.3g}, the round-off level of this Gram matrix (n points x "
+                          f"10 machine epsilons x its largest entry): K + lam I is numerically singular (duplicate "
+                          f"or nearly duplicate points make K singular) and the fit would be round-off amplified "
+                          f"by 1/lam; use lam >= {floor:.3g}")
+
+
 def _factor(regularized: np.ndarray, what: str):
     """Lower Cholesky factor of ``regularized`` (overwritten), or a KernelError instead of LinAlgError."""
     largest = float(np.abs(np.diagonal(regularized)).max())  # the largest entry of a PSD matrix is on its diagonal
@@ -376,7 +407,9 @@ class SelfDistillation(RegressorMixin, BaseEstimator):
         return kernel_matrix(A, B, self.kernel, gamma=self.gamma, degree=self.degree, coef0=self.coef0)
 
     def _query(self, name: str, X) -> np.ndarray:
-        """Validated query points X (m, d), or (precomputed) kernel values (m, n) against the training points."""
+        """Validated query points X (m, d), or (precomputed) kernel values (m, n) against the training points.
+        A DataFrame's columns must be those of fit, in the same order (as scikit-learn checks them)."""
+        _check_feature_names(self, X, reset=False)
         X = _as_features(name, X, n_features=None if self._precomputed() else self.n_features_in_)
         if self._precomputed() and X.shape[1] != self.n_features_in_:
             raise ValueError(f"{name} must hold kernel values against the {self.n_features_in_} training points "
@@ -399,6 +432,7 @@ class SelfDistillation(RegressorMixin, BaseEstimator):
         step = _check_step(self.step)
         _check_alpha(self.alpha, step)
         solver = _check_solver(self.solver)
+        _check_feature_names(self, X, reset=True)  # feature_names_in_ of a DataFrame, as scikit-learn sets it
         X = _as_features("X", X)
         if self._precomputed() and X.shape[0] != X.shape[1]:
             raise ValueError(f"X must be the square (n, n) Gram matrix of the training points for "
@@ -414,8 +448,8 @@ class SelfDistillation(RegressorMixin, BaseEstimator):
                           f"{memory_gb:.1f} GB of memory and of the order of {minutes:.0f} min on a 2-core CPU "
                           f"(both grow as n^2 and n^3); subsample for a quick look", LargeFitWarning, stacklevel=2)
 
-        for name in ("solver_", "_fitted_params", "X_fit_", "n_features_in_", "_Y", "_y_1d", "eigenvalues_",
-                     "eigenvectors_", "projected_targets_", "_cholesky", "_spectrum"):
+        for name in ("solver_", "_fitted_params", "_lam_floor", "X_fit_", "n_features_in_", "_Y", "_y_1d",
+                     "eigenvalues_", "eigenvectors_", "projected_targets_", "_cholesky", "_spectrum"):
             self.__dict__.pop(name, None)  # nothing of an earlier fit survives, not even a failed refit
         K = np.array(X) if self._precomputed() else self._gram(X, X)
         user_kernel = callable(self.kernel) or self._precomputed()
@@ -424,6 +458,8 @@ class SelfDistillation(RegressorMixin, BaseEstimator):
             if solver == "cholesky":  # the spectrum, values only; eigh below has it anyway
                 _check_spectrum(scipy.linalg.eigvalsh(K, driver="evd", check_finite=False))
         Y = y if y.ndim == 2 else y[:, None]
+        lam_floor = _lam_floor(K)
+        _check_conditioning(lam, lam_floor)
         if solver == "eigh":
             K = 0.5 * (K + K.T)  # exact symmetry for eigh
             try:
@@ -449,6 +485,7 @@ class SelfDistillation(RegressorMixin, BaseEstimator):
         self.X_fit_ = np.array(X)
         self.n_features_in_ = X.shape[1]
         self.solver_ = solver
+        self._lam_floor = lam_floor
         self._fitted_params = self._factor_params()
         return self
 
@@ -456,7 +493,8 @@ class SelfDistillation(RegressorMixin, BaseEstimator):
         if not hasattr(self, "solver_"):
             raise NotFittedError("this SelfDistillation is not fitted yet: call fit(X, y) before predict/damping")
         if self.solver_ == "eigh":
-            _check_positive("lam", self.lam)  # may have changed since fit: exact with the new value
+            # lam may have changed since fit: exact with the new value, under the same conditioning rule
+            _check_conditioning(_check_positive("lam", self.lam), self._lam_floor)
         current = self._factor_params()
         for name, fitted in self._fitted_params.items():
             now = current.get(name)

@@ -3,16 +3,22 @@
 :func:`check_parameters` rejects a papermill parameter that the notebook does not have. Papermill runs a
 notebook with ``-p name value`` by inserting, right after the cell tagged ``parameters``, a cell that assigns the
 given names; a misspelled name (``-p lamda 0.5``) is then a new variable nobody reads, and the notebook runs
-with its defaults. Every notebook calls ``check_parameters()`` in the cell after its parameters cell, before any
-work, so that such a run stops at once and names the parameter it does not know.
+with its defaults. Every notebook calls ``check_parameters(name=kind, ...)`` in the cell after its parameters cell,
+before any work, so that such a run stops at once and names the parameter it does not know, or the parameter whose
+value is not of its kind (``-r train False`` is the string "False", which Python takes as true).
 """
 
 from __future__ import annotations
 
 import ast
 import difflib
+import math
+import numbers as _numbers
+import os
+import sys
 
-__all__ = ["check_parameters", "assigned_names"]
+__all__ = ["check_parameters", "assigned_names", "boolean", "integer", "number", "numbers", "integers",
+           "text", "path", "optional", "mapping"]
 
 # The first line of the cell papermill injects (papermill.translators: ``comment("Parameters")``).
 _INJECTED_HEADER = "# Parameters"
@@ -33,23 +39,58 @@ def assigned_names(source: str) -> list[str]:
     return names
 
 
-def check_parameters(history: list[str] | None = None) -> list[str]:
-    """Raise ValueError if papermill injected a parameter that the notebook's parameters cell does not assign.
+def check_parameters(history: list[str] | None = None, namespace: dict | None = None, **kinds) -> list[str]:
+    """Check the notebook's parameters before any work: the names papermill injected, then the type and range
+    of every parameter named in ``kinds``; raise ValueError naming the first bad one.
 
     history : the sources of the cells run so far, in order (IPython's ``In``, the default). The injected cell
         is the last one that starts with papermill's ``# Parameters`` header; the notebook's parameters cell is
-        the one run just before it. Without an injected cell (an interactive run) there is nothing to check.
+        the one run just before it. Without an injected cell (an interactive run) there are no names to check.
+    namespace : where the parameters' values are (default: the caller's globals, the notebook's namespace).
+    kinds : ``name=kind`` for each parameter, a kind of this module (:func:`boolean`, :func:`integer`,
+        :func:`number`, :func:`numbers`, :func:`integers`, :func:`text`, :func:`path`, :func:`mapping`, each
+        wrapped in :func:`optional` where None is allowed). Checked whether papermill set the value or not: a
+        value of the wrong type (``-r train False`` gives the string "False", which Python takes as true; ``-y
+        'seeds: 0'`` an int where a list is expected) stops the run here, naming the parameter and what it
+        takes, instead of training or failing deep inside a library call.
 
-    Returns the names that were injected (all known). The error names each unknown parameter, the closest
+    Returns the names that were injected (all known). The error for an unknown name names it, the closest
     known name, and the full list of known ones.
     """
-    if history is None:
+    shell = None
+    if history is None or namespace is None:
         try:
             from IPython import get_ipython
         except ImportError:  # pragma: no cover - notebooks always have IPython
-            return []
+            get_ipython = lambda: None  # noqa: E731
         shell = get_ipython()
+    if history is None:
         history = list(shell.user_ns.get("In", [])) if shell is not None else []
+    if namespace is None:
+        namespace = sys._getframe(1).f_globals  # the cell's globals: IPython's user namespace
+    injected = _injected_names(history)
+    for name, kind in kinds.items():
+        if name not in namespace:
+            raise ValueError(f"check_parameters: the notebook has no parameter {name!r} to check")
+        problem = kind(namespace[name])
+        if problem:
+            value = namespace[name]
+            hint = ""
+            if isinstance(value, str) and kind(_parse_literal(value)) is None:
+                hint = (" (a string: papermill's -r passes text as it is; give the value with -p or -y, e.g. "
+                        f"-p {name} {value})")
+            raise ValueError(f"parameter {name!r} must be {problem}, got {value!r}{hint}")
+    return injected
+
+
+def _parse_literal(text: str):
+    try:
+        return ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text
+
+
+def _injected_names(history: list[str]) -> list[str]:
     injected_at = next((i for i in range(len(history) - 1, -1, -1)
                         if history[i].lstrip().startswith(_INJECTED_HEADER)), None)
     if injected_at is None:
@@ -68,3 +109,108 @@ def check_parameters(history: list[str] | None = None) -> list[str]:
         raise ValueError(f"unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(hints)}: this notebook "
                          f"takes {', '.join(known)}")
     return injected
+
+
+# ---------------------------------------------------------------------------------------------- parameter kinds
+# A kind is a function of a value: None where the value is of that kind, else what was expected, in words.
+
+
+def _range(low, high, low_open=False, high_open=False) -> str:
+    parts = []
+    if low is not None:
+        parts.append(f"{'>' if low_open else '>='} {low:g}")
+    if high is not None:
+        parts.append(f"{'<' if high_open else '<='} {high:g}")
+    return " and ".join(parts)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, _numbers.Integral) and not isinstance(value, bool)
+
+
+def _in_range(value, low, high, low_open, high_open) -> bool:
+    return ((low is None or (value > low if low_open else value >= low))
+            and (high is None or (value < high if high_open else value <= high)))
+
+
+def boolean():
+    """True or False (not the string "False", not 0 or 1)."""
+    return lambda value: None if isinstance(value, bool) else "True or False"
+
+
+def integer(low=None, high=None):
+    """An integer (not a bool) in [low, high]."""
+    expected = "an integer" + (f" {_range(low, high)}" if low is not None or high is not None else "")
+    return lambda value: None if _is_int(value) and _in_range(value, low, high, False, False) else expected
+
+
+def number(low=None, high=None, low_open=False, high_open=False):
+    """A finite real number (not a bool) in the range (``low_open``: > low, else >= low)."""
+    bounds = _range(low, high, low_open, high_open)
+    expected = "a finite number" + (f" {bounds}" if bounds else "")
+
+    def check(value):
+        ok = isinstance(value, _numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+        return None if ok and _in_range(value, low, high, low_open, high_open) else expected
+    return check
+
+
+def _sequence(item, what: str, min_len: int, distinct: bool, shown):
+    expected = (f"a list of {'at least ' + str(min_len) + ' ' if min_len > 1 else ''}{what}"
+                + (" that differ as shown" if distinct and shown else " without repeats" if distinct else ""))
+
+    def check(value):
+        if not isinstance(value, (list, tuple)) or len(value) < min_len or any(item(v) for v in value):
+            return expected
+        keys = [shown(v) if shown else v for v in value]
+        if distinct and len(set(keys)) != len(keys):
+            return expected + (f" (to the digits shown: {', '.join(keys)})" if shown else "")
+        return None
+    return check
+
+
+def numbers(low=None, high=None, low_open=False, high_open=False, min_len=1, distinct=False):
+    """A list of finite numbers in the range, at least ``min_len`` of them; ``distinct``: no two the same as
+    the notebook shows them (``f"{value:g}"``: 0.5 and 0.5000001 would be one column)."""
+    bounds = _range(low, high, low_open, high_open)
+    return _sequence(number(low, high, low_open, high_open), "numbers" + (f" {bounds}" if bounds else ""), min_len,
+                     distinct, (lambda v: f"{v:g}") if distinct else None)
+
+
+def integers(low=None, high=None, min_len=1, distinct=False):
+    """A list of integers in [low, high], at least ``min_len``; ``distinct``: no repeats."""
+    bounds = _range(low, high)
+    return _sequence(integer(low, high), "integers" + (f" {bounds}" if bounds else ""), min_len, distinct, None)
+
+
+def text(*choices):
+    """A string; one of ``choices`` where given."""
+    if choices:
+        return lambda value: None if value in choices and isinstance(value, str) else \
+            "one of " + ", ".join(repr(c) for c in choices)
+    return lambda value: None if isinstance(value, str) and value else "a non-empty string"
+
+
+def path(file: bool = False):
+    """A non-empty path (a string or os.PathLike); ``file``: a file to write, so not an existing folder."""
+    def check(value):
+        if not isinstance(value, (str, os.PathLike)) or not str(value):
+            return "a non-empty path" + (" of a file to write" if file else "")
+        if file and os.path.isdir(os.path.expanduser(str(value))):
+            return "the path of a file to write, not of a folder (add a file name, e.g. results.json)"
+        return None
+    return check
+
+
+def mapping():
+    """A dict."""
+    return lambda value: None if isinstance(value, dict) else "a mapping (a dict such as {\"partition\": \"gpu\"})"
+
+
+def optional(kind):
+    """``kind`` or None."""
+    def check(value):
+        problem = None if value is None else kind(value)
+        return None if problem is None else f"None or {problem}"
+    return check
+

@@ -48,10 +48,12 @@ test_loss, lr, wall_time_s, images_per_s (and config_hash); ``probe_epochs.jsonl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -235,7 +237,7 @@ def _read_jsonl(results_dir: str | os.PathLike, filename: str, what: str, skip_b
     if not directory.is_dir():
         raise ValueError(f"results_dir must be a directory holding {filename}, got the file {str(directory)!r}")
     path = directory / filename
-    if not path.is_file():
+    if not path.is_file() and not path.is_dir():  # a folder: store.read_jsonl names it
         raise FileNotFoundError(
             f"no {filename} in results_dir {str(directory)!r}: expected {what} as written by "
             f"sdlib.train.run_chains; {_HOW_TO_PRODUCE}"
@@ -384,9 +386,11 @@ def load_epochs(results_dir: str | os.PathLike, probes: bool = False, config_has
     """The per-epoch training curves of one configuration in ``results_dir/epochs.jsonl``, one row per
     (seed, chain, step, epoch).
 
-    The configuration is chosen as in :func:`load_records` (``config_hash``, else the newest of ``profile``,
-    else the newest; a RuntimeWarning where the file holds several): curves of different configurations are
-    never mixed. Epoch lines without a profile (the old store's) take it from records.jsonl.
+    The configuration is the one :func:`load_records` reads (``config_hash``, else the newest of ``profile`` in
+    records.jsonl, else the newest there; without records, the newest of this file, with a RuntimeWarning where
+    it holds several): curves of different configurations are never mixed, and never shown beside another
+    config's records (:class:`sdlib.store.UnknownConfigError` where that config has no epoch lines). Epoch lines
+    without a profile (the old store's) take it from records.jsonl.
 
     Columns: seed, chain, step, epoch, then train_loss, val_acc, val_loss, test_acc, test_loss, lr,
     wall_time_s, images_per_s (NaN where null or absent) and config_hash (None where absent). The shared
@@ -399,11 +403,25 @@ def load_epochs(results_dir: str | os.PathLike, probes: bool = False, config_has
     filename = PROBE_EPOCHS_FILE if probes else EPOCHS_FILE
     path, objects = _read_jsonl(results_dir, filename, "one JSON object per (seed, chain, step, epoch)",
                                 skip_bad_lines)
-    profiles = {}
-    if profile is not None and (Path(results_dir) / RECORDS_FILE).is_file():
-        profiles = {r.get("config_hash"): r.get("profile")
-                    for _, r in store.read_jsonl(Path(results_dir) / RECORDS_FILE, skip_bad_lines=True)}
+    records_path = Path(results_dir) / RECORDS_FILE
+    with warnings.catch_warnings():  # its bad lines are load_records' to report
+        warnings.simplefilter("ignore", RuntimeWarning)
+        record_rows = store.read_jsonl(records_path, skip_bad_lines=True) if records_path.is_file() else []
+    profiles = {r.get("config_hash"): r.get("profile") for _, r in record_rows}
+    as_records = False
+    if config_hash is None and record_rows and any(o.get("config_hash") is not None for _, o in objects):
+        # the config load_records reads by default (or of this profile), so that tables and curves agree; its
+        # absence from this file is an error naming the configs present, never another config's curves
+        with contextlib.suppress(store.UnknownConfigError):
+            config_hash, profile = store.select_config(record_rows, records_path, None, profile, warn=False), None
+            as_records = True
     chosen = store.select_config(objects, path, config_hash, profile, profiles=profiles)
+    configs = store.configs_in(objects, profiles)
+    if as_records and len(configs) > 1:
+        present = "; ".join(c.describe() for c in reversed(configs))
+        warnings.warn(f"{path} holds {len(configs)} configs (newest first: {present}); reading {chosen}, the one "
+                      f"load_records reads: pass config_hash= or profile= to choose another", RuntimeWarning,
+                      stacklevel=2)
     rows = []
     for line_number, obj in store.last_per_key([(n, o) for n, o in objects if o.get("config_hash") == chosen],
                                                store.EPOCH_KEY):

@@ -13,10 +13,14 @@ Guarantees
 - **Readers choose a config** (:func:`select_config`): the newest (the one whose line was appended last) by
   default, or one named by hash or by profile, and say so (a RuntimeWarning listing every config) when a folder
   holds several. Epoch curves are never mixed across configs.
-- **Unreadable lines** (a torn last line after a crash on a file system without atomic appends, a hand edit)
-  raise :class:`UnreadableLineError` naming the file and the line; ``skip_bad_lines=True`` skips them (with a
-  RuntimeWarning naming each). A writer that finds the file not ending in a newline starts a fresh line, so a
-  torn line never swallows the next record.
+- **Unreadable lines** (a line torn by a crash on a file system without atomic appends, a hand edit) raise
+  :class:`UnreadableLineError` naming the file and the line; ``skip_bad_lines=True`` skips them (with a
+  RuntimeWarning naming each). A last line without its newline may be an append in progress (a reader meeting a
+  large record half-written): readers wait for the writer's lock and read again, so only a line a crash tore is
+  reported. A writer that finds the file not ending in a newline starts a fresh line, so a torn line never
+  swallows the next record.
+- **One rewrite, for migrations.** :meth:`ResultsStore.rewrite` (``scripts/migrate_results.py``) reads and
+  rewrites the files under the same lock, so an append of another process waits for it and is never lost.
 - **Lock.** ``results_dir/.sdlib-store.lock``, created for each write and removed after it (a waiting writer
   checks that the file it locked is still the one at that path, else it locks the new one), so no lock file is
   left behind; ``*.lock`` is git-ignored for the one a killed process may leave.
@@ -32,12 +36,13 @@ import fcntl
 import json
 import os
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from sdlib.records import EPOCHS_FILE, PROBE_EPOCHS_FILE, RECORDS_FILE, remove_stale_temporaries
+from sdlib.records import EPOCHS_FILE, PROBE_EPOCHS_FILE, RECORDS_FILE, remove_stale_temporaries, write_atomically
 
 __all__ = [
     "StoreError",
@@ -114,7 +119,11 @@ def _locked(directory: Path):
     """An exclusive lock of ``directory`` (its lock file is removed on release, see the module docstring)."""
     lock_path = directory / LOCK_FILE
     while True:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except IsADirectoryError:
+            raise NotWritableError(f"{lock_path} is a folder, not the results store's lock file: move it "
+                                   f"away") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:
@@ -142,34 +151,70 @@ def read_jsonl(path: str | os.PathLike, skip_bad_lines: bool = False) -> list[tu
     """``(line_number, object)`` for every non-blank line of ``path`` (a missing file: none).
 
     A line that is not a JSON object raises :class:`UnreadableLineError` (file and line), unless
-    ``skip_bad_lines``: then it is left out with a RuntimeWarning naming it."""
+    ``skip_bad_lines``: then it is left out with a RuntimeWarning naming it. A last line without its newline
+    that does not parse may be an append in progress (one write of a large record, met half-way): the reader
+    waits for the folder's lock and reads again; only a line still torn then (a crash cut it) is unreadable."""
     if not isinstance(skip_bad_lines, bool):
         raise ValueError(f"skip_bad_lines must be True or False, got {skip_bad_lines!r}")
     path = Path(path)
+    if path.is_dir():
+        raise StoreError(f"{path} is a folder, not a results file: move it away (a results folder holds "
+                         f"{RECORDS_FILE}, {EPOCHS_FILE} and {PROBE_EPOCHS_FILE} as files)")
     if not path.is_file():
         return []
+    for _ in range(_READ_ATTEMPTS):
+        with open(path, "rb") as handle:
+            lines = handle.readlines()
+        last = lines[-1] if lines else b"\n"
+        if last.endswith(b"\n") or not last.strip() or _parses(last):
+            break
+        _wait_for_writer(path.parent)  # then read again: the append has finished, or the line was torn
     rows, skipped = [], []
-    with open(path, "rb") as handle:
-        for line_number, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-                reason = None if isinstance(obj, dict) else f"expected a JSON object, got {type(obj).__name__}"
-            except UnicodeDecodeError:
-                reason = "not UTF-8 text"
-            except json.JSONDecodeError as error:
-                reason = f"not valid JSON ({error.msg} at column {error.colno})"
-            if reason is None:
-                rows.append((line_number, obj))
-            elif skip_bad_lines:
-                skipped.append(f"line {line_number} ({reason})")
-            else:
-                raise UnreadableLineError(path, line_number, reason)
+    for line_number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+            reason = None if isinstance(obj, dict) else f"expected a JSON object, got {type(obj).__name__}"
+        except UnicodeDecodeError:
+            reason = "not UTF-8 text"
+        except json.JSONDecodeError as error:
+            reason = f"not valid JSON ({error.msg} at column {error.colno})"
+        if reason is None:
+            rows.append((line_number, obj))
+        elif skip_bad_lines:
+            skipped.append(f"line {line_number} ({reason})")
+        else:
+            raise UnreadableLineError(path, line_number, reason)
     if skipped:
         warnings.warn(f"{path}: skipped {len(skipped)} unreadable line(s): {', '.join(skipped)}", RuntimeWarning,
                       stacklevel=2)
     return rows
+
+
+_READ_ATTEMPTS = 4
+
+
+def _wait_for_writer(directory: Path) -> None:
+    """Block until no process appends in ``directory`` (a shared lock on its lock file, if there is one), then
+    pause a moment, so that a reader re-reads after the append it met half-way."""
+    try:
+        fd = os.open(directory / LOCK_FILE, os.O_RDONLY)
+    except OSError:  # no writer now (the lock file exists only during a write), or not readable
+        time.sleep(0.05)
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    finally:
+        os.close(fd)
+
+
+def _parses(raw: bytes) -> bool:
+    try:
+        json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return True
 
 
 def _key(row: dict, fields: tuple[str, ...]) -> tuple:
@@ -273,6 +318,10 @@ class ResultsStore:
         """:class:`NotWritableError` now, before any work, if results can not be written here; removes the lock
         files and the temporaries of a killed full rewrite that the old store left behind."""
         check_writable_dir(self.results_dir, "results_dir")
+        for name in (RECORDS_FILE, EPOCHS_FILE, PROBE_EPOCHS_FILE, LOCK_FILE):
+            if (self.results_dir / name).is_dir():
+                raise NotWritableError(f"results_dir {str(self.results_dir)!r} holds a folder {name!r} where the "
+                                       f"results store writes a file: move it away or choose another results_dir")
         with _locked(self.results_dir):
             for name in _LEGACY_LOCKS:
                 with contextlib.suppress(FileNotFoundError):
@@ -316,6 +365,22 @@ class ResultsStore:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+    def rewrite(self, transform) -> dict[str, list[dict]]:
+        """Read every results file and write back what ``transform`` makes of them, under the folder's lock.
+
+        ``transform({filename: [(line_number, row), ...]})`` (records, epochs, probe epochs; a missing file: no
+        rows) returns ``{filename: [row, ...]}`` for the files to replace (each written atomically) or raises,
+        and then nothing is written. Appends of other processes wait for the lock, so none is lost between the
+        read and the write. The one exception to append-only, for ``scripts/migrate_results.py``; returns what
+        was written."""
+        self.results_dir.mkdir(parents=True, exist_ok=True)
+        with _locked(self.results_dir):
+            new = transform({name: self.read(name) for name in (RECORDS_FILE, EPOCHS_FILE, PROBE_EPOCHS_FILE)})
+            for name, rows in new.items():
+                write_atomically(self.path(name),
+                                 lambda handle, rows=rows: handle.writelines(json.dumps(row) + "\n" for row in rows))
+        return new
 
     def append_record(self, record: dict) -> None:
         self.append(RECORDS_FILE, [record])

@@ -122,6 +122,20 @@ def job_configs(config) -> list[tuple[int, str, Any]]:
     return jobs
 
 
+def job_device(config, executor: str = "local", gpus_per_job: int | None = None) -> str | None:
+    """The device the jobs of ``config`` run on, for the hash they record (:func:`sdlib.chains.job_config`):
+    ``config.device`` where named; with "auto", cuda for jobs given a GPU (``gpus_per_job`` >= 1; SLURM's
+    default is 1) and cpu for jobs given none (local jobs by default: submitit hides the GPUs from them), or
+    None for debug jobs, which run in this process ("auto" resolved here)."""
+    if config.device != "auto":
+        return config.device
+    if executor == "debug":
+        return None
+    if gpus_per_job is None:
+        gpus_per_job = 1 if executor == "slurm" else 0  # make_executor's defaults
+    return "cuda" if gpus_per_job > 0 else "cpu"
+
+
 def grid_cost(config, images_per_s: float | None = None, n_train_images: int | None = None) -> dict:
     """What the sweep of ``config`` trains: jobs, models, training images and (given a measured throughput)
     training seconds. Evaluation passes are not counted (they are a small part at 45,000 vs 10,000 images).
@@ -399,8 +413,7 @@ def submit_sweep(config, executor: str = "local", folder: str | os.PathLike = "r
     """
     import warnings
 
-    from sdlib.chains import _effective_for_lookup, _tasks
-    from sdlib.store import ResultsStore
+    from sdlib.chains import job_config_hash, pending_tasks
 
     jobs_of_grid = job_configs(config)  # validates config
     if num_threads is not None:
@@ -412,12 +425,10 @@ def submit_sweep(config, executor: str = "local", folder: str | os.PathLike = "r
             raise ValueError(f"{name} must be True or False, got {value!r}")
     _check_options(cluster)
     ex = make_executor(executor, folder, **cluster)  # validates the cluster options before any submission
-    lookup = _effective_for_lookup(config)
-    config_hash = lookup.config_hash()  # once: it fingerprints the data
+    device = job_device(config, executor, cluster.get("gpus_per_job"))
+    config_hash = job_config_hash(config, device)  # the hash the jobs record
     if skip_finished:
-        done = ResultsStore(config.results_dir).records(config_hash)
-        jobs_of_grid = [(s, c, cfg) for s, c, cfg in jobs_of_grid
-                        if any(task not in done for task in _tasks(_effective_for_lookup(cfg)))]
+        jobs_of_grid = [(s, c, cfg) for s, c, cfg in jobs_of_grid if pending_tasks(cfg, device=device)]
     active = {}
     if skip_queued:
         try:
@@ -540,6 +551,8 @@ def _yaml_loader():
     def construct_mapping(loader, node, deep=False):
         seen = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *anchor": merged keys may be given again
+                continue
             key = loader.construct_object(key_node, deep=True)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
@@ -569,7 +582,12 @@ def _read_mapping(source, what: str) -> dict:
         path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(f"{what} {path} does not exist")
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            line = path.read_bytes()[:error.start].count(b"\n") + 1
+            raise ValueError(f"{what} {path}, line {line}: not UTF-8 text (byte {error.object[error.start]:#04x}); "
+                             f"save it as UTF-8") from None
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml
 
@@ -753,14 +771,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def _print_dry_run(config, options: dict) -> None:
     """--dry-run: the config's hash, the jobs a submission would make now, and the grid's cost."""
-    from sdlib.chains import _effective_for_lookup, _tasks
-    from sdlib.store import ResultsStore
+    from sdlib.chains import job_config_hash, pending_tasks
 
     executor, folder = options.get("executor", "local"), options.get("folder", "runs/submitit")
-    config_hash = _effective_for_lookup(config).config_hash()
-    done = ResultsStore(config.results_dir).records(config_hash)
-    jobs = [(s, c) for s, c, cfg in job_configs(config)
-            if any(task not in done for task in _tasks(_effective_for_lookup(cfg)))]
+    device = job_device(config, executor, options.get("gpus_per_job"))
+    config_hash = job_config_hash(config, device)  # the hash the jobs record
+    jobs = [(s, c) for s, c, cfg in job_configs(config) if pending_tasks(cfg, device=device)]
     try:
         active = queued_jobs(config, executor, folder, config_hash)
     except RuntimeError as error:
@@ -805,7 +821,10 @@ def main(argv: list[str] | None = None) -> list[SweepJob]:
         raise SystemExit(f"{parser.prog}: {error}") from None
     executor, folder = options.get("executor", "local"), options.get("folder", "runs/submitit")
     skipped = len(job_configs(config)) - len(jobs)
-    print(f"submitted {len(jobs)} jobs ({executor}); config_hash {config.config_hash()}; logs in {folder}"
+    from sdlib.chains import job_config_hash
+
+    config_hash = job_config_hash(config, job_device(config, executor, options.get("gpus_per_job")))
+    print(f"submitted {len(jobs)} jobs ({executor}); config_hash {config_hash}; logs in {folder}"
           + (f"; {skipped} finished job(s) left out" if skipped else ""))
     for j in jobs:
         print(f"  {j.name}: job {j.job.job_id}")

@@ -12,11 +12,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
-import warnings
 
 from sdlib import data as cifar  # noqa: F401  (tests patch cifar.load_splits through here)
 from sdlib.chains import _tasks as _all_tasks
-from sdlib.chains import pending_tasks, provenance, run_chains
+from sdlib.chains import job_config, pending_tasks, provenance, run_chains
 from sdlib.config import (CAPTURE_MODES, CHAINS_IN_FLIGHT, DATA_ORDERS, MODELS, PROFILES, TEACHER_BN_MODES,
                           TrainConfig, effective_config, resolve_device)
 from sdlib.records import chain_name
@@ -221,12 +220,10 @@ def dry_run(config: TrainConfig, skip_bad_lines: bool = False) -> dict:
     from sdlib import data as data_module
     from sdlib.sweep import grid_cost
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # bf16 / channels_last off the GPU: shown in the config
-        device = resolve_device(config.device)
-        resolved = effective_config(config, device)
+    device = resolve_device(config.device)
+    resolved = job_config(config, str(device))  # bf16 / channels_last off the GPU: shown in the config
     fingerprint = resolved.resolved_data_fingerprint()
-    pending = pending_tasks(dataclasses.replace(resolved, device=str(device)), skip_bad_lines=skip_bad_lines)
+    pending = pending_tasks(config, skip_bad_lines=skip_bad_lines, device=str(device))
     return {"config": {**resolved.to_dict(), "data_fingerprint": fingerprint}, "device": str(device),
             "config_hash": resolved.config_hash(fingerprint), "data_found": data_module.data_fingerprint(
                 resolved.data_root) is not None, "pending": pending, "cost": grid_cost(resolved)}
@@ -268,7 +265,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     images = sum(event["train_images"] for event in trained)
-    seconds = sum(event["train_time_s"] for event in trained)
+    seconds = sum(event["train_time_s"] / event.get("in_flight", 1) for event in trained)  # a group's time once
     print(f"{len(records)} records in {config.results_dir} (config_hash {records[0]['config_hash']}); "
           f"{len(trained)} model(s) trained in {time.perf_counter() - start:.1f} s")
     if trained:

@@ -67,7 +67,7 @@ def test_defaults_run_and_show_digits_and_the_committed_cifar_results(tmp_path):
     following = [c for c in nb.cells if c.cell_type == "code"][i + 1]
     if "injected-parameters" in following.metadata.get("tags", []):
         following = [c for c in nb.cells if c.cell_type == "code"][i + 2]
-    assert "check_parameters()" in following.source and "remove-cell" in following.metadata.get("tags", [])
+    assert "check_parameters(" in following.source and "remove-cell" in following.metadata.get("tags", [])
 
 
 def digits_split(seed, n_train, n_val, n_test):

@@ -67,7 +67,7 @@ def test_notebook_is_committed_clean_and_parameterized():
     h1 = [line for c in nb.cells if c.cell_type == "markdown" for line in c.source.splitlines() if line.startswith("# ")]
     assert h1 == ["# ResNet-50 on CIFAR-10"]
     after = code[code.index(parameter_cells[0]) + 1]
-    assert "check_parameters()" in after.source and "remove-cell" in after.metadata.get("tags", [])
+    assert "check_parameters(" in after.source and "remove-cell" in after.metadata.get("tags", [])
     text = "".join(c.source for c in nb.cells if c.cell_type == "markdown")
     figures = [c for c in code if "figure" in c.metadata.get("mystnb", {})]
     assert [c.metadata["mystnb"]["figure"]["name"] for c in figures] == ["fig-cifar-summary", "fig-cifar-epochs"]
@@ -175,5 +175,5 @@ def test_an_unknown_parameter_stops_the_notebook_before_any_work(tmp_path):
     nb = nbformat.read(output, as_version=4)
     code = [cell for cell in nb.cells if cell.cell_type == "code"]
     failed = [i for i, cell in enumerate(code) if any(out.get("output_type") == "error" for out in cell.outputs)]
-    assert len(failed) == 1 and "check_parameters()" in code[failed[0]].source
+    assert len(failed) == 1 and "check_parameters(" in code[failed[0]].source
     assert all(cell.execution_count is None for cell in code[failed[0] + 1:])

@@ -1,0 +1,94 @@
+"""Run the book's notebooks through papermill again and again, as batch users do, and record every run's time.
+
+    nice -n 10 .venv/bin/python benchmarks/papermill_stress.py                      # 01 x20, the others x5
+    nice -n 10 .venv/bin/python benchmarks/papermill_stress.py --runs 01=20 02=5 --timeout 600
+
+Each run is ``papermill <notebook> <output>`` in a subprocess of its own (its own kernel, as on the command
+line), with the notebook's default parameters, from the notebook's folder. A run that has not finished after
+``--timeout`` seconds is killed and counted as a hang. The result, one row per run (notebook, run, seconds,
+status) and a summary per notebook (median, max), is written to ``benchmarks/results/papermill_stress.json``
+after every run, so a killed benchmark keeps what it measured. Exit code 1 if any run failed or hung.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+NOTEBOOKS = REPO / "notebooks"
+DEFAULT_RUNS = {"01": 20, "02": 5, "03": 5, "04": 5, "05": 5, "06": 5}
+
+
+def _runs(tokens: list[str] | None) -> dict[str, int]:
+    if not tokens:
+        return dict(DEFAULT_RUNS)
+    runs = {}
+    for token in tokens:
+        prefix, _, count = token.partition("=")
+        if not count.isdigit() or int(count) < 1 or not list(NOTEBOOKS.glob(f"{prefix}_*.ipynb")):
+            raise SystemExit(f"--runs takes NN=COUNT with a notebook number NN of notebooks/ and COUNT >= 1, "
+                             f"got {token!r}")
+        runs[prefix] = int(count)
+    return runs
+
+
+def _summary(rows: list[dict]) -> dict:
+    out = {}
+    for name in dict.fromkeys(row["notebook"] for row in rows):
+        times = [row["seconds"] for row in rows if row["notebook"] == name]
+        out[name] = {"runs": len(times), "ok": sum(row["status"] == "ok" for row in rows if row["notebook"] == name),
+                     "median_s": round(statistics.median(times), 1), "max_s": round(max(times), 1),
+                     "min_s": round(min(times), 1)}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="benchmarks/papermill_stress.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", nargs="*", metavar="NN=COUNT",
+                        help="runs per notebook, e.g. 01=20 05=5 (default: 01=20 and 5 of every other)")
+    parser.add_argument("--timeout", type=float, default=600.0,
+                        help="seconds after which a run counts as hung and is killed (default 600)")
+    parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "papermill_stress.json"))
+    args = parser.parse_args(argv)
+    runs = _runs(args.runs)
+    papermill = Path(sys.executable).with_name("papermill")
+    rows: list[dict] = []
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    with tempfile.TemporaryDirectory(prefix="papermill-stress-") as scratch:
+        for prefix, count in runs.items():
+            notebook = sorted(NOTEBOOKS.glob(f"{prefix}_*.ipynb"))[0]
+            for run in range(1, count + 1):
+                output = Path(scratch) / f"{notebook.stem}-{run}.ipynb"
+                start = time.perf_counter()
+                try:
+                    done = subprocess.run([str(papermill), str(notebook), str(output), "--cwd", str(NOTEBOOKS),
+                                           "--no-progress-bar"], capture_output=True, text=True,
+                                          timeout=args.timeout, env={**os.environ, "MPLBACKEND": ""})
+                    status = "ok" if done.returncode == 0 else "failed: " + (done.stderr.strip().splitlines()
+                                                                            or ["?"])[-1][:300]
+                except subprocess.TimeoutExpired:
+                    status = f"hung: killed after {args.timeout:g} s"
+                seconds = time.perf_counter() - start
+                rows.append({"notebook": notebook.name, "run": run, "seconds": round(seconds, 2),
+                             "status": status})
+                print(f"{notebook.name} run {run}/{count}: {seconds:.1f} s, {status}", flush=True)
+                result = {"started": started, "machine": f"{os.cpu_count()} CPU cores, {platform.platform()}",
+                          "load_average_at_end": os.getloadavg(), "timeout_s": args.timeout,
+                          "summary": _summary(rows), "runs": rows}
+                Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
+    bad = [row for row in rows if row["status"] != "ok"]
+    print(f"{len(rows)} runs, {len(bad)} failed or hung; written to {args.output}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
