@@ -76,7 +76,8 @@ MEASURE = """
   const math = article.querySelectorAll(".math").length;
   const typeset = article.querySelectorAll("mjx-container").length;
   const bodyFont = parseFloat(getComputedStyle(article.querySelector("p") || article).fontSize);
-  const tables = [...article.querySelectorAll("table")].filter(visible).map((table) => {
+  // the reader's tables (Sphinx's generated index lays its entries out in a table of its own)
+  const tables = [...article.querySelectorAll("table:not(.indextable)")].filter(visible).map((table) => {
     const caption = table.querySelector("caption");
     return {caption: caption ? caption.textContent.trim().replace(/\\s+/g, " ") : "",
             text: table.textContent.trim().replace(/\\s+/g, " ").slice(0, 80)};
