@@ -56,7 +56,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     # The authors' code as it ran (github.com/Kennethborup/self_distillation, self_distiller.py, Lightning 1.1.1):
     # the same optimizer and schedule, but the teacher's BatchNorm in train mode (batch statistics), all 50,000
     # training images (their validation loader is the test set), one fixed data order, fixed alphas only (their
-    # code has no alpha-hat). book/05_protocols.md gives the line of their code behind each value.
+    # code has no alpha-hat). book/reproduce_cifar10.md gives the line of their code behind each value.
     "official": dict(epochs=75, batch_size=16, lr=1e-4, lr_schedule="constant", warmup_epochs=0,
                      bf16=False, channels_last=False, teacher_bn="train", data_order="fixed", n_val=0,
                      include_alpha_hat=False),

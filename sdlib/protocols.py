@@ -1,9 +1,9 @@
 """The three training protocols side by side, computed from :data:`sdlib.config.PROFILES` (torch-free).
 
 ``official`` is the authors' code as it ran, ``paper`` the protocol as the paper describes it (with our held-out
-split, so that Algorithm 1 has data to estimate alpha-hat on), ``fast`` our quick profile. Chapter 5 shows
-:func:`protocol_table` (values read from the profiles, never typed by hand) beside book/05_protocols.md, which
-gives the reason for each difference and the line of the authors' code it comes from, and
+split, so that Algorithm 1 has data to estimate alpha-hat on), ``fast`` our quick profile. The book's page
+book/reproduce_cifar10.md shows :func:`protocol_table` for every profile (values read from the profiles, never
+typed by hand), the reason for each difference and the line of the authors' code it comes from, and
 :func:`teacher_bn_effect`: how much the teacher's BatchNorm mode changes its targets, read from the committed
 run of ``benchmarks/teacher_bn.py``.
 

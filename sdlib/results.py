@@ -51,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import numbers
 import os
 import re
 import warnings
@@ -79,6 +80,11 @@ __all__ = [
     "load_records",
     "load_epochs",
     "training_runs",
+    "markdown_table",
+    "book_figures",
+    "book_png",
+    "smallest_font_pt",
+    "plot_last_step",
     "load_throughput",
     "summarize",
     "accuracy_table",
@@ -665,14 +671,109 @@ def accuracy_table(records: pd.DataFrame, metric: str = "test_acc", decimals: in
     return table
 
 
+# --------------------------------------------------------------------------------------------- tables
+
+def markdown_table(frame: pd.DataFrame, caption: str, name: str | None = None, index: bool = True,
+                   formats: dict | str | None = None):
+    """A DataFrame as the book shows a table: a MyST ``table`` directive holding a pipe table, so that Sphinx
+    numbers it (Table 5.1) and gives it its caption; ``name`` makes it citable with {numref}. Shown by a notebook
+    cell whose Markdown output is read as MyST (cell metadata ``mystnb: {markdown_format: myst}``). The index,
+    when kept, is the first column, headed by its name (no extra header row); ``formats`` is one format string
+    for every number, or one per column."""
+    from IPython.display import Markdown
+
+    def text(value, fmt=None) -> str:
+        if value is None or (isinstance(value, numbers.Real) and math.isnan(value)):
+            value = ""
+        elif fmt is not None and isinstance(value, numbers.Real) and not isinstance(value, bool):
+            value = fmt.format(value)
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    def column_format(column):
+        return formats.get(column) if isinstance(formats, dict) else formats
+
+    header = ([text(frame.index.name or "")] if index else []) + [text(c) for c in frame.columns]
+    numeric = [pd.api.types.is_numeric_dtype(frame[c]) for c in frame.columns]
+    align = (["---"] if index else []) + ["--:" if n else "---" for n in numeric]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
+    for key, row in frame.iterrows():
+        cells = ([text(key)] if index else []) + [text(row[c], column_format(c)) for c in frame.columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    label = f":name: {name}\n" if name else ""
+    return Markdown(f"::::{{table}} {text(caption)}\n{label}:align: left\n\n" + "\n".join(lines) + "\n::::\n")
+
+
 # -------------------------------------------------------------------------------------------- figures
 
 ALPHA_HAT_COLOR = "tab:red"
 
 
-# Figures are drawn at the width of the book's text column (6.4 in at 100 px per inch), so that their
-# labels keep the size they are given (the book's notebooks use 12 pt) when shown.
-FIGURE_WIDTH_IN = 6.4
+# Figures are drawn at 5.6 in and 100 px per inch with labels of at least 12 pt (book_figures), so that on a
+# phone's 342 px column their text is still about 10 px (12 pt x 100/72 x 342/560).
+FIGURE_WIDTH_IN = 5.6
+FIGURE_DPI = 100
+FIGURE_FONT_PT = 12
+# PNG text chunks written by book_figures: the smallest font drawn and the resolution of the image.
+PNG_MIN_FONT_KEY = "sdlib:min-font-pt"
+PNG_DPI_KEY = "sdlib:dpi"
+
+
+def smallest_font_pt(fig) -> float:
+    """The smallest font size (pt) of any non-empty visible text drawn inside the figure (after a draw)."""
+    from matplotlib.text import Text
+
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    box = fig.bbox
+    sizes = [t.get_fontsize() for t in fig.findobj(Text)
+             if t.get_visible() and t.get_text().strip() and t.figure is not None
+             and t.get_window_extent(renderer).overlaps(box)]
+    return min(sizes) if sizes else float("inf")
+
+
+def book_png(fig):
+    """A figure as the book shows it: a PNG at twice its resolution (sharp when enlarged), with only its display
+    width as metadata, so that the page scales it with its column and keeps its aspect ratio (IPython's retina
+    format also fixes the height, which squashes a figure on a narrow screen). The PNG records the smallest font
+    drawn and its resolution (text chunks PNG_MIN_FONT_KEY, PNG_DPI_KEY) for tests/test_browser.py."""
+    from io import BytesIO
+
+    if not fig.axes and not fig.lines:
+        return None
+    dpi = 2 * fig.dpi
+    metadata = {PNG_MIN_FONT_KEY: f"{smallest_font_pt(fig):g}", PNG_DPI_KEY: f"{dpi:g}"}
+    buffer = BytesIO()
+    fig.canvas.print_figure(buffer, format="png", dpi=dpi, bbox_inches="tight", facecolor=fig.get_facecolor(),
+                            edgecolor=fig.get_edgecolor(), metadata=metadata)
+    data = buffer.getvalue()
+    width = int.from_bytes(data[16:20], "big")  # the IHDR chunk: width, then height, big-endian
+    return data, {"width": width // 2}
+
+
+def book_figures(**rc) -> None:
+    """The book's figure style, for a notebook's setup cell: figures FIGURE_WIDTH_IN wide at FIGURE_DPI with
+    labels of FIGURE_FONT_PT, shown through :func:`book_png`. ``rc`` adds or overrides matplotlib rcParams."""
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    # matplotlib loads its backend with the first figure, and the inline backend then sets the figure formats:
+    # let that happen first, so that it does not replace book_png afterwards
+    plt.close(plt.figure())
+
+    plt.rcParams.update({
+        "figure.dpi": FIGURE_DPI, "figure.figsize": (FIGURE_WIDTH_IN, 3.4), "font.size": FIGURE_FONT_PT,
+        "axes.titlesize": FIGURE_FONT_PT, "axes.labelsize": FIGURE_FONT_PT, "xtick.labelsize": FIGURE_FONT_PT,
+        "ytick.labelsize": FIGURE_FONT_PT, "legend.fontsize": FIGURE_FONT_PT, "legend.title_fontsize": FIGURE_FONT_PT,
+        # plain tick labels: no offset ("+1e3"), and 0.5 or 1.35 on a log axis rather than 5 x 10^-1
+        "axes.formatter.useoffset": False, "axes.formatter.min_exponent": 3, **rc,
+    })
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is not None:
+        shell.display_formatter.formatters["image/png"].for_type(Figure, book_png)
 _METRIC_LABELS = {"test_acc": "test accuracy", "val_acc": "validation accuracy", "train_loss": "training loss",
                   "val_loss": "validation loss", "test_loss": "test loss", "lr": "learning rate",
                   "wall_time_s": "wall-clock time per epoch (s)", "images_per_s": "training images per second"}
@@ -702,10 +803,23 @@ def _spread(rows: pd.DataFrame, metric: str, spread: str | None):
     return None
 
 
+def _chain_colors(chains, cmap: str = "viridis") -> dict:
+    """One distinct colour per fixed-alpha chain (ascending alpha, evenly spaced on the colormap), and the
+    alpha-hat chain's red."""
+    import matplotlib as mpl
+
+    fixed = sorted((c for c in chains if c != ALPHA_HAT_CHAIN), key=chain_alpha)
+    colormap = mpl.colormaps[cmap]
+    colors = {chain: colormap(0.9 * i / max(1, len(fixed) - 1)) for i, chain in enumerate(fixed)}
+    colors[ALPHA_HAT_CHAIN] = ALPHA_HAT_COLOR
+    return colors
+
+
 def plot_accuracy(records: pd.DataFrame, ax=None, metric: str = "test_acc", spread: str | None = "std",
                   cmap: str = "viridis"):
-    """Accuracy against step: one line per fixed alpha, coloured by alpha on a sequential colormap (with a
-    colorbar), and the alpha-hat chain highlighted in red; a band shows the spread over seeds.
+    """Accuracy against step: one line per fixed alpha, each its own colour from a sequential colormap and named
+    in the legend, and the alpha-hat chain highlighted in red with a band for the spread over seeds (the fixed
+    chains' spread is in :func:`plot_last_step`: their bands would pile up).
 
     Parameters
     ----------
@@ -713,11 +827,10 @@ def plot_accuracy(records: pd.DataFrame, ax=None, metric: str = "test_acc", spre
     ax : matplotlib Axes to draw into (a new figure when None).
     metric : ``"test_acc"`` or ``"val_acc"``.
     spread : ``"std"`` (mean ± sample std over seeds), ``"minmax"`` (min to max over seeds) or None.
-    cmap : name of the sequential colormap over alpha in [0, 1].
+    cmap : name of the sequential colormap the fixed alphas' colours are taken from, in ascending order.
 
     Returns the Figure. The Axes holds exactly one Line2D per chain (fixed alphas ascending, then alpha-hat).
     """
-    import matplotlib as mpl
     from matplotlib.ticker import PercentFormatter
 
     if metric not in ("test_acc", "val_acc"):
@@ -726,37 +839,66 @@ def plot_accuracy(records: pd.DataFrame, ax=None, metric: str = "test_acc", spre
         raise ValueError(f"spread must be 'std', 'minmax' or None, got {spread!r}")
     summary = summarize(records)
     fig, ax = _axes(ax)
-    colormap = mpl.colormaps[cmap]
-    norm = mpl.colors.Normalize(vmin=0.0, vmax=1.0)  # alpha lives in [0, 1]: colours comparable across runs
+    colors = _chain_colors(summary["chain"].unique(), cmap)
 
     fixed = [chain for chain in summary["chain"].unique() if chain != ALPHA_HAT_CHAIN]
     for chain in fixed:
         rows = summary[summary["chain"] == chain]
-        color = colormap(norm(chain_alpha(chain)))
-        ax.plot(rows["step"], rows[f"{metric}_mean"], color=color, marker="o", markersize=4, linewidth=1.4)
-        band = _spread(rows, metric, spread)
-        if band is not None:
-            ax.fill_between(rows["step"], *band, color=color, alpha=0.12, linewidth=0)
-    if fixed:
-        fig.colorbar(mpl.cm.ScalarMappable(norm=norm, cmap=colormap), ax=ax, label=r"fixed $\alpha$", pad=0.02)
+        ax.plot(rows["step"], rows[f"{metric}_mean"], color=colors[chain], marker="o", markersize=4,
+                linewidth=1.4, label=chain_label(chain))
 
     rows = summary[summary["chain"] == ALPHA_HAT_CHAIN]
     if not rows.empty:
         ax.plot(rows["step"], rows[f"{metric}_mean"], color=ALPHA_HAT_COLOR, marker="D", markersize=6,
-                linewidth=2.6, zorder=5, label=r"$\hat\alpha$ chain (Algorithm 1)")
+                linewidth=2.6, zorder=5, label=r"$\hat\alpha$ (Algorithm 1)")
         band = _spread(rows, metric, spread)
         if band is not None:
-            ax.fill_between(rows["step"], *band, color=ALPHA_HAT_COLOR, alpha=0.18, linewidth=0, zorder=4)
-        ax.legend(loc="best")
-
+            ax.fill_between(rows["step"], *band, color=ALPHA_HAT_COLOR, alpha=0.15, linewidth=0, zorder=4)
     n_seeds = int(records["seed"].nunique())
-    spread_text = {"std": "band: ± 1 std over seeds", "minmax": "band: min to max over seeds", None: ""}[spread]
-    ax.set_title(f"{'Test' if metric == 'test_acc' else 'Validation'} accuracy, mean over {n_seeds} "
-                 f"seed{'s' if n_seeds != 1 else ''}" + (f"\n({spread_text})" if spread_text and n_seeds > 1 else ""))
+    spread_text = {"std": "± 1 std", "minmax": "min to max"}.get(spread)
+    band_text = (f"; red band: {spread_text} over seeds" if spread_text and n_seeds > 1 and not rows.empty else "")
+    # above the axes, where no line can run under it
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, frameon=False, columnspacing=1.0,
+              title=f"Mean over {n_seeds} seed{'s' if n_seeds != 1 else ''}{band_text}")
     ax.set_xlabel("distillation step")
     ax.set_ylabel("test accuracy" if metric == "test_acc" else "validation accuracy")
     _step_axis(ax, summary["step"])
-    ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+    ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=0))
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def plot_last_step(records: pd.DataFrame, ax=None, metric: str = "test_acc", cmap: str = "viridis"):
+    """The last step's accuracy against alpha: mean ± one sample standard deviation over seeds for every fixed
+    alpha (error bars, coloured as in :func:`plot_accuracy`), the alpha-hat chain at its mean alpha-hat (red), and
+    step 1 (dashed) for reference. Returns the Figure; the Axes holds one error-bar container per chain."""
+    from matplotlib.ticker import PercentFormatter
+
+    if metric not in ("test_acc", "val_acc"):
+        raise ValueError(f"metric must be 'test_acc' or 'val_acc', got {metric!r}")
+    summary = summarize(records)
+    last = int(summary["step"].max())
+    rows = summary[summary["step"] == last]
+    fig, ax = _axes(ax, figsize=(FIGURE_WIDTH_IN, 3.4))
+    colors = _chain_colors(summary["chain"].unique(), cmap)
+    step1 = summary[summary["step"] == 1][f"{metric}_mean"].mean()
+    ax.axhline(step1, color="0.5", ls="--", lw=1.2, label="step 1")
+    for _, row in rows.iterrows():
+        std = 0.0 if pd.isna(row[f"{metric}_std"]) else row[f"{metric}_std"]
+        if row["chain"] == ALPHA_HAT_CHAIN:
+            hats = records[(records["chain"] == ALPHA_HAT_CHAIN) & (records["step"] == last)]["alpha_hat"]
+            if hats.notna().any():
+                ax.errorbar(hats.mean(), row[f"{metric}_mean"], yerr=std, color=ALPHA_HAT_COLOR, marker="D",
+                            markersize=7, capsize=4, linewidth=1.6, label=r"$\hat\alpha$ chain, at its mean $\hat\alpha$")
+        else:
+            ax.errorbar(chain_alpha(row["chain"]), row[f"{metric}_mean"], yerr=std, color=colors[row["chain"]],
+                        marker="o", markersize=6, capsize=4, linewidth=1.6)
+    ax.set_xlabel(r"weight of the labels $\alpha$")
+    ax.set_ylabel("test accuracy" if metric == "test_acc" else "validation accuracy")
+    ax.set_title(f"Step {last}, mean ± 1 std over seeds")
+    ax.set_xlim(-0.05, 1.05)
+    ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=0))
+    ax.legend(loc="best")
     ax.grid(alpha=0.3)
     return fig
 
@@ -820,25 +962,24 @@ def plot_epochs(epochs: pd.DataFrame, chain: str, ax=None, metric: str = "test_a
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(f"{_METRIC_LABELS.get(metric, metric).capitalize()} per epoch, chain {chain_label(chain)}, "
                  "mean over seeds")
-    ax.legend(loc="best", fontsize="small")
+    ax.legend(loc="best")
     ax.grid(alpha=0.3)
     return fig
 
 
 def plot_summary(records: pd.DataFrame, metric: str = "test_acc", spread: str | None = "std"):
-    """The summary figure: accuracy against step (:func:`plot_accuracy`) and, where the records hold an
-    alpha-hat chain, alpha-hat per step (:func:`plot_alpha_hat`) beside it. Returns the Figure."""
+    """The summary figure, stacked at the width of the book's column: accuracy against step
+    (:func:`plot_accuracy`), the last step's accuracy against alpha (:func:`plot_last_step`) and, where the
+    records hold an alpha-hat chain, alpha-hat per step (:func:`plot_alpha_hat`). Returns the Figure."""
     import matplotlib.pyplot as plt
 
     _check_records(records)
     with_alpha_hat = bool(((records["chain"] == ALPHA_HAT_CHAIN) & records["alpha_hat"].notna()).any())
+    rows = 3 if with_alpha_hat else 2
+    fig, axes = plt.subplots(rows, 1, figsize=(FIGURE_WIDTH_IN, 3.4 * rows + 1.4), layout="constrained",
+                             gridspec_kw={"height_ratios": [1.5] + [1.0] * (rows - 1)})
+    plot_accuracy(records, ax=axes[0], metric=metric, spread=spread)
+    plot_last_step(records, ax=axes[1], metric=metric)
     if with_alpha_hat:
-        # stacked, at the width of the book's column
-        fig, (ax_acc, ax_alpha) = plt.subplots(2, 1, figsize=(FIGURE_WIDTH_IN, 7.6), layout="constrained",
-                                               gridspec_kw={"height_ratios": [1.5, 1.0]})
-        plot_accuracy(records, ax=ax_acc, metric=metric, spread=spread)
-        plot_alpha_hat(records, ax=ax_alpha)
-    else:
-        fig, ax_acc = plt.subplots(figsize=(FIGURE_WIDTH_IN, 4.4), layout="constrained")
-        plot_accuracy(records, ax=ax_acc, metric=metric, spread=spread)
+        plot_alpha_hat(records, ax=axes[2])
     return fig

@@ -132,7 +132,7 @@ def teacher_probs(teacher: torch.nn.Module, x: torch.Tensor, bn_mode: str = "eva
         "eval": every layer in eval mode; BatchNorm normalizes with its running statistics.
         "train": BatchNorm normalizes with the statistics of this batch (per channel: mean and biased variance
         over B, H, W), as the authors' teacher did (under PyTorch Lightning 1.1.1 it ran in train mode, see
-        book/05_protocols.md). Its running statistics are NOT updated (no momentum step, num_batches_tracked
+        book/reproduce_cifar10.md). Its running statistics are NOT updated (no momentum step, num_batches_tracked
         unchanged): the teacher stays bit-identical to its checkpoint, so a resumed run and the final
         checkpoints on disk are unaffected by distillation. The outputs are the same either way, since in train
         mode BatchNorm never reads its running statistics. Other layers stay in eval mode (ResNet-50 has none

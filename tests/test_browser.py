@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import functools
 import http.server
+import re
 import threading
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import pytest
 
@@ -61,8 +62,10 @@ MEASURE = """
   for (const fig of article.querySelectorAll("figure")) {
     const caption = fig.querySelector("figcaption");
     const images = [...fig.querySelectorAll("img")].map((img) => ({
-      src: img.getAttribute("src"), alt: img.getAttribute("alt") || "", loaded: img.complete && img.naturalWidth > 0,
-      natural: img.naturalWidth, shown: Math.round(img.getBoundingClientRect().width),
+      src: img.getAttribute("src"), url: img.src, alt: img.getAttribute("alt") || "",
+      loaded: img.complete && img.naturalWidth > 0, natural: img.naturalWidth, naturalHeight: img.naturalHeight,
+      shown: img.getBoundingClientRect().width, shownHeight: img.getBoundingClientRect().height,
+      inlineHeight: img.style.height || img.getAttribute("height") || "",
     }));
     figures.push({id: fig.id, caption: caption ? caption.textContent.trim() : "", number:
       caption && caption.querySelector(".caption-number") ? caption.querySelector(".caption-number").textContent : "",
@@ -73,9 +76,73 @@ MEASURE = """
   const math = article.querySelectorAll(".math").length;
   const typeset = article.querySelectorAll("mjx-container").length;
   const bodyFont = parseFloat(getComputedStyle(article.querySelector("p") || article).fontSize);
-  return {wide, scrolling, figures, loose, math, typeset, bodyFont};
+  // the reader's tables (Sphinx's generated index lays its entries out in a table of its own)
+  const tables = [...article.querySelectorAll("table:not(.indextable)")].filter(visible).map((table) => {
+    const caption = table.querySelector("caption");
+    return {caption: caption ? caption.textContent.trim().replace(/\\s+/g, " ") : "",
+            text: table.textContent.trim().replace(/\\s+/g, " ").slice(0, 80)};
+  });
+  const text = article.innerText;
+  return {wide, scrolling, figures, loose, math, typeset, bodyFont, tables, text};
 }
 """
+
+
+# A figure's text, at the width it is shown, is never smaller than this (CSS px); its aspect ratio is its own.
+MIN_FIGURE_TEXT_PX = 9.0
+ASPECT_TOLERANCE = 0.02
+# What a reader must never see: a None where a folder should be, or a path of the machine that built the book.
+LEAKS = re.compile(r"None/|(?<![\w.])/(?:tmp|home|work|root|Users|mnt|scratch|private|var/folders)/")
+TABLE_NUMBER = re.compile(r"^Table \d+(\.\d+)?\b")
+
+
+def image_file(url: str, root: Path) -> Path:
+    """The file behind an image URL of the page served from ``root``."""
+    return root / unquote(urlparse(url).path).lstrip("/")
+
+
+def figure_text_px(image: dict, root: Path) -> float | None:
+    """The smallest text of a figure image in CSS px as shown: the smallest font (pt) drawn, recorded in the PNG
+    by sdlib.results.book_png with the PNG's resolution, scaled by the shown width over the natural width."""
+    from PIL import Image
+
+    from sdlib.results import PNG_DPI_KEY, PNG_MIN_FONT_KEY
+
+    with Image.open(image_file(image["url"], root)) as png:
+        chunks = dict(getattr(png, "text", {}))
+    if PNG_MIN_FONT_KEY not in chunks or PNG_DPI_KEY not in chunks:
+        return None
+    font_pt, dpi = float(chunks[PNG_MIN_FONT_KEY]), float(chunks[PNG_DPI_KEY])
+    return font_pt / 72 * dpi * image["shown"] / image["natural"]
+
+
+def reader_problems(seen: dict, root: Path) -> list[str]:
+    """What a reader of one page at one width trips on: a figure image shown with another aspect ratio than its
+    own or with an inline height, figure text smaller than MIN_FIGURE_TEXT_PX, a table without a numbered
+    caption, "None/" or a machine path in the text."""
+    problems = []
+    for figure in seen["figures"]:
+        for image in figure["images"]:
+            where = f"#{figure['id']} {image['src']}"
+            if not image["loaded"] or not image["natural"] or not image["shown"]:
+                continue  # reported by the caption-and-load test
+            if image["inlineHeight"]:
+                problems.append(f"{where}: inline height {image['inlineHeight']}")
+            natural = image["natural"] / image["naturalHeight"]
+            shown = image["shown"] / image["shownHeight"]
+            if abs(shown / natural - 1) > ASPECT_TOLERANCE:
+                problems.append(f"{where}: aspect ratio {shown:.3f} shown, {natural:.3f} drawn")
+            text_px = figure_text_px(image, root)
+            if text_px is None:
+                problems.append(f"{where}: no record of its font size (draw it through sdlib.results.book_png)")
+            elif text_px < MIN_FIGURE_TEXT_PX:
+                problems.append(f"{where}: text {text_px:.1f} px at {image['shown']:.0f} px wide")
+    for table in seen["tables"]:
+        if not TABLE_NUMBER.match(table["caption"]):
+            problems.append(f"table without a numbered caption ({table['caption'][:40]!r}): {table['text']}")
+    problems += [f"prints {match.group(0)!r}: ...{seen['text'][max(0, match.start() - 40):match.end() + 40]}..."
+                 for match in LEAKS.finditer(seen["text"])]
+    return problems
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -185,6 +252,80 @@ def test_the_checks_see_what_they_look_for(browser, tmp_path):
     assert "boom" in seen["errors"] and any("404" in error for error in seen["errors"])
 
 
+def test_the_reader_checks_see_what_they_look_for(browser, tmp_path):
+    """reader_problems on a page that breaks each rule, at both widths: a figure squashed by an inline height,
+    one whose 5 pt text is unreadable at any width, a figure from a plain savefig (no font record), a table
+    without a number, and "None/" and a machine path in the text; and on the same page done right, none."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sdlib.results import FIGURE_FONT_PT, FIGURE_WIDTH_IN, book_png
+
+    def png(name, font_pt):
+        fig, ax = plt.subplots(figsize=(FIGURE_WIDTH_IN, 3.0), dpi=100, layout="constrained")
+        ax.plot([0, 1], [0, 1])
+        ax.tick_params(labelsize=font_pt)
+        ax.set_xlabel("x", fontsize=font_pt)
+        data, metadata = book_png(fig)
+        plt.close(fig)
+        (tmp_path / name).write_bytes(data)
+        return metadata["width"]
+
+    width = png("good.png", FIGURE_FONT_PT)
+    png("tiny.png", 5)
+    fig, ax = plt.subplots(figsize=(3, 2))
+    fig.savefig(tmp_path / "plain.png")
+    plt.close(fig)
+    caption = '<figcaption><span class="caption-number">Fig. 1 </span>A caption long enough.</figcaption>'
+    bad = (f'<figure id="fig-squashed"><img src="good.png" alt="a figure" style="width:{width}px;height:90px">'
+           f'{caption}</figure>'
+           f'<figure id="fig-tiny"><img src="tiny.png" alt="a figure" style="width:{width}px">{caption}</figure>'
+           f'<figure id="fig-plain"><img src="plain.png" alt="a figure">{caption}</figure>'
+           '<table><caption>Accuracy by step</caption><tr><td>1</td></tr></table>'
+           '<p>96 (seed, chain, step) rows from None/records.jsonl, written to /work/sdlib/runs.</p>')
+    good = (f'<figure id="fig-good"><img src="good.png" alt="a figure" style="width:{width}px">{caption}</figure>'
+            '<table><caption><span class="caption-number">Table 5.1 </span>Accuracy by step</caption>'
+            '<tr><td>1</td></tr></table><p>96 (seed, chain, step) rows from results/cifar10/records.jsonl.</p>')
+    for name, body in (("bad.html", bad), ("good.html", good)):
+        (tmp_path / name).write_text('<html><head><style>img { max-width: 100%; height: auto; } figure { margin: 0; }</style></head>'
+                                     '<body><main><article class="bd-article">' + body +
+                                     '</article></main></body></html>', encoding="utf-8")
+    handler = functools.partial(QuietHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        seen = visit(browser, f"http://127.0.0.1:{server.server_address[1]}/", ["bad.html", "good.html"])
+    finally:
+        server.shutdown()
+        thread.join()
+    for viewport in VIEWPORTS:
+        problems = reader_problems(seen[viewport, "bad.html"], tmp_path)
+        assert any("fig-squashed" in p and "inline height" in p for p in problems), problems
+        assert any("fig-squashed" in p and "aspect ratio" in p for p in problems), problems
+        assert any("fig-tiny" in p and "text " in p for p in problems), problems
+        assert any("fig-plain" in p and "no record of its font size" in p for p in problems), problems
+        assert not any("fig-tiny" in p and "aspect" in p for p in problems), problems
+        assert any("table without a numbered caption" in p for p in problems), problems
+        assert any("'None/'" in p for p in problems) and any("'/work/'" in p for p in problems), problems
+        assert reader_problems(seen[viewport, "good.html"], tmp_path) == [], viewport
+    # the phone shrinks the figure with its aspect ratio, and the check computes its text from the shown width
+    assert seen["phone", "good.html"]["figures"][0]["images"][0]["shown"] < width
+
+
+@pytest.mark.parametrize("viewport", list(VIEWPORTS))
+def test_figures_keep_their_shape_and_readable_text(visits, site, book, viewport):
+    """Every figure image keeps its aspect ratio (within 2 %) with no inline height and text of at least
+    MIN_FIGURE_TEXT_PX at 1280 and 390 px; every table has a numbered caption; no page prints None/ or a path."""
+    _, pages = site
+    root, _ = book
+    html_dir = root / "_build" / "html"
+    problems = {path: reader_problems(visits[viewport, path], html_dir) for path in pages}
+    assert {path: found for path, found in problems.items() if found} == {}
+
+
 @pytest.mark.parametrize("viewport", list(VIEWPORTS))
 def test_math_and_code_fit_the_column(visits, site, viewport):
     _, pages = site
@@ -263,6 +404,16 @@ def test_sliders_change_the_picture(site, browser):
                 name = slider.get_attribute("data-slider")
                 assert after != before, f"{path}: moving slider {name!r} did not change the figure"
                 assert page.locator(".sd-player output").nth(i).inner_text().strip(), path
+        # values below the y-range are marked on the axis, not dropped: chapter 2 at alpha = 0, the largest
+        # lambda and the last step (b_k(t) = a_k^t far below 10^-6; the limit is zero)
+        page.goto(base + "notebooks/02_eigenvalue_damping.html", wait_until="load")
+        page.wait_for_selector(".sd-player[data-ready] svg path")
+        for name in ("alpha", "lam", "step"):
+            slider = page.locator(f'.sd-player input[data-slider="{name}"]')
+            slider.fill("0" if name == "alpha" else slider.get_attribute("max"))
+        assert page.locator(".sd-player svg .sd-below").count() > 0
+        assert page.locator(".sd-player svg .sd-below-note").count() == 1
+        assert "t → ∞ (below)" in page.inner_html(".sd-player svg")
     finally:
         page.close()
 
@@ -285,9 +436,9 @@ def test_figures_open_enlarged(site, browser):
 
 
 def test_figure_text_is_as_large_as_the_body_text(visits):
-    """The notebooks draw figures 6.4 in wide with 12 pt labels at 100 px per inch (tests/test_theory_notebooks.py
-    checks their style), that is 16.7 px; shown at their natural size at 1280 px (checked above), their labels
-    are then at least as large as the body text."""
+    """The notebooks draw figures with labels of at least 12 pt at 100 px per inch (sdlib.results.book_figures),
+    that is 16.7 px; shown at their natural size at 1280 px (checked above), their labels are then at least as
+    large as the body text."""
     for (viewport, path), seen in visits.items():
         if viewport == "desktop" and seen["figures"]:
             assert seen["bodyFont"] <= 12 * 100 / 72, f"{path}: body text {seen['bodyFont']} px is larger than the figures'"

@@ -3,7 +3,6 @@
 reports it makes; the book's way of running it today, with no results committed; the chapter's structure for the
 book (figures captioned, boilerplate hidden); and an unknown parameter stopping it before any work."""
 
-import html
 import json
 import re
 from pathlib import Path
@@ -37,6 +36,12 @@ def display_outputs(nb, mime: str) -> list[str]:
             if out.output_type in ("display_data", "execute_result") and mime in out.get("data", {})]
 
 
+def glued_figures(nb) -> list[str]:
+    """The PNGs glued (myst_nb.glue with display=False: the MIME type carries glue's prefix)."""
+    return [value for cell in nb.cells if cell.cell_type == "code" for out in cell.get("outputs", [])
+            for mime, value in out.get("data", {}).items() if mime.endswith("image/png")]
+
+
 def n_images(split_dir: Path) -> int:
     return sum(1 for path in split_dir.rglob("*") if path.is_file())
 
@@ -63,27 +68,28 @@ def test_notebook_is_committed_clean_and_parameterized():
         if cell is not train_cells[0]:
             assert "import torch" not in cell.source and "sdlib.train" not in cell.source
     # the chapter is this notebook: one H1, the parameter check hidden right after the parameters, the
-    # figures numbered, captioned, described and cited, and the protocols section included
+    # training cell hidden (the book never trains), the results before the protocol, the figures glued with
+    # captions that read their numbers from the records, described and cited
     h1 = [line for c in nb.cells if c.cell_type == "markdown" for line in c.source.splitlines() if line.startswith("# ")]
     assert h1 == ["# ResNet-50 on CIFAR-10"]
     after = code[code.index(parameter_cells[0]) + 1]
     assert "check_parameters(" in after.source and "remove-cell" in after.metadata.get("tags", [])
-    text = "".join(c.source for c in nb.cells if c.cell_type == "markdown")
-    figures = [c for c in code if "figure" in c.metadata.get("mystnb", {})]
-    assert [c.metadata["mystnb"]["figure"]["name"] for c in figures] == ["fig-cifar-summary", "fig-cifar-epochs"]
-    for cell in figures:
-        assert len(cell.metadata["mystnb"]["figure"]["caption"]) > 60
-        assert len(cell.metadata["mystnb"]["image"]["alt"]) > 40
-        assert f"{{numref}}`{cell.metadata['mystnb']['figure']['name']}`" in text
-    # book/05_protocols.md in two parts, around the profile table computed from the profiles
-    assert "```{include} ../book/05_protocols.md\n:end-before: <!-- the computed profile table goes here -->\n```" \
-        in text
-    assert "```{include} ../book/05_protocols.md\n:start-after: <!-- the computed profile table goes here -->\n```" \
-        in text
-    assert "<!-- the computed profile table goes here -->" in (REPO / "book" / "05_protocols.md").read_text()
-    assert any("protocols.protocol_table()" in c.source for c in code)
-    assert any("protocols.teacher_bn_effect()" in c.source for c in code)
-    assert (REPO / "book" / "05_protocols.md").is_file()
+    assert "remove-cell" in train_cells[0].metadata.get("tags", [])
+    markdown = [c.source for c in nb.cells if c.cell_type == "markdown"]
+    text = "".join(markdown)
+    headings = [line for source in markdown for line in source.splitlines() if line.startswith("## ")]
+    assert headings.index("## Results") < headings.index("## The protocol")
+    figures = re.findall(r"```\{glue:figure\} (\w+)\n:name: (fig-[\w-]+)\n:alt: ([^\n]*)\n\n(.*?)```", text, re.S)
+    assert [name for _, name, _, _ in figures] == ["fig-cifar-summary", "fig-cifar-epochs"]
+    for key, name, alt, caption in figures:
+        assert any(f'glue("{key}", fig, display=False)' in cell.source for cell in code), key
+        assert len(caption) > 60 and len(alt) > 40 and "{glue:text}`cifar_epochs:d`" in caption
+        assert f"{{numref}}`{name}`" in text
+    # the profiles, the authors' code, the BatchNorm measurement and provenance are on their own page
+    assert not any("protocols." in cell.source for cell in code)
+    page = (REPO / "book" / "reproduce_cifar10.md").read_text(encoding="utf-8")
+    assert "protocols.protocol_table(tuple(PROFILES))" in page and "protocols.teacher_bn_effect()" in page
+    assert not (REPO / "book" / "05_protocols.md").exists()
 
 
 def test_tiny_training_run_end_to_end(tiny_cifar_root, tmp_path):
@@ -132,24 +138,31 @@ def test_tiny_training_run_end_to_end(tiny_cifar_root, tmp_path):
     text = stream_text(nb)
     assert f"summary figure saved to {figure}" in text
     assert "No results committed yet" not in text
-    # the accuracy tables: captioned, rows named as a reader reads them, each chain's step-2 accuracy in its row
-    tables = [table for table in display_outputs(nb, "text/html") if "<table" in table]
+    # the accuracy tables: numbered MyST tables with a caption, rows named as a reader reads them, each chain's
+    # step-2 accuracy in its row
+    tables = [table for table in display_outputs(nb, "text/markdown") if "{table}" in table]
     accuracy = [table for table in tables if "Accuracy on the test set" in table]
     assert len(accuracy) == 1 and any("Accuracy on the validation split" in table for table in tables)
-    rows = {html.unescape(re.sub(r"<[^>]+>", "", m.group(1))).strip(): html.unescape(re.sub(r"<[^>]+>", " ", m.group(2)))
-            for m in re.finditer(r"<tr>\s*<th[^>]*>(.*?)</th>(.*?)</tr>", accuracy[0], re.S)}
+    assert ":name: tbl-cifar-test" in accuracy[0]
+    rows = {cells[0]: cells[1:] for cells in (
+        [cell.strip() for cell in line.strip().strip("|").split("|")]
+        for line in accuracy[0].splitlines() if line.startswith("| ") and "---" not in line)}
     for chain, label in (("alpha=0", "α = 0"), ("alpha=1", "α = 1"), ("alpha_hat", "α̂ (Algorithm 1)")):
-        assert f"{100 * by_key[(0, chain, 2)]['test_acc']:.2f}" in rows[label].split(), (label, rows)
+        assert any(f"{100 * by_key[(0, chain, 2)]['test_acc']:.2f}" in cell for cell in rows[label]), (label, rows)
     assert not any("alpha=" in row or "alpha_hat" in row for row in rows)
-    assert len(display_outputs(nb, "image/png")) == 2  # the summary figure and the training curves
+    # what was run, read from the records, in a callout
+    callout = [text for text in display_outputs(nb, "text/markdown") if "What was run" in text]
+    assert len(callout) == 1 and "tbl-cifar-run" in callout[0] and "paper" in callout[0]
+    # the summary figure and the training curves, glued for the book's numbered figures
+    assert len(glued_figures(nb)) == 2
 
     # reading the committed results again (train=False, as the book will) gives the same report
     report = execute(tmp_path / "report.ipynb", results_dir=str(results_dir), figure_path=str(tmp_path / "again.png"))
     assert "profile 'paper', config_hash" not in stream_text(report)  # nothing trained
     assert (tmp_path / "again.png").read_bytes()[:8] == PNG_SIGNATURE
-    assert "\n".join(display_outputs(report, "text/html")).count("α̂") >= 2
+    assert "\n".join(display_outputs(report, "text/markdown")).count("α̂") >= 2
     # the report names the results folder as it was given (the book gives results/cifar10), never the data root
-    shown = stream_text(report) + "\n".join(display_outputs(report, "text/html"))
+    shown = stream_text(report) + "\n".join(display_outputs(report, "text/markdown"))
     assert f"rows from {results_dir}/records.jsonl" in shown and str(tiny_cifar_root) not in shown
 
 
@@ -163,7 +176,7 @@ def test_without_results_the_notebook_says_so(tmp_path, present):
     assert results.no_results_message(results_dir) in text
     assert text.count("No results committed yet under") == 1
     assert f"under {results_dir}: run " in text
-    assert not display_outputs(nb, "image/png") and not (tmp_path / "fig.png").exists()
+    assert not display_outputs(nb, "image/png") and not glued_figures(nb) and not (tmp_path / "fig.png").exists()
     assert not (results_dir / "records.jsonl").exists()  # reporting never writes results
 
 

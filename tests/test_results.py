@@ -182,14 +182,16 @@ def test_plot_accuracy_draws_one_line_per_chain(records_dir):
         np.testing.assert_array_equal(line.get_xdata(), (1, *STEPS))
         expected = [statistics.fmean(r["test_acc"] for r in table[(chain, t)]) for t in (1, *STEPS)]
         np.testing.assert_allclose(line.get_ydata(), expected, atol=1e-12)
-    # fixed alphas on the sequential colormap, alpha-hat highlighted (own colour, thicker)
-    viridis = matplotlib.colormaps["viridis"]
-    for line, alpha in zip(lines[:3], FIXED_ALPHAS):
-        np.testing.assert_allclose(matplotlib.colors.to_rgba(line.get_color()), viridis(alpha))
+    # fixed alphas: one distinct colour each, named in the legend (no colorbar); alpha-hat highlighted (own
+    # colour, thicker) with the only band (the fixed chains' spread is in plot_last_step)
+    colours = [matplotlib.colors.to_hex(line.get_color()) for line in lines]
+    assert len(set(colours)) == len(CHAINS)
     assert matplotlib.colors.same_color(lines[-1].get_color(), results.ALPHA_HAT_COLOR)
     assert lines[-1].get_linewidth() > max(line.get_linewidth() for line in lines[:-1])
-    assert len(ax.collections) == len(CHAINS)  # one spread band per chain
-    assert len(fig.axes) == 2  # the accuracy axes and the alpha colorbar
+    legend = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert legend[:len(FIXED_ALPHAS)] == [f"α = {alpha:g}" for alpha in FIXED_ALPHAS]
+    assert len(ax.collections) == 1
+    assert len(fig.axes) == 1
     plt.close(fig)
 
     fig, ax = plt.subplots()
@@ -221,16 +223,29 @@ def test_plot_alpha_hat_shows_seeds_and_mean(records_dir):
     df = results.load_records(write_jsonl(Path(directory).parent / "no_hat", without))
     with pytest.raises(ValueError, match="alpha_hat"):
         results.plot_alpha_hat(df)
-    fig = results.plot_summary(df)  # accuracy panel only (+ colorbar)
+    fig = results.plot_summary(df)  # accuracy and last-step panels only
     assert len(fig.axes) == 2 and len(fig.axes[0].get_lines()) == 3
     plt.close(fig)
 
 
 def test_plot_summary_has_both_panels(records_dir, tmp_path):
     directory, _ = records_dir
-    fig = results.plot_summary(results.load_records(directory))
-    accuracy_ax, alpha_ax = fig.axes[:2]
+    df = results.load_records(directory)
+    fig = results.plot_summary(df)
+    accuracy_ax, last_ax, alpha_ax = fig.axes
     assert len(accuracy_ax.get_lines()) == len(CHAINS) and len(alpha_ax.get_lines()) == 1
+    # the last step against alpha: one error bar per chain, at the mean and one sample std over seeds
+    summary = results.summarize(df)
+    last = summary[summary["step"] == summary["step"].max()].set_index("chain")
+    bars = last_ax.containers
+    assert len(bars) == len(CHAINS)
+    for bar, chain in zip(bars, last.index):
+        (x,), (y,) = bar.lines[0].get_data()
+        assert y == pytest.approx(last.loc[chain, "test_acc_mean"])
+        if chain != "alpha_hat":
+            assert x == pytest.approx(results.chain_alpha(chain))
+        (segment,) = bar.lines[2][0].get_segments()
+        assert segment[1][1] - segment[0][1] == pytest.approx(2 * last.loc[chain, "test_acc_std"])
     fig.savefig(tmp_path / "summary.png")
     assert (tmp_path / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     plt.close(fig)
@@ -488,3 +503,30 @@ def test_license_and_citation():
     paper = citation["preferred-citation"]
     assert paper["title"].startswith("Even your Teacher Needs Guidance") and paper["year"] == 2021
     assert [a["family-names"] for a in paper["authors"]] == ["Borup", "Andersen"]
+
+
+def test_book_png_records_width_only_and_the_smallest_font():
+    """The book's figures: a PNG at twice the resolution, its display width as the only size (a fixed height would
+    squash it on a narrow column), and the smallest font drawn and the resolution recorded in the PNG."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    fig, ax = plt.subplots(figsize=(results.FIGURE_WIDTH_IN, 3.0), dpi=results.FIGURE_DPI)
+    ax.plot([0, 1], [0, 2])
+    ax.tick_params(labelsize=13)
+    ax.set_xlabel("x", fontsize=14)
+    ax.set_title("title", fontsize=15)
+    ax.text(0.5, 1.0, "annotation", fontsize=12.5)
+    ax.text(0.2, 0.2, "hidden", fontsize=3).set_visible(False)  # not drawn, not counted
+    ax.text(0.3, 0.3, " ", fontsize=4)  # nothing to read
+    data, metadata = results.book_png(fig)
+    plt.close(fig)
+    assert set(metadata) == {"width"}
+    with Image.open(BytesIO(data)) as png:
+        assert png.size[0] // 2 == metadata["width"]
+        assert float(png.text[results.PNG_MIN_FONT_KEY]) == 12.5
+        assert float(png.text[results.PNG_DPI_KEY]) == 2 * results.FIGURE_DPI
+    empty = plt.figure()
+    assert results.book_png(empty) is None
+    plt.close(empty)

@@ -24,6 +24,8 @@ import papermill as pm
 import pytest
 from sklearn.datasets import load_diabetes
 
+from sdlib.results import FIGURE_FONT_PT, FIGURE_WIDTH_IN
+
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO / "notebooks"
 NOTEBOOKS = ["01_toy_example", "02_eigenvalue_damping", "03_infinite_limit", "04_optimal_alpha"]
@@ -161,7 +163,7 @@ def outputs_text(nb) -> str:
         for out in cell.get("outputs", []):
             if out.get("output_type") == "stream":
                 parts.append(out["text"])
-            for mime in ("text/plain", "text/html"):
+            for mime in ("text/plain", "text/html", "text/markdown"):
                 if mime in out.get("data", {}):
                     parts.append(out["data"][mime])
             assert out.get("output_type") != "error", f"error output: {out}"
@@ -211,13 +213,15 @@ def test_committed_notebook_is_clean(name):
         assert meta.get("figure", {}).get("name", "").startswith("fig-"), cell.source[:80]
         assert len(meta["figure"].get("caption", "")) > 60 and len(meta.get("image", {}).get("alt", "")) > 40
         assert cell.source.count("plt.show()") == 1
-    # drawn at the width the book shows them (6.4 in at 100 px per inch), with 12 pt labels, at twice the pixels
+    # drawn for the column by the book's style (sdlib.results.book_figures: width, 12 pt labels, a PNG at twice
+    # the pixels shown at its width; tests/test_browser.py measures the text as shown), never wider, no smaller text
     style = "".join(c.source for c in code_cells[:3])
-    for setting in ('figure_formats = ["retina"]', '"figure.dpi": 100', '"font.size": 12', '"xtick.labelsize": 12'):
-        assert setting in style, setting
-    for cell in figure_cells:
+    assert "book_figures(" in style and "figure_formats" not in style
+    for cell in code_cells:
         for width in re.findall(r"figsize=\(([0-9.]+)", cell.source):
-            assert float(width) <= 6.4, cell.source[:80]
+            assert float(width) <= FIGURE_WIDTH_IN, cell.source[:80]
+        for size in re.findall(r"fontsize=([0-9.]+)", cell.source):
+            assert float(size) >= FIGURE_FONT_PT, cell.source[:80]
     names = [c.metadata["mystnb"]["figure"]["name"] for c in figure_cells]
     text = "".join(c.source for c in nb.cells if c.cell_type == "markdown")
     for fig_name in names + [n for n in ("fig-toy-player", "fig-damping-player") if n in text]:

@@ -227,15 +227,25 @@
     // series
     var plot = svg("g", { "clip-path": "url(#" + clipId + ")" }, root);
     var legend = [];
+    var below = 0;  // points under the bottom of the y-range (or zero on a log axis): marked, never dropped silently
     spec.series.forEach(function (series, si) {
       var y = self.frame(series);
       var x = series.x || spec.x;
       var color = series.color || "#1f77b4";
       var points = [];
+      var under = 0;
       for (var i = 0; i < x.length; i += 1) {
-        if (y[i] === null || (ylog && y[i] <= 0)) { continue; }
+        if (y[i] === null) { continue; }
+        if ((ylog && y[i] <= 0) || fy(y[i]) < y0) {
+          under += 1;
+          var bx = px(x[i]), by = m.top + plotH;
+          svg("path", { d: "M" + (bx - 5).toFixed(1) + "," + (by - 9) + "L" + (bx + 5).toFixed(1) + "," + (by - 9) +
+            "L" + bx.toFixed(1) + "," + (by - 1) + "Z", fill: color, "class": "sd-below" }, root);
+          continue;
+        }
         points.push([px(x[i]), py(y[i])]);
       }
+      below += under;
       if (!series.scatter) {
         var d = points.map(function (p, i) { return (i ? "L" : "M") + p[0].toFixed(1) + "," + p[1].toFixed(1); }).join("");
         var attrs = { d: d, fill: "none", stroke: color, "stroke-width": series.width || 1.6,
@@ -248,16 +258,24 @@
           svg("circle", { cx: p[0].toFixed(1), cy: p[1].toFixed(1), r: series.scatter ? 3.5 : 2.8, fill: color }, plot);
         });
       }
-      if (series.label) { legend.push(series); }
+      if (series.label) {
+        legend.push(points.length ? series : Object.assign({}, series, { label: series.label + " (below)" }));
+      }
     });
+    if (below) {
+      var note = svg("text", { x: m.left + plotW - 4, y: m.top + plotH - 14, "text-anchor": "end", "font-size": 14,
+        fill: "#222", "class": "sd-below-note" }, root);
+      note.textContent = "\u25bc below the axis";
+    }
     // legend, top right inside the axes
     if (legend.length) {
       var lg = svg("g", { "font-size": 14, fill: "#222" }, root);
       // spec.legend: "top-right" (the default), "top-left" or "bottom-left", inside the axes
       var left = spec.legend === "top-left" || spec.legend === "bottom-left";
-      var lx = left ? m.left + 10 : m.left + plotW - 126;
+      var lw = 126 + (legend.some(function (sr) { return / \(below\)$/.test(sr.label); }) ? 60 : 0);
+      var lx = left ? m.left + 10 : m.left + plotW - lw;
       var ly = spec.legend === "bottom-left" ? m.top + plotH - 20 * legend.length - 10 : m.top + 8;
-      svg("rect", { x: lx - 6, y: ly - 4, width: 126, height: 20 * legend.length + 6, fill: "#fff",
+      svg("rect", { x: lx - 6, y: ly - 4, width: lw, height: 20 * legend.length + 6, fill: "#fff",
         "fill-opacity": 0.85, stroke: "#ccc" }, lg);
       legend.forEach(function (series, i) {
         var yy = ly + 10 + 20 * i;
