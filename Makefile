@@ -1,6 +1,7 @@
 # Two entry points for a fresh machine with Python 3.11 and make:
 #   make book   set up .venv and build the book into _build/html
 #   make test   set up .venv and run the whole test suite
+#   make lab    JupyterLab on the notebooks, with the project's kernel
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -10,7 +11,7 @@ MATHJAX_VERSION := 3.2.2
 MATHJAX_DIR     := book/_static/mathjax
 MATHJAX_TMP     := _build/.mathjax-download
 
-.PHONY: book test setup-book setup-test mathjax chromium clean
+.PHONY: book test lab setup-book setup-test mathjax chromium clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +60,14 @@ $(MATHJAX_DIR)/.version-$(MATHJAX_VERSION):
 # ipykernel draws figures inline only without it: a shell's MPLBACKEND=Agg would drop every figure.
 book: setup-book
 	env -u MPLBACKEND $(BIN)/jupyter-book build . --toc book/_toc.yml --config _config.yml -W -n --keep-going
+
+# JupyterLab in notebooks/ with the project's kernel: the venv's kernel specs come first on JUPYTER_PATH, so a
+# "python3" kernel registered for the user elsewhere cannot shadow the venv's Python. MPLBACKEND is unset as for
+# the book (inline figures). As root (a container) JupyterLab needs --allow-root. LAB_ARGS adds options
+# (make lab LAB_ARGS="--port 8899 --no-browser"). tests/test_jupyterlab.py starts it the same way.
+lab: $(VENV)/.book-installed
+	cd notebooks && env -u MPLBACKEND JUPYTER_PATH="$(abspath $(VENV))/share/jupyter" \
+	  "$(abspath $(BIN))/jupyter-lab" $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 test: setup-test
 	$(BIN)/python -m pytest
