@@ -32,6 +32,7 @@ CHAPTERS = [
     "notebooks/04_optimal_alpha",
     "notebooks/05_cifar10_self_distillation",
     "notebooks/06_kernel_classification",
+    "notebooks/07_cpu_self_distillation",
 ]
 CORE_PAGES = ["book/intro", *CHAPTERS, "book/reproduce", "book/bibliography"]
 REMOTE_HOSTS = ("cdn.jsdelivr", "unpkg.com", "cdnjs", "googleapis", "gstatic", "mathjax.org")
@@ -92,7 +93,7 @@ def test_each_chapter_is_one_page_its_notebook(book):
     toc = yaml.safe_load((root / "book" / "_toc.yml").read_text(encoding="utf-8"))
     chapters = [entry for part in toc["parts"] if part["caption"] == "Chapters" for entry in part["chapters"]]
     files = [entry["file"] for entry in chapters]
-    assert [f for f in files if f in CHAPTERS] == CHAPTERS, "chapters 1 to 6 in order"
+    assert [f for f in files if f in CHAPTERS] == CHAPTERS, "chapters 1 to 7 in order"
     assert all(f.startswith("notebooks/") and "sections" not in entry for f, entry in zip(files, chapters)), \
         "a chapter is its notebook, with no separate prose page"
     # no leftover prose copies of the chapters

@@ -31,7 +31,8 @@ PLAYERS = {"notebooks/01_toy_example.html": 1, "notebooks/02_eigenvalue_damping.
 # Every chapter's page; each shows figures (chapter 5 only once results are committed under results/cifar10).
 CHAPTERS = ["notebooks/01_toy_example.html", "notebooks/02_eigenvalue_damping.html",
             "notebooks/03_infinite_limit.html", "notebooks/04_optimal_alpha.html",
-            "notebooks/05_cifar10_self_distillation.html", "notebooks/06_kernel_classification.html"]
+            "notebooks/05_cifar10_self_distillation.html", "notebooks/06_kernel_classification.html",
+            "notebooks/07_cpu_self_distillation.html"]
 
 # Everything measured in the page, in one pass, after MathJax has finished.
 MEASURE = """

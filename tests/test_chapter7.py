@@ -4,6 +4,7 @@ grid; with train=True it trains a tiny grid live on real images (clean and noisy
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -87,3 +88,29 @@ def test_defaults_show_the_committed_grid(tmp_path):
 def test_unknown_parameter_is_named(tmp_path):
     with pytest.raises(pm.PapermillExecutionError, match="live_epoch"):
         execute(tmp_path, "typo", {"live_epoch": 2})
+
+
+def test_committed_notebook_follows_the_book_conventions():
+    """As tests/test_theory_notebooks.py holds chapters 1-4 and 6: committed clean, parameters first and checked
+    in a hidden cell, the book's figure style, every figure named, captioned, described and cited, tables as
+    numbered MyST tables, a measured run-time note after the title."""
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.outputs == [] and c.execution_count is None for c in code)
+    assert "parameters" in code[0].metadata.get("tags", [])
+    assert "check_parameters(" in code[1].source and "remove-cell" in code[1].metadata.get("tags", [])
+    assert nb.cells[0].source.startswith("# ") and nb.cells[1].source.startswith("**Run time** (measured")
+    assert "book_figures(" in "".join(c.source for c in code[:3])
+    text = "".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    for cell in code:
+        meta = cell.metadata.get("mystnb", {})
+        if "figure" in meta:
+            assert cell.source.count("plt.show()") == 1
+            assert len(meta["figure"]["caption"]) > 60 and len(meta["image"]["alt"]) > 40
+            assert f"{{numref}}`{meta['figure']['name']}`" in text
+        if "markdown_table(" in cell.source:
+            assert meta.get("markdown_format") == "myst"
+            name = re.search(r'name="(tbl-[\w-]+)"', cell.source).group(1)
+            assert f"{{numref}}`{name}`" in text
+        assert "figsize=(6.4" not in cell.source
