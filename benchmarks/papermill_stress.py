@@ -5,9 +5,10 @@
 
 Each run is ``papermill <notebook> <output>`` in a subprocess of its own (its own kernel, as on the command
 line), with the notebook's default parameters, from the notebook's folder. A run that has not finished after
-``--timeout`` seconds is killed and counted as a hang. The result, one row per run (notebook, run, seconds,
-status) and a summary per notebook (median, max), is written to ``benchmarks/results/papermill_stress.json``
-after every run, so a killed benchmark keeps what it measured. Exit code 1 if any run failed or hung.
+``--timeout`` seconds is killed, and its row says in which cell (and how long the cells before it took: a slow
+run or a hang). The result, one row per run (notebook, run, seconds, status) and a summary per notebook
+(median, max), is written to ``benchmarks/results/papermill_stress.json`` (``--output``) after every run, so a
+killed benchmark keeps what it measured. Exit code 1 if any run failed or was killed.
 """
 
 from __future__ import annotations
@@ -39,6 +40,21 @@ def _runs(tokens: list[str] | None) -> dict[str, int]:
                              f"got {token!r}")
         runs[prefix] = int(count)
     return runs
+
+
+def _where(output: Path) -> str:
+    """Where a killed run was: the cell papermill marked running in the output it wrote as it went, and how long
+    the cells before it took (slow, or hung?)."""
+    try:
+        cells = json.loads(output.read_text())["cells"]
+    except (OSError, ValueError, KeyError):
+        return "before its first cell (the kernel's start?)"
+    marks = [(i, c.get("metadata", {}).get("papermill", {})) for i, c in enumerate(cells)
+             if c.get("cell_type") == "code"]
+    running = [i for i, m in marks if m.get("status") == "running"]
+    done = [m.get("duration") or 0.0 for _, m in marks if m.get("status") == "completed"]
+    return (f"in cell {running[0] if running else '?'}; {len(done)} cells had finished, the longest in "
+            f"{max(done, default=0.0):.0f} s")
 
 
 def _summary(rows: list[dict]) -> dict:
@@ -76,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                     status = "ok" if done.returncode == 0 else "failed: " + (done.stderr.strip().splitlines()
                                                                             or ["?"])[-1][:300]
                 except subprocess.TimeoutExpired:
-                    status = f"hung: killed after {args.timeout:g} s"
+                    status = f"killed after {args.timeout:g} s, " + _where(output)
                 seconds = time.perf_counter() - start
                 rows.append({"notebook": notebook.name, "run": run, "seconds": round(seconds, 2),
                              "status": status})
