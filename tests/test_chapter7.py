@@ -14,6 +14,8 @@ import pytest
 pm = pytest.importorskip("papermill")
 pytest.importorskip("torch")
 
+from test_chapter6 import figures  # noqa: E402  (figure name -> PNG outputs of its cell)
+
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "07_cpu_self_distillation.ipynb"
 COMMITTED = REPO / "results" / "cifar10_cpu" / "records.jsonl"
@@ -35,15 +37,6 @@ def text_of(notebook) -> str:
             for kind in ("text/plain", "text/markdown", "text/html"):
                 parts.append(str(output.get("data", {}).get(kind, "")))
     return "\n".join(parts)
-
-
-def figures(notebook) -> dict[str, int]:
-    found = {}
-    for cell in notebook.cells:
-        name = cell.metadata.get("mystnb", {}).get("figure", {}).get("name")
-        if name:
-            found[name] = sum("image/png" in o.get("data", {}) for o in cell.get("outputs", []))
-    return found
 
 
 def test_live_run_trains_clean_and_noisy_grids_where_told(tiny_cifar_root, tmp_path):
