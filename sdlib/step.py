@@ -6,8 +6,8 @@ random initialization on the targets
     z = alpha * onehot(y) + (1 - alpha) * softmax(teacher(x)),
 
 where the teacher is the previous step's model (its last epoch, not its best), with the objective
-``MSE(softmax(student(x)), z) + l2_coef * sum_W ||W||_2`` (unsquared norms). Read top to bottom: the model, the
-loss, the L2 term, evaluation, then :func:`distill_step` (the epoch loop). The chains of steps are in
+``MSE(softmax(student(x)), z) + l2_coef * sum_W ||W||_2`` (unsquared norms). Read top to bottom: the loss, the
+L2 term, evaluation, then :func:`distill_step` (the epoch loop); the networks are in :mod:`sdlib.models`. The chains of steps are in
 :mod:`sdlib.chains`, the command line in :mod:`sdlib.train`.
 
 Written for speed and for reading, nanoGPT/airbench style: the data sit on the device as uint8 tensors, a batch

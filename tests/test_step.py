@@ -286,8 +286,11 @@ def test_graph_captured_step_equals_the_eager_step_on_cuda(batched):
 
 
 def test_step_module_reads_top_to_bottom():
-    """The chapter's reading order: model, loss, L2 term, teacher, order, evaluation, then the step and loop."""
-    names = ["build_model", "distillation_loss", "l2_penalty", "add_l2_grad_", "teacher_probs", "epoch_order",
+    """The chapter's reading order: the model (imported from sdlib.models, the networks' own module), loss, L2
+    term, teacher, order, evaluation, then the step and loop."""
+    source = open(step_module.__file__).read()
+    assert source.index("from sdlib.models import build_model") < source.index("\ndef distillation_loss(")
+    names = ["distillation_loss", "l2_penalty", "add_l2_grad_", "teacher_probs", "epoch_order",
              "evaluate", "GroupStep", "distill_step", "distill_group"]
     source = open(step_module.__file__).read()
     positions = [source.index(f"\ndef {name}(") if f"\ndef {name}(" in source else source.index(f"\nclass {name}")
