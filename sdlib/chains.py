@@ -143,7 +143,10 @@ class _ChainRunner:
         return self.ckpt_root / f"seed{seed}" / chain / f"step{step}.state.pt"
 
     def ensure_data(self, seed: int):
-        """Load the splits once; ``self.data``: those of ``seed`` (its label noise, if any)."""
+        """Load the splits once; ``self.data``: those of ``seed`` (its label noise, if any). Splits a caller set
+        as ``self.data`` themselves are used as they are."""
+        if self.data is not None and self.clean_data is None:
+            return
         if self.clean_data is None:
             c = self.config
             data = cifar.load_splits(c.data_root, n_val=c.n_val, split_seed=c.split_seed, subset=c.subset,

@@ -388,10 +388,9 @@ def effective_config(config: TrainConfig, device: "torch.device") -> TrainConfig
     actually used."""
     bf16, channels_last = device_precision(config, device)
     if (bf16, channels_last) != (config.bf16, config.channels_last):
-        warnings.warn(f"bf16={config.bf16}, channels_last={config.channels_last} do not apply to model "
-                      f"{config.model!r} on this {device} device (bf16 autocast: CUDA, or the small networks on a "
-                      f"CPU with native bf16); this run uses bf16={bf16}, channels_last={channels_last} and "
-                      "records them", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"bf16 autocast and channels_last are used on CUDA only (and for the small networks on a CPU "
+                      f"with native bf16): for model {config.model!r} on {device} this run uses bf16={bf16}, "
+                      f"channels_last={channels_last}, and records them", RuntimeWarning, stacklevel=3)
         return dataclasses.replace(config, bf16=bf16, channels_last=channels_last)
     return config
 

@@ -366,9 +366,11 @@ def test_committed_sweep_files(tmp_path, fake_slurm, monkeypatch):
     # every record's configuration is the file's, but for what the sweep cut to each job's seed and chain, and
     # for results_dir: the second run (seeds 2 and 3) wrote to results/cifar10b, then its records were appended
     # (and for the speed settings added to TrainConfig after these runs, which config_hash leaves out)
-    cut = ("seeds", "alphas", "include_alpha_hat", "steps", "results_dir", "eval_every", "chains_in_flight", "capture")
+    cut = ("seeds", "alphas", "include_alpha_hat", "steps", "results_dir", "eval_every", "test_every",
+           "chains_in_flight", "capture")
     # fields added after these records were written, at the values that reproduce the pipeline they ran
-    later = {"teacher_bn": "eval", "data_order": "reshuffle", "alpha_hat_bounds": [0.0, 1.0]}
+    later = {"teacher_bn": "eval", "data_order": "reshuffle", "alpha_hat_bounds": [0.0, 1.0], "model": "resnet50",
+             "label_noise": 0.0}
     assert {k: config.to_dict()[k] for k in later} == later
     expected = {k: v for k, v in config.to_dict().items() if k not in cut and k not in later}
     assert all({k: v for k, v in r["config"].items() if k not in cut} == expected for r in records)

@@ -46,9 +46,10 @@ RECORD_FIELDS = {
 }
 # The fields added with teacher_bn / data_order / alpha_hat_bounds: what a results folder from before lacks.
 NEW_RECORD_FIELDS = ("alpha_hat_unconstrained", "best_test_acc", "best_test_epoch")
-NEW_CONFIG_FIELDS = ("teacher_bn", "data_order", "alpha_hat_bounds")
+# fields added after the first results, left out of config_hash at the values that reproduce the pipeline before them
+NEW_CONFIG_FIELDS = ("teacher_bn", "data_order", "alpha_hat_bounds", "model", "label_noise")
 PROVENANCE_FIELDS = {"git_commit", "git_dirty", "device_name", "torch", "torchvision", "cuda", "cudnn", "python",
-                     "numpy", "platform", "date"}
+                     "numpy", "platform", "date", "torch_threads"}
 EPOCH_FIELDS = {"seed", "chain", "step", "epoch", "train_loss", "val_acc", "val_loss", "test_acc", "test_loss", "lr",
                 "wall_time_s", "images_per_s"}
 # What must agree between an interrupted-and-resumed run and an uninterrupted one (timings may differ).
@@ -279,7 +280,7 @@ def _hash_before_the_protocol_fields(config: TrainConfig) -> str:
     payload = {k: v for k, v in config.to_dict().items() if k not in NEW_CONFIG_FIELDS
                and k not in ("profile", "seeds", "steps", "alphas", "include_alpha_hat", "data_root", "results_dir",
                              "checkpoint_dir", "device", "eval_batch_size", "download", "checkpoint_every",
-                             "data_fingerprint", "eval_every", "chains_in_flight", "capture")}
+                             "data_fingerprint", "eval_every", "test_every", "chains_in_flight", "capture")}
     payload["pipeline_version"] = 1
     payload["data"] = config.resolved_data_fingerprint()  # the data's identity, in the hash since the store
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
