@@ -40,8 +40,8 @@ def cpu_config(root: Path, data_root: Path, **overrides) -> TrainConfig:
 def test_cpu_profile_contents():
     config = TrainConfig.from_profile("cpu")
     assert (config.model, config.epochs, config.batch_size, config.lr, config.lr_schedule, config.warmup_epochs) == \
-        ("cnn4", 15, 256, 2e-3, "cosine", 1)
-    assert (config.subset, config.n_val, config.eval_every, config.test_every) == (10000, 2000, 1, 15)
+        ("cnn4", 20, 256, 2e-3, "cosine", 1)
+    assert (config.subset, config.n_val, config.eval_every, config.test_every) == (10000, 5000, 1, 20)
     assert (config.bf16, config.channels_last, config.label_noise) == (True, True, 0.0)
     assert config.alphas == (0.0, 0.25, 0.5, 0.75, 1.0) and config.seeds == (0, 1, 2) and config.steps == 5
     assert config.include_alpha_hat and config.alpha_hat_bounds == (0.0, 1.0)
