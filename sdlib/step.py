@@ -249,12 +249,15 @@ def evaluate(model: torch.nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, bat
 
 
 def _lr_factor(iteration: int, warmup_iters: int, total_iters: int, schedule: str) -> float:
-    """Multiplier of the base lr at a batch: linear warmup over ``warmup_iters``, then constant or cosine to 0."""
+    """Multiplier of the base lr at a batch: linear warmup over ``warmup_iters``, then constant, cosine to 0, or
+    step (divided by 10 at half and at three quarters of the iterations after the warmup, He et al. 2016)."""
     if iteration < warmup_iters:
         return (iteration + 1) / warmup_iters
     if schedule == "constant":
         return 1.0
     progress = (iteration - warmup_iters) / max(1, total_iters - warmup_iters)
+    if schedule == "step":
+        return 0.1 ** ((progress >= 0.5) + (progress >= 0.75))
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -288,6 +291,9 @@ class _Schedule:
         if self.schedule == "cosine":
             progress = ((it - self.warmup) / max(1, self.total - self.warmup)).clamp_(max=1.0)
             factor = progress.mul_(math.pi).cos_().add_(1.0).mul_(0.5)
+        elif self.schedule == "step":
+            progress = (it - self.warmup) / max(1, self.total - self.warmup)
+            factor = torch.full_like(it, 0.1).pow_((progress >= 0.5).double() + (progress >= 0.75).double())
         else:
             factor = torch.ones_like(it)
         if self.warmup:

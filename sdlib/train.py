@@ -16,7 +16,7 @@ import time
 from sdlib import data as cifar  # noqa: F401  (tests patch cifar.load_splits through here)
 from sdlib.chains import _tasks as _all_tasks
 from sdlib.chains import job_config, pending_tasks, provenance, run_chains
-from sdlib.config import (CAPTURE_MODES, CHAINS_IN_FLIGHT, DATA_ORDERS, MODELS, PROFILES, TEACHER_BN_MODES,
+from sdlib.config import (CAPTURE_MODES, CHAINS_IN_FLIGHT, DATA_ORDERS, LR_SCHEDULES, MODELS, PROFILES, TEACHER_BN_MODES,
                           TrainConfig, effective_config, resolve_device)
 from sdlib.records import chain_name
 from sdlib.models import build_model
@@ -113,7 +113,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help=f"Adam learning rate ({_default('lr')})")
     p.add_argument("--l2-coef", type=float,
                    help=f"coefficient of the L2 term, the sum of the parameter tensors' norms ({_default('l2_coef')})")
-    p.add_argument("--lr-schedule", choices=("constant", "cosine"),
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES,
                    help=f"learning rate after the warmup ({_default('lr_schedule')})")
     p.add_argument("--warmup-epochs", type=int,
                    help=f"epochs of linear warmup, per batch ({_default('warmup_epochs')})")

@@ -40,7 +40,7 @@ def cpu_config(root: Path, data_root: Path, **overrides) -> TrainConfig:
 def test_cpu_profile_contents():
     config = TrainConfig.from_profile("cpu")
     assert (config.model, config.epochs, config.batch_size, config.lr, config.lr_schedule, config.warmup_epochs) == \
-        ("cnn4", 20, 256, 2e-3, "cosine", 1)
+        ("cnn4", 20, 256, 2e-3, "step", 1)
     assert (config.subset, config.n_val, config.eval_every, config.test_every) == (10000, 5000, 1, 20)
     assert (config.bf16, config.channels_last, config.label_noise) == (True, True, 0.0)
     assert config.alphas == (0.0, 0.25, 0.5, 0.75, 1.0) and config.seeds == (0, 1, 2) and config.steps == 5
@@ -234,3 +234,27 @@ def test_clean_small_network_learns_on_real_images(tiny_cifar_root, tmp_path):
     assert all(e["val_acc"] is not None for e in epochs)  # validation every epoch (eval_every=1)
     assert [e["test_acc"] is not None for e in epochs] == [False] * 5 + [True]  # test at the last (test_every)
     assert math.isclose(records[0]["test_acc"], epochs[-1]["test_acc"])
+
+
+def test_step_schedule_divides_by_ten_at_half_and_three_quarters_on_host_and_device():
+    """The cpu profile's schedule: warmup, then lr, lr/10 from half, lr/100 from three quarters of the iterations
+    after the warmup; the device tensor the step reads follows the host value the logs record."""
+    import torch
+
+    from sdlib.step import _lr_factor, _Schedule
+
+    config = TrainConfig(epochs=9, lr=2e-3, lr_schedule="step", warmup_epochs=1)
+    schedule = _Schedule(config, iters_per_epoch=4, device=torch.device("cpu"))  # 4 warmup + 32 iterations
+    schedule.start_at(0)
+    factors = []
+    for iteration in range(36):
+        factors.append(_lr_factor(iteration, 4, 36, "step"))
+        assert math.isclose(schedule.lr.item(), 2e-3 * factors[-1], rel_tol=1e-6), iteration
+        schedule.advance()
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert factors[4:20] == [1.0] * 16 and factors[20:28] == [0.1] * 8
+    assert [round(f, 12) for f in factors[28:]] == [0.01] * 8
+    schedule.start_at(30)  # a resumed run
+    assert math.isclose(schedule.lr.item(), 2e-3 * 0.01, rel_tol=1e-6)
+    with pytest.raises(ValueError, match="lr_schedule.*'constant' or 'cosine' or 'step'"):
+        TrainConfig(lr_schedule="linear")
