@@ -24,7 +24,7 @@ def test_protocol_table_is_read_from_the_profiles():
     assert list(table.columns) == ["official", "paper", "fast", "cpu", "differs"]
     cpu = TrainConfig.from_profile("cpu")
     assert table.loc["training images", "cpu"] == cpu.subset == 10_000
-    assert table.loc["validation images (held out)", "cpu"] == cpu.n_val == 2_000
+    assert table.loc["validation images (held out)", "cpu"] == cpu.n_val == 5_000
     assert table.loc["network", "cpu"].startswith("cnn4") and table.loc["network", "paper"].startswith("ResNet-50")
     assert table.loc["precision", "cpu"] == "bf16 autocast (CUDA, or a CPU with native bf16)"
     for name in ("official", "paper", "fast"):
@@ -45,7 +45,7 @@ def test_protocol_table_is_read_from_the_profiles():
     agree = table.index[table["official"].astype(str) == table["paper"].astype(str)]
     assert set(agree) == {"network", "epochs per step", "batch size", "optimizer", "learning-rate schedule",
                           "precision"}
-    assert table.loc["epochs per step", "differs"] and table.loc["teacher BatchNorm", "differs"]  # cpu: 10 epochs
+    assert table.loc["epochs per step", "differs"] and table.loc["teacher BatchNorm", "differs"]  # cpu: 20 epochs
     assert not protocols.protocol_table(("official", "paper")).loc["epochs per step", "differs"]
     assert list(protocols.protocol_table(("fast",)).columns) == ["fast", "differs"]
     with pytest.raises(ValueError, match="profiles must be names from"):
