@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import functools
 import os
 import platform
 import subprocess
@@ -31,15 +32,15 @@ from tqdm.auto import tqdm
 
 from sdlib import data as cifar
 from sdlib.alpha import least_squares_alpha
-from sdlib.config import LABEL_NOISE, NUM_CLASSES, TrainConfig, derive_seed, device_precision, effective_config, \
+from sdlib.config import CIFAR10_TRAIN_IMAGES, LABEL_NOISE, NUM_CLASSES, TrainConfig, derive_seed, device_precision, effective_config, \
     resolve_device
 from sdlib.models import build_model
 from sdlib.records import ALPHA_HAT_CHAIN, PROBE_CHAIN, SHARED_CHAIN, chain_name, remove_stale_temporaries
 from sdlib.store import ResultsStore, check_writable_dir
 from sdlib.step import Member, atomic_torch_save, cpu_state, distill_group, load_checkpoint
 
-__all__ = ["run_chains", "pending_tasks", "provenance", "DataMismatchError", "job_config", "job_config_hash",
-           "noisy_splits"]
+__all__ = ["run_chains", "pending_tasks", "grid_tasks", "job_configs", "grid_cost", "provenance", "DataMismatchError",
+           "job_config", "job_config_hash", "noisy_splits"]
 
 
 # --------------------------------------------------------------------------------------- records and provenance
@@ -306,15 +307,51 @@ class _ChainRunner:
             del self.models[key]
 
 
-def _tasks(config: TrainConfig) -> list[tuple[int, str, int]]:
+def grid_tasks(config: TrainConfig) -> list[tuple[int, str, int]]:
     """(seed, chain, step) in training order: per seed, step by step, every chain of a step in turn (the
     chains of one step are independent of each other, which a batched trainer can exploit)."""
-    tasks = []
+    return [task for seed in config.seeds for task in [(seed, SHARED_CHAIN, 1)] + [
+        (seed, chain, step) for step in range(2, config.steps + 1) for chain in config.chains]]
+
+
+def job_configs(config: TrainConfig) -> list[tuple[int, str, TrainConfig]]:
+    """The grid as jobs (sdlib.sweep): ``(seed, chain, config of the job)``, per seed the step-1 job (chain
+    "shared") then one per chain (steps 2..steps; the alpha-hat job trains its own alpha = 0 probe at step 2).
+    Every job's config has ``config``'s config_hash: only seeds, alphas and steps differ."""
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"config must be a sdlib.train.TrainConfig, got {type(config).__name__}")
+    jobs = []
     for seed in config.seeds:
-        tasks.append((seed, SHARED_CHAIN, 1))
-        for step in range(2, config.steps + 1):
-            tasks.extend((seed, chain, step) for chain in config.chains)
-    return tasks
+        cut = functools.partial(dataclasses.replace, config, seeds=(seed,))
+        jobs.append((seed, SHARED_CHAIN, cut(steps=1, alphas=(), include_alpha_hat=False)))
+        if config.steps >= 2:
+            jobs += [(seed, chain_name(a), cut(alphas=(a,), include_alpha_hat=False)) for a in config.alphas]
+            jobs += [(seed, ALPHA_HAT_CHAIN, cut(alphas=()))] if config.include_alpha_hat else []
+    return jobs
+
+
+def grid_cost(config: TrainConfig, images_per_s: float | None = None, n_train_images: int | None = None) -> dict:
+    """What the grid of ``config`` trains as a sweep: jobs, models (per seed the step-1 model, one per (chain,
+    step >= 2), and one alpha = 0 probe per alpha-hat step), training images and, given a measured throughput,
+    seconds. Evaluation passes are not counted. ``n_train_images``: images per epoch before the last partial
+    batch is dropped (default CIFAR-10's 50,000 minus ``n_val``, cut to ``subset``). Returns a dict: jobs,
+    models, images_per_epoch, train_images, images_per_s, seconds (None without images_per_s), formula."""
+    if images_per_s is not None and (isinstance(images_per_s, bool) or not isinstance(images_per_s, (int, float))
+                                     or not images_per_s > 0):
+        raise ValueError(f"images_per_s must be a number > 0 or None, got {images_per_s!r}")
+    if n_train_images is None:
+        n_train_images = min(CIFAR10_TRAIN_IMAGES - config.n_val, config.subset or CIFAR10_TRAIN_IMAGES)
+    if isinstance(n_train_images, bool) or not isinstance(n_train_images, int) or n_train_images < 1:
+        raise ValueError(f"n_train_images must be an integer >= 1, got {n_train_images!r}")
+    models = len(config.seeds) * (1 + (config.steps - 1) * (len(config.alphas) + 2 * config.include_alpha_hat))
+    images_per_epoch = n_train_images // config.batch_size * config.batch_size
+    train_images = models * config.epochs * images_per_epoch
+    seconds = None if images_per_s is None else train_images / images_per_s
+    formula = (f"{models} models x {config.epochs} epochs x {images_per_epoch:,} images = {train_images:,} images"
+               + ("" if seconds is None else f"; / {images_per_s:g} images/s = {seconds:,.0f} s "
+                  f"= {seconds / 3600:,.1f} h (one worker)"))
+    return {"jobs": len(job_configs(config)), "models": models, "images_per_epoch": images_per_epoch,
+            "train_images": train_images, "images_per_s": images_per_s, "seconds": seconds, "formula": formula}
 
 
 class DataMismatchError(ValueError):
@@ -364,7 +401,7 @@ def pending_tasks(config: TrainConfig, skip_bad_lines: bool = False,
     config = job_config(config, device)
     config_hash = config.config_hash()
     done = ResultsStore(config.results_dir, skip_bad_lines).records(config_hash)
-    tasks = _tasks(config)
+    tasks = grid_tasks(config)
     pending = {task for task in tasks if task not in done}
     # A finished step whose final checkpoint is gone is trained again when a pending step needs it (as a
     # teacher, or for the alpha-hat chain's step-1 and step-2 probe outputs): it is pending too.
@@ -455,7 +492,7 @@ def run_chains(config: TrainConfig, progress: bool = True, callback: Callable[[d
     config_hash = config.config_hash(actual)
     runner = _ChainRunner(config, device, progress, callback, store, config_hash)
     check_writable_dir(runner.ckpt_root, "checkpoint_dir")
-    tasks = _tasks(config)
+    tasks = grid_tasks(config)
     pending = [task for task in tasks if task not in runner.records]
     bar = tqdm(total=len(tasks), initial=len(tasks) - len(pending), desc="self-distillation", unit="step",
                disable=not progress or not pending)
