@@ -26,7 +26,7 @@ from sdlib.records import ALPHA_HAT_CHAIN, chain_name
 
 __all__ = ["PROFILES", "CHAINS_IN_FLIGHT", "CAPTURE_MODES", "TrainConfig", "effective_config", "resolve_device",
            "derive_seed", "NUM_CLASSES", "CIFAR10_TRAIN_IMAGES", "TEACHER_BN_MODES", "DATA_ORDERS", "MODELS",
-           "device_precision", "field_docs"]
+           "device_precision", "field_docs", "FIELD_CHOICES"]
 
 NUM_CLASSES = 10
 CIFAR10_TRAIN_IMAGES = 50_000  # before the validation split
@@ -108,7 +108,7 @@ _NOT_HASHED = ("profile", "seeds", "steps", "alphas", "include_alpha_hat", "data
                "eval_every", "test_every", "chains_in_flight", "capture")
 _FINGERPRINT = re.compile(r"^[0-9a-f]{16}$")
 # The fields that take one of a few values, and which.
-_CHOICES = {"profile": PROFILES, "model": MODELS, "lr_schedule": ("constant", "cosine"),
+FIELD_CHOICES = {"profile": PROFILES, "model": MODELS, "lr_schedule": ("constant", "cosine"),
             "teacher_bn": TEACHER_BN_MODES, "data_order": DATA_ORDERS, "chains_in_flight": CHAINS_IN_FLIGHT,
             "capture": CAPTURE_MODES}
 
@@ -242,7 +242,7 @@ class TrainConfig:
                 fail(name, expected)
             return tuple(value)
 
-        for name, choices in _CHOICES.items():
+        for name, choices in FIELD_CHOICES.items():
             if not isinstance(getattr(self, name), str) or getattr(self, name) not in choices:
                 fail(name, f"one of {list(choices)}")
         if not _is_real(self.label_noise) or not 0.0 <= self.label_noise < 1.0:

@@ -1,24 +1,14 @@
 """The grid of self-distillation chains as cluster jobs (submitit): ``python -m sdlib.sweep --help``.
 
-A grid (a :class:`sdlib.config.TrainConfig`) becomes one job per seed for the shared step-1 model, then one job
-per (seed, chain) for steps 2..steps (:func:`sdlib.chains.job_configs`)::
-
-    seed 0:  shared(step 1) ──afterok──> alpha=0 (steps 2..5), alpha=0.1, ..., alpha=1, alpha_hat
-
-Each job is a :class:`ChainJob`: :func:`sdlib.chains.run_chains` on the config cut to its seed and chain. That
-composes because ``config_hash`` leaves out seeds, alphas and steps: a chain job finds its seed's step-1 record
-and checkpoint and starts at step 2; every job appends to one ``results_dir`` through :mod:`sdlib.store`'s lock.
-
-On SLURM the chain jobs of a seed are an array submitted with ``--dependency=afterok:<step-1 job>`` and
-``--kill-on-invalid-dep=yes``; the local and debug executors have no dependencies, so :func:`submit_sweep`
-waits for a seed's step-1 job before submitting its chains. On a time limit or preemption submitit calls
-:meth:`ChainJob.checkpoint`, which requeues the job; ``run_chains`` then resumes from its epoch checkpoint.
-Submitting the same sweep again submits only what is missing: jobs whose every step has a record are left out,
-and so are the jobs of an earlier submission still queued or running (noted in ``folder/sweep-<hash>.jsonl``;
-their state is submitit's: ``sacct`` on SLURM, the job's process locally).
-
-A sweep file (YAML or JSON: ``profile``, ``train``, ``cluster``; :func:`load_sweep_config`, ``--config``) holds a
-whole sweep; ``sweeps/`` has the paper's grid on SLURM and the runs behind the committed results.
+One job per seed trains the shared step-1 model; one job per (seed, chain), which depends on it, trains steps
+2..steps of that chain (:func:`sdlib.chains.job_configs`: the config cut to the job's seed and chain, under the
+same config_hash, so a chain job finds its seed's step-1 record and checkpoint). On SLURM a seed's chain jobs are
+an array submitted with ``--dependency=afterok:<step-1 job>``; the local and debug executors have no
+dependencies, so :func:`submit_sweep` waits for step 1 there. A preempted or timed-out job is requeued
+(:meth:`ChainJob.checkpoint`) and resumes from its epoch checkpoint. Submitting the same sweep again submits only
+what is missing: jobs with every step recorded are left out, and so are the jobs of an earlier submission still
+queued or running (noted in ``folder/sweep-<hash>.jsonl``; their state is submitit's). A sweep file (YAML or JSON:
+``profile``, ``train``, ``cluster``; :func:`load_sweep_config`) holds a whole sweep, e.g. ``sweeps/``.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import time
 
 from sdlib import data as cifar  # noqa: F401  (tests patch cifar.load_splits through here)
 from sdlib.chains import grid_cost, grid_tasks, job_config, pending_tasks, provenance, run_chains
-from sdlib.config import PROFILES, TrainConfig, _CHOICES, effective_config, field_docs, resolve_device
+from sdlib.config import FIELD_CHOICES, PROFILES, TrainConfig, effective_config, field_docs, resolve_device
 from sdlib.records import chain_name
 from sdlib.models import build_model
 from sdlib.step import (StepResult, distill_step, distillation_loss, epoch_order, evaluate, l2_penalty,
@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument(option, dest=name, nargs="+", metavar=metavar, help=help_text)
         else:
             p.add_argument(option, dest=name, type={"int": int, "float": float}.get(kind, str),
-                           choices=_CHOICES.get(name), help=help_text)
+                           choices=FIELD_CHOICES.get(name), help=help_text)
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars: neither training nor image decoding (default: shown)")
     p.add_argument("--skip-bad-lines", action="store_true",
