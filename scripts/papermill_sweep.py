@@ -18,13 +18,91 @@ The notebook runs in its own folder (relative paths in the CIFAR-10 notebook are
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing sdlib
 
-from sdlib.sweep import run_papermill_sweep  # noqa: E402
+from sdlib.sweep import read_mapping  # noqa: E402
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=-]*$")  # a parameter set's name: a safe file name
+
+
+def load_parameter_sets(source) -> list[tuple[str, dict]]:
+    """Parameter sets from a JSON/YAML file (or the already-parsed object): ``[(name, parameters), ...]``.
+
+    Accepted forms: a list of ``{"name": ..., "parameters": {...}}``, or a mapping ``{name: {...}, ...}``.
+    Names must be unique and usable as file names (letters, digits, ``_ . = -``)."""
+    source = read_mapping(source, "parameter file")
+    if isinstance(source, dict):
+        entries = [{"name": name, "parameters": params} for name, params in source.items()]
+    elif isinstance(source, list):
+        entries = source
+    else:
+        raise ValueError("parameter sets must be a list of {name, parameters} or a mapping name -> parameters, "
+                         f"got {type(source).__name__}")
+    if not entries:
+        raise ValueError("parameter sets must not be empty")
+    sets, seen = [], set()
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or set(entry) - {"name", "parameters"} or "name" not in entry:
+            raise ValueError(f"parameter set #{i} must be a mapping with keys 'name' and 'parameters', got {entry!r}")
+        name, params = entry["name"], entry.get("parameters") or {}
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ValueError(f"parameter set #{i}: name must be letters, digits, '_', '.', '=', '-' (a file "
+                             f"name), got {name!r}")
+        if name in seen:
+            raise ValueError(f"parameter set #{i}: name {name!r} is used twice")
+        if not isinstance(params, dict):
+            raise ValueError(f"parameter set {name!r}: parameters must be a mapping, got {params!r}")
+        seen.add(name)
+        sets.append((name, dict(params)))
+    return sets
+
+
+def run_papermill_sweep(notebook: str | os.PathLike, parameter_sets, output_dir: str | os.PathLike =
+                        "runs/papermill", *, kernel_name: str = "python3", cwd: str | os.PathLike | None = None,
+                        progress: bool = True, stop_on_error: bool = True) -> list[Path]:
+    """Execute ``notebook`` once per parameter set; keep each executed notebook as ``output_dir/<name>.ipynb``.
+
+    parameter_sets: a JSON/YAML file or what :func:`load_parameter_sets` accepts. Every parameter is checked
+    against the notebook's ``parameters`` cell (``papermill.inspect_notebook``) before anything runs. cwd: the
+    kernel's working directory (default: the notebook's folder). A failing notebook is kept too; with
+    ``stop_on_error`` the sweep stops there (papermill's PapermillExecutionError), else it goes on and raises
+    RuntimeError naming every failed set at the end. Returns the paths of the executed notebooks."""
+    import papermill
+    from tqdm.auto import tqdm
+
+    notebook = Path(notebook)
+    if not notebook.is_file():
+        raise FileNotFoundError(f"notebook {notebook} does not exist")
+    sets = load_parameter_sets(parameter_sets)
+    known = papermill.inspect_notebook(str(notebook))
+    for name, params in sets:
+        unknown = sorted(set(params) - set(known))
+        if unknown:
+            raise ValueError(f"parameter set {name!r}: unknown parameter(s) {unknown} for {notebook.name}; "
+                             f"its parameters are {sorted(known)}")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    outputs, failed = [], []
+    for name, params in tqdm(sets, desc=f"papermill {notebook.name}", unit="notebook", disable=not progress):
+        output = output_dir / f"{name}.ipynb"
+        try:
+            papermill.execute_notebook(str(notebook), str(output), parameters=params, kernel_name=kernel_name,
+                                       cwd=str(cwd if cwd is not None else notebook.parent), progress_bar=False)
+        except papermill.PapermillExecutionError as error:
+            if stop_on_error:
+                raise
+            failed.append(f"{name}: {error.ename}: {error.evalue}")
+        outputs.append(output)
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(sets)} notebook run(s) failed (kept in {output_dir}): "
+                           + "; ".join(failed))
+    return outputs
 
 
 def main(argv: list[str] | None = None) -> list[Path]:

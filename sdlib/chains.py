@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import functools
 import os
 import platform
 import subprocess
@@ -31,70 +32,49 @@ from tqdm.auto import tqdm
 
 from sdlib import data as cifar
 from sdlib.alpha import least_squares_alpha
-from sdlib.config import LABEL_NOISE, NUM_CLASSES, TrainConfig, derive_seed, device_precision, effective_config, \
+from sdlib.config import CIFAR10_TRAIN_IMAGES, LABEL_NOISE, NUM_CLASSES, TrainConfig, derive_seed, device_precision, effective_config, \
     resolve_device
 from sdlib.models import build_model
 from sdlib.records import ALPHA_HAT_CHAIN, PROBE_CHAIN, SHARED_CHAIN, chain_name, remove_stale_temporaries
 from sdlib.store import ResultsStore, check_writable_dir
 from sdlib.step import Member, atomic_torch_save, cpu_state, distill_group, load_checkpoint
 
-__all__ = ["run_chains", "pending_tasks", "provenance", "DataMismatchError", "job_config", "job_config_hash",
-           "noisy_splits"]
+__all__ = ["run_chains", "pending_tasks", "grid_tasks", "job_configs", "grid_cost", "provenance", "DataMismatchError",
+           "job_config", "job_config_hash", "noisy_splits"]
 
 
 # --------------------------------------------------------------------------------------- records and provenance
 
 
 def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True,
-                             timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else None
 
 
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine() or device.type
+    names = []
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine() or device.type
 
 
 def provenance(device: torch.device) -> dict:
-    """Where and with what a result was produced (the date is filled in per record).
-
-    ``git_commit`` is the environment variable ``SDLIB_GIT_COMMIT`` where set (a launcher that ran a copy of a
-    commit says which; ``git_dirty`` is then None: unknown), else git's HEAD, else "unknown".
-    """
-    # A launcher that ships a copy of the working tree (a batch machine) names the commit it sent: that copy's
-    # .git, if any, need not be the one the tree was taken from.
-    commit = os.environ.get("SDLIB_GIT_COMMIT") or None
-    status = None
+    """Where and with what a result was produced (the date is filled in per record). ``git_commit``: the
+    environment variable ``SDLIB_GIT_COMMIT`` where set (a launcher that ships a copy of the working tree names
+    the commit it sent; ``git_dirty`` is then None: unknown), else git's HEAD, else "unknown"."""
+    commit, status = os.environ.get("SDLIB_GIT_COMMIT") or None, None
     if commit is None:
         commit = _git("rev-parse", "HEAD")
         status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
-    return {
-        "git_commit": commit or "unknown",
-        "git_dirty": None if status is None else bool(status),
-        "device_name": _device_name(device),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "platform": platform.platform(),
-    }
-
-
-def _utc_now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return {"git_commit": commit or "unknown", "git_dirty": None if status is None else bool(status),
+            "device_name": _device_name(device), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(), "numpy": np.__version__,
+            "platform": platform.platform()}
 
 
 # --------------------------------------------------------------------------------------------------- chains
@@ -117,6 +97,12 @@ def noisy_splits(data, rate: float, seed: int):
     counts = {f"{part}_changed": int((labels[part] != getattr(data, f"y_{part}")).sum()) for part in labels}
     meta = {**data.meta, "label_noise": {"rate": rate, "seed": seed, **counts}}
     return dataclasses.replace(data, y_train=labels["train"], y_val=labels["val"], meta=meta)
+
+
+# A record's metrics, in the order its JSON line holds them (from the model's summary).
+_RECORD_METRICS = ("alpha", "alpha_hat", "alpha_hat_unconstrained", "probe_val_acc", "probe_test_acc", "epochs",
+                   "val_acc", "val_loss", "test_acc", "test_loss", "best_test_acc", "best_test_epoch", "train_loss",
+                   "wall_time_s", "images_per_s")
 
 
 class _ChainRunner:
@@ -286,17 +272,10 @@ class _ChainRunner:
         seed, chain, step = key
         s = self.summaries[key]
         self.ensure_data(seed)
-        record = {
-            "seed": seed, "chain": chain, "step": step, "alpha": s["alpha"],
-            "alpha_hat": s.get("alpha_hat"), "alpha_hat_unconstrained": s.get("alpha_hat_unconstrained"),
-            "probe_val_acc": s.get("probe_val_acc"), "probe_test_acc": s.get("probe_test_acc"),
-            "epochs": s["epochs"], "val_acc": s["val_acc"], "val_loss": s["val_loss"], "test_acc": s["test_acc"],
-            "test_loss": s["test_loss"], "best_test_acc": s.get("best_test_acc"),
-            "best_test_epoch": s.get("best_test_epoch"), "train_loss": s["train_loss"], "wall_time_s": s["wall_time_s"],
-            "images_per_s": s["images_per_s"],
-            "profile": self.config.profile, "config_hash": self.hash, "config": self.config.to_dict(),
-            "provenance": {**self.provenance, "date": _utc_now()}, "data": self.data.meta,
-        }
+        date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        record = {"seed": seed, "chain": chain, "step": step, **{name: s.get(name) for name in _RECORD_METRICS},
+                  "profile": self.config.profile, "config_hash": self.hash, "config": self.config.to_dict(),
+                  "provenance": {**self.provenance, "date": date}, "data": self.data.meta}
         self.store.append_record(record)  # appended: records of other configs stay, the last of a key counts
         self.records[key] = record
 
@@ -306,15 +285,51 @@ class _ChainRunner:
             del self.models[key]
 
 
-def _tasks(config: TrainConfig) -> list[tuple[int, str, int]]:
+def grid_tasks(config: TrainConfig) -> list[tuple[int, str, int]]:
     """(seed, chain, step) in training order: per seed, step by step, every chain of a step in turn (the
     chains of one step are independent of each other, which a batched trainer can exploit)."""
-    tasks = []
+    return [task for seed in config.seeds for task in [(seed, SHARED_CHAIN, 1)] + [
+        (seed, chain, step) for step in range(2, config.steps + 1) for chain in config.chains]]
+
+
+def job_configs(config: TrainConfig) -> list[tuple[int, str, TrainConfig]]:
+    """The grid as jobs (sdlib.sweep): ``(seed, chain, config of the job)``, per seed the step-1 job (chain
+    "shared") then one per chain (steps 2..steps; the alpha-hat job trains its own alpha = 0 probe at step 2).
+    Every job's config has ``config``'s config_hash: only seeds, alphas and steps differ."""
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"config must be a sdlib.train.TrainConfig, got {type(config).__name__}")
+    jobs = []
     for seed in config.seeds:
-        tasks.append((seed, SHARED_CHAIN, 1))
-        for step in range(2, config.steps + 1):
-            tasks.extend((seed, chain, step) for chain in config.chains)
-    return tasks
+        cut = functools.partial(dataclasses.replace, config, seeds=(seed,))
+        jobs.append((seed, SHARED_CHAIN, cut(steps=1, alphas=(), include_alpha_hat=False)))
+        if config.steps >= 2:
+            jobs += [(seed, chain_name(a), cut(alphas=(a,), include_alpha_hat=False)) for a in config.alphas]
+            jobs += [(seed, ALPHA_HAT_CHAIN, cut(alphas=()))] if config.include_alpha_hat else []
+    return jobs
+
+
+def grid_cost(config: TrainConfig, images_per_s: float | None = None, n_train_images: int | None = None) -> dict:
+    """What the grid of ``config`` trains as a sweep: jobs, models (per seed the step-1 model, one per (chain,
+    step >= 2), and one alpha = 0 probe per alpha-hat step), training images and, given a measured throughput,
+    seconds. Evaluation passes are not counted. ``n_train_images``: images per epoch before the last partial
+    batch is dropped (default CIFAR-10's 50,000 minus ``n_val``, cut to ``subset``). Returns a dict: jobs,
+    models, images_per_epoch, train_images, images_per_s, seconds (None without images_per_s), formula."""
+    if images_per_s is not None and (isinstance(images_per_s, bool) or not isinstance(images_per_s, (int, float))
+                                     or not images_per_s > 0):
+        raise ValueError(f"images_per_s must be a number > 0 or None, got {images_per_s!r}")
+    if n_train_images is None:
+        n_train_images = min(CIFAR10_TRAIN_IMAGES - config.n_val, config.subset or CIFAR10_TRAIN_IMAGES)
+    if isinstance(n_train_images, bool) or not isinstance(n_train_images, int) or n_train_images < 1:
+        raise ValueError(f"n_train_images must be an integer >= 1, got {n_train_images!r}")
+    models = len(config.seeds) * (1 + (config.steps - 1) * (len(config.alphas) + 2 * config.include_alpha_hat))
+    images_per_epoch = n_train_images // config.batch_size * config.batch_size
+    train_images = models * config.epochs * images_per_epoch
+    seconds = None if images_per_s is None else train_images / images_per_s
+    formula = (f"{models} models x {config.epochs} epochs x {images_per_epoch:,} images = {train_images:,} images"
+               + ("" if seconds is None else f"; / {images_per_s:g} images/s = {seconds:,.0f} s "
+                  f"= {seconds / 3600:,.1f} h (one worker)"))
+    return {"jobs": len(job_configs(config)), "models": models, "images_per_epoch": images_per_epoch,
+            "train_images": train_images, "images_per_s": images_per_s, "seconds": seconds, "formula": formula}
 
 
 class DataMismatchError(ValueError):
@@ -331,10 +346,8 @@ def _check_fingerprint(config: TrainConfig, actual: str | None) -> None:
 
 
 def job_config(config: TrainConfig, device: str | None = None) -> TrainConfig:
-    """``config`` as its job will run it: :func:`sdlib.config.effective_config` on the job's ``device`` (default:
-    ``config.device``, "auto" resolved on this machine; a sweep names the device of its cluster's jobs). The one
-    config whose :meth:`~sdlib.config.TrainConfig.config_hash` the records get, and the one the command line,
-    the dry run, the sweep and notebook 05 print and look up (:func:`job_config_hash`)."""
+    """``config`` as its job will run it on ``device`` (default: ``config.device``, "auto" resolved here; a sweep
+    names its jobs' device): :func:`sdlib.config.effective_config`, the config whose hash its records get."""
     if device is None:
         device = config.device
     if device == "auto":
@@ -351,20 +364,17 @@ def job_config_hash(config: TrainConfig, device: str | None = None) -> str:
 
 def pending_tasks(config: TrainConfig, skip_bad_lines: bool = False,
                   device: str | None = None) -> list[tuple[int, str, int]]:
-    """The (seed, chain, step) of ``config`` that :func:`run_chains` would record, in training order (the
-    alpha-hat probes, which have no records, aside): those with no record of its ``config_hash`` in
-    ``results_dir`` yet, and the finished ones it would train again because a pending step needs their final
-    checkpoint and it is gone. Reads ``records.jsonl`` (through :class:`sdlib.store.ResultsStore`) and, for the
-    hash, the data's fingerprint: ``config.data_fingerprint`` if set (no data needed), else that of the copy
-    under data_root (its files hashed once per process; no data there: every task is pending). No torch work.
-    The hash is that of the config as it will run on ``device`` (:func:`job_config`; default config.device,
-    "auto" resolved on this machine)."""
+    """The (seed, chain, step) of ``config`` that :func:`run_chains` would record, in training order: those
+    without a record of its hash (as it runs on ``device``, :func:`job_config`) in ``results_dir``, and the
+    finished ones it would train again because a pending step needs their final checkpoint and it is gone. Needs
+    no data where ``config.data_fingerprint`` is set (else that of the copy under data_root; none there: every
+    task is pending), and no torch work."""
     if not isinstance(config, TrainConfig):
         raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
     config = job_config(config, device)
     config_hash = config.config_hash()
     done = ResultsStore(config.results_dir, skip_bad_lines).records(config_hash)
-    tasks = _tasks(config)
+    tasks = grid_tasks(config)
     pending = {task for task in tasks if task not in done}
     # A finished step whose final checkpoint is gone is trained again when a pending step needs it (as a
     # teacher, or for the alpha-hat chain's step-1 and step-2 probe outputs): it is pending too.
@@ -390,48 +400,29 @@ def pending_tasks(config: TrainConfig, skip_bad_lines: bool = False,
 
 def run_chains(config: TrainConfig, progress: bool = True, callback: Callable[[dict], None] | None = None,
                skip_bad_lines: bool = False) -> list[dict]:
-    """Train every (seed, chain, step) of ``config`` that is not finished yet; return all their records.
+    """Train every (seed, chain, step) of ``config`` that is not finished yet; return all their records, one per
+    (seed, chain, step) in training order (:func:`grid_tasks`).
 
-    Per seed: the shared step-1 model (labels only, chain ``"shared"``), then for each step t >= 2 every fixed
-    alpha chain (teacher: the chain's step t-1, or the shared model at t = 2) and the alpha-hat chain (an
-    alpha = 0 probe from the previous alpha-hat model, alpha-hat = :func:`sdlib.alpha.least_squares_alpha` of
-    one-hot validation labels, step-1 and probe validation softmax outputs, then step t with alpha-hat).
+    Per seed: the shared step-1 model (labels only, chain "shared"), then for each step t >= 2 every fixed-alpha
+    chain (teacher: the chain's step t-1, or the shared model at t = 2) and the alpha-hat chain (an alpha = 0 probe
+    from the previous alpha-hat model, then alpha-hat = :func:`sdlib.alpha.least_squares_alpha` of the one-hot
+    validation labels and the step-1 and probe validation outputs, clipped to ``alpha_hat_bounds``). With
+    ``chains_in_flight`` other than "off" the fixed-alpha chains of a (seed, step) and the probe train together.
 
-    Finished steps (a record with this config's ``config_hash`` in ``results_dir/records.jsonl``) are skipped
-    without loading data; an unfinished one resumes from its last epoch checkpoint. As ``config_hash`` leaves
-    out seeds, chains and steps, a run can be extended (more seeds, alphas or steps) and reuses what exists;
-    as it holds the data's fingerprint, nothing trained on other data is reused. Records and epochs are
-    appended (:class:`sdlib.store.ResultsStore`): those of other configs in the same folder stay. Data are
-    loaded once per call (:func:`sdlib.data.load_splits`).
+    Resumable and extendable: a step with a record of this ``config_hash`` in ``results_dir`` is skipped without
+    loading data, an unfinished one resumes from its last epoch checkpoint; as the hash leaves out seeds, chains
+    and steps, more of them reuse what exists, and as it holds the data's fingerprint, nothing trained on other
+    data is. Before any work the folders are checked writable, the data downloaded if asked and checked against
+    ``data_fingerprint`` (:class:`DataMismatchError`). ``skip_bad_lines``: skip unreadable lines of
+    records.jsonl with a warning instead of raising.
 
-    Before any work: ``results_dir`` and ``checkpoint_dir`` are created and checked writable
-    (:class:`sdlib.store.NotWritableError`), the data are downloaded if asked (:class:`sdlib.data.DownloadError`)
-    and checked against ``data_fingerprint`` (:class:`DataMismatchError`); without data and without
-    ``data_fingerprint`` a FileNotFoundError says how to get them. A corrupt checkpoint raises
-    :class:`sdlib.step.CorruptCheckpointError` naming the file to delete. ``skip_bad_lines``: skip unreadable
-    lines of records.jsonl (with a warning) instead of raising :class:`sdlib.store.UnreadableLineError`.
-
-    With ``config.chains_in_flight`` "streams" or "batched" the fixed-alpha chains of a (seed, step), and the
-    alpha-hat chain's probe, train in flight (:meth:`_ChainRunner.in_flight`, :func:`sdlib.step.distill_group`);
-    their records equal those of one model at a time ("off"), exactly for "streams" on the CPU, up to rounding
-    for "batched". Epoch events then arrive interleaved, one per model at each epoch end.
-
-    ``callback(event)`` receives a dict at every epoch end (``event="epoch_end"``: seed, chain, step, epoch,
-    epochs and the epoch's metrics) and at every step end (``event="step_end"``: seed, chain, step, epoch,
-    the step's metrics incl. train_images and train_time_s (the time of the models trained with it: ``in_flight``
-    of them shared it), and ``record``, None for a probe); raising from it
-    stops the run, which a later call resumes. The alpha-hat probes have chain ``"alpha_hat_probe"``.
-
-    Returns one record per (seed, chain, step) of the config, in training order (step 1 once per seed, chain
-    ``"shared"``; the other chains from step 2): seed, chain, step, alpha (alpha-hat for the alpha-hat chain),
-    alpha_hat (the value used: the least-squares alpha clipped to ``config.alpha_hat_bounds``),
-    alpha_hat_unconstrained (the least-squares alpha over all reals), probe_val_acc, probe_test_acc (alpha-hat
-    chain; else None), epochs, val_acc, val_loss (None with n_val=0), test_acc, test_loss (of the last epoch:
-    accuracies in [0, 1]; losses: MSE of softmax outputs to one-hot labels), best_test_acc, best_test_epoch (the
-    best test accuracy over the evaluated epochs and its epoch; None in a record whose step finished before
-    these fields existed), train_loss (last epoch,
-    objective incl. the L2 term), wall_time_s, images_per_s (training images per second), profile,
-    config_hash, config (the effective :meth:`TrainConfig.to_dict`), provenance, data (the splits' meta).
+    ``callback(event)`` gets a dict at every epoch end (``event="epoch_end"``: seed, chain, step, epoch, the
+    metrics) and step end (``"step_end"``: the step's metrics, ``in_flight`` models sharing its train_time_s, and
+    its ``record``, None for a probe, chain "alpha_hat_probe"); raising from it stops the run, which a later call
+    resumes. A record holds seed, chain, step, alpha, alpha_hat (used) and alpha_hat_unconstrained, the probe's
+    val/test accuracy (alpha-hat chain), epochs, val/test accuracy and loss of the last epoch (loss: the MSE of
+    softmax outputs to one-hot labels), best_test_acc/epoch, train_loss (with the L2 term), wall_time_s,
+    images_per_s, profile, config_hash, config (as run), provenance and data (the splits' meta).
     """
     if not isinstance(config, TrainConfig):
         raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
@@ -455,7 +446,7 @@ def run_chains(config: TrainConfig, progress: bool = True, callback: Callable[[d
     config_hash = config.config_hash(actual)
     runner = _ChainRunner(config, device, progress, callback, store, config_hash)
     check_writable_dir(runner.ckpt_root, "checkpoint_dir")
-    tasks = _tasks(config)
+    tasks = grid_tasks(config)
     pending = [task for task in tasks if task not in runner.records]
     bar = tqdm(total=len(tasks), initial=len(tasks) - len(pending), desc="self-distillation", unit="step",
                disable=not progress or not pending)

@@ -7,8 +7,11 @@ be extended (more seeds, chains, steps) and reuse every finished step.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -22,9 +25,11 @@ import numpy as np
 from sdlib.records import ALPHA_HAT_CHAIN, chain_name
 
 __all__ = ["PROFILES", "CHAINS_IN_FLIGHT", "CAPTURE_MODES", "TrainConfig", "effective_config", "resolve_device",
-           "derive_seed", "NUM_CLASSES", "TEACHER_BN_MODES", "DATA_ORDERS", "MODELS", "device_precision"]
+           "derive_seed", "NUM_CLASSES", "CIFAR10_TRAIN_IMAGES", "TEACHER_BN_MODES", "DATA_ORDERS", "MODELS",
+           "device_precision", "field_docs", "FIELD_CHOICES"]
 
 NUM_CLASSES = 10
+CIFAR10_TRAIN_IMAGES = 50_000  # before the validation split
 # Bump when a change of the training code changes results: it is part of every config_hash. Not bumped for the
 # lean step (L2 gradient without autograd, folded teacher batch norms, fused Adam, chains in flight): it computes
 # the same function up to float rounding (tests/test_step.py, test_inflight.py: against the plain autograd step
@@ -45,7 +50,6 @@ DATA_ORDERS = ("reshuffle", "fixed")
 # The networks (sdlib.models.build_model): the paper's ResNet-50, and a small network for 32x32 images that trains
 # to convergence on a CPU (the cpu profile).
 MODELS = ("resnet50", "cnn4")
-LR_SCHEDULES = ("constant", "cosine", "step")
 
 PROFILES: dict[str, dict[str, Any]] = {
     # What the paper describes (Section 5): Adam 1e-4, batch 16, 75 epochs, constant learning rate, float32, a
@@ -106,6 +110,10 @@ _NOT_HASHED = ("profile", "seeds", "steps", "alphas", "include_alpha_hat", "data
                "checkpoint_dir", "device", "eval_batch_size", "download", "checkpoint_every", "data_fingerprint",
                "eval_every", "test_every", "chains_in_flight", "capture")
 _FINGERPRINT = re.compile(r"^[0-9a-f]{16}$")
+# The fields that take one of a few values, and which.
+FIELD_CHOICES = {"profile": PROFILES, "model": MODELS, "lr_schedule": ("constant", "cosine", "step"),
+            "teacher_bn": TEACHER_BN_MODES, "data_order": DATA_ORDERS, "chains_in_flight": CHAINS_IN_FLIGHT,
+            "capture": CAPTURE_MODES}
 
 
 def _is_int(value) -> bool:
@@ -123,78 +131,93 @@ class TrainConfig:
     Build with ``TrainConfig.from_profile("paper" | "official" | "fast" | "paper-bf16" | "cpu", **overrides)``, or
     directly: the defaults are the paper profile's values except ``alpha_hat_bounds`` (default (0, 1), the
     pipeline's clipped estimate; the paper profile has None). Invalid values raise ValueError naming the field
-    and what was expected.
-
-    ``profile`` names the profile the values came from (a label: ``from_profile`` applies a profile's values).
-    ``model``: the network, one of :data:`MODELS` ("resnet50", the paper's; "cnn4", the small CPU network,
-    :mod:`sdlib.models`). Training: ``epochs`` per step, ``batch_size``, Adam ``lr``, ``l2_coef`` (times the sum over parameter
-    tensors of their L2 norm), ``lr_schedule`` "constant", "cosine" or "step" after ``warmup_epochs`` of linear warmup
-    (per batch), ``bf16`` autocast and ``channels_last`` (CUDA only), ``teacher_bn``: "eval" (the teacher's
-    BatchNorm uses its running statistics) or "train" (the statistics of each batch, as the authors' teacher
-    ran; its running statistics are not changed, see :func:`sdlib.step.teacher_probs`), ``data_order``:
-    "reshuffle" (a new permutation every epoch) or "fixed" (one permutation of the seed for every epoch and
-    step, :func:`sdlib.step.epoch_order`). Chains: ``seeds``, ``steps`` (>= 1; step 1 is the shared labels-only
-    model), fixed ``alphas`` in [0, 1], ``include_alpha_hat``, ``alpha_hat_bounds``: (low, high) to clip
-    Algorithm 1's least-squares alpha to, or None (unbounded, as the paper writes it). Data: ``n_val``
-    validation images held out of the training set (stratified, ``split_seed``; 0 trains on all of it, and
-    then the alpha-hat chain, which needs them, is refused), ``subset`` (None, or an int >= 10 cutting every
-    part for smoke runs), ``label_noise``: the fraction in [0, 1) of training and validation labels replaced by
-    another class drawn uniformly (exactly ``round(rate * n)`` of each split, :func:`sdlib.data.symmetric_label_noise`,
-    seeded by the run's seed: the same labels for every step and chain of a seed; the test labels stay clean),
-    ``data_root``, ``download``. Where: ``results_dir``,
-    ``checkpoint_dir``, ``device`` ("auto": cuda if available, else cpu), ``eval_batch_size``, and
-    ``checkpoint_every`` (epochs between resumable checkpoints; 1 = every epoch). Speed (none of these enters
-    config_hash): ``eval_every`` (epochs between evaluations; the last epoch is always evaluated and is what
-    the records hold), ``test_every`` (None: as ``eval_every``; else epochs between evaluations of the test
-    set alone, so that the validation curve can be followed every epoch at the cost of 2,000 images, not
-    12,000), ``chains_in_flight`` ("streams": the chains of one (seed, step) train together on the
-    same batches, each its own network, on its own CUDA stream on a GPU; "batched": as one batched network,
-    :mod:`sdlib.batched`; "batched-matmul": the same with its 1x1 convolutions as batched matrix
-    products; "off": one model at a time), ``capture`` ("auto": the step as one CUDA graph on
-    CUDA, eager elsewhere; "none"; "graph"; or the torch.compile mode "reduce-overhead" / "max-autotune").
-
-    ``data_fingerprint`` (None, or the 16 hex digits of :func:`sdlib.data.data_fingerprint`) pins the data a
-    config is for: its hash then needs no data on this machine (a sweep file, a dry run), and a run refuses
-    other data under ``data_root``. None: the fingerprint of the copy under ``data_root``.
-
-    Results go to the git-ignored ``runs/cifar10`` unless ``results_dir`` says otherwise: the committed
-    ``results/`` of the repository is written only when a caller names it (``--results-dir results/cifar10``,
-    ``results_dir=`` in a TrainConfig, a sweep file or a notebook parameter); no default points there.
+    and what was expected. Each field's docstring below is also its ``--help`` text (:func:`field_docs`).
+    Results go to the git-ignored ``runs/cifar10`` unless ``results_dir`` names another folder: no default
+    points at the committed ``results/``.
     """
 
     profile: str = "paper"
+    """paper: the protocol as the paper describes it (batch 16, Adam 1e-4, 75 epochs, eval-mode teacher, 5,000 held
+    out, alpha-hat unbounded); official: the authors' code as it ran (teacher BatchNorm in train mode, all 50,000
+    images, one fixed data order, fixed alphas only); fast: batch 256, lr 1e-3, warmup+cosine, bf16 (CUDA);
+    paper-bf16: the paper profile in bf16 autocast and channels_last (CUDA); cpu: the small cnn4 network trained to
+    convergence on a 2-core CPU (sdlib.config.PROFILES says how each value was chosen)"""
     model: str = "resnet50"
+    """the network: resnet50 (the paper's) or cnn4 (four 3x3 convolutions for 32x32 images, sdlib.models)"""
     epochs: int = 75
+    """epochs per step"""
     batch_size: int = 16
+    """training batch size"""
     lr: float = 1e-4
+    """Adam learning rate"""
     l2_coef: float = 1e-4
+    """coefficient of the L2 term, the sum of the parameter tensors' (unsquared) norms"""
     lr_schedule: str = "constant"
+    """learning rate after the warmup: constant, cosine (to 0) or step (divided by 10 at half and at three quarters
+    of the iterations after the warmup)"""
     warmup_epochs: int = 0
+    """epochs of linear warmup, per batch"""
     bf16: bool = False
+    """bf16 autocast (used on CUDA, and for the small networks on a CPU with native bf16; recorded as used)"""
     channels_last: bool = False
+    """the channels_last memory format (where bf16 applies; recorded as used)"""
     teacher_bn: str = "eval"
+    """the teacher's BatchNorm: eval (running statistics) or train (each batch's statistics, as the authors'
+    teacher ran; its running statistics are not changed, sdlib.step.teacher_probs)"""
     data_order: str = "reshuffle"
+    """reshuffle (a new order every epoch) or fixed (one permutation of the seed for every epoch and step, as the
+    authors' DataLoader)"""
     seeds: tuple[int, ...] = (0, 1, 2, 3)
+    """seeds, e.g. 0,1,2,3 or 0 1 2 3"""
     steps: int = 5
+    """steps per chain; step 1 is the shared labels-only model"""
     alphas: tuple[float, ...] = _PAPER_ALPHAS
+    """fixed alphas in [0, 1], e.g. 0,0.5,1 or 0 0.5 1; '' for none"""
     include_alpha_hat: bool = True
+    """the alpha-hat chain (Algorithm 1)"""
     alpha_hat_bounds: tuple[float, float] | None = (0.0, 1.0)
+    """two numbers LOW HIGH to clip Algorithm 1's least-squares alpha to (0 1, 0,1, or =-1,2 for a negative LOW),
+    or 'none' for the unbounded estimate"""
     n_val: int = 5000
+    """validation images held out of the training set, stratified; 0 trains on all of it (no alpha-hat chain
+    then: it estimates alpha on these images, never on the test set)"""
     split_seed: int = 0
+    """seed of the validation split and subsets"""
     subset: int | None = None
+    """cut every part to this many images (>= 10), for smoke runs; none: all images"""
     label_noise: float = 0.0
+    """fraction in [0, 1) of training and validation labels replaced by another class drawn uniformly (exactly
+    round(rate * n) of each split, sdlib.data.symmetric_label_noise), the same for every step and chain of a seed;
+    test labels stay clean"""
     data_root: str = "data/cifar10"
+    """CIFAR-10: torchvision's cifar-10-batches-py/ or an ImageFolder with train/ and test/"""
     results_dir: str = "runs/cifar10"
+    """where records.jsonl and epochs.jsonl are appended (git-ignored; the committed results/cifar10 only when
+    named here)"""
     checkpoint_dir: str = "checkpoints/cifar10"
+    """final weights (the next step's teachers) and resumable states"""
     device: str = "auto"
+    """auto (CUDA if available, else CPU), cpu, cuda, cuda:1, ..."""
     eval_batch_size: int = 1000
+    """batch size of evaluation"""
     download: bool = False
+    """download CIFAR-10 with torchvision if absent (timeout: $SDLIB_DOWNLOAD_TIMEOUT seconds of silence, 60)"""
     checkpoint_every: int = 1
+    """epochs between resumable checkpoints"""
     eval_every: int = 5
+    """epochs between evaluations of val/test; the last epoch is always evaluated and is what the records hold"""
     test_every: int | None = None
+    """epochs between evaluations of the test set alone (the last epoch always); none: as eval_every"""
     chains_in_flight: str = "streams"
+    """how the chains of a step train: streams (each its own network, together on the same batches, on its own
+    CUDA stream on a GPU), batched (one batched network, sdlib.batched), batched-matmul (the same, 1x1
+    convolutions as batched matrix products) or off (one at a time)"""
     capture: str = "auto"
+    """how the training step runs: auto (one CUDA graph on CUDA, eager elsewhere), none, graph (CUDA only), or a
+    torch.compile mode"""
     data_fingerprint: str | None = None
+    """the data's fingerprint (16 hex digits, sdlib.data.data_fingerprint): the config's hash then needs no data
+    here, and a run refuses other data under data_root; none: that of the data found there"""
 
     @classmethod
     def from_profile(cls, profile: str = "paper", **overrides) -> "TrainConfig":
@@ -212,40 +235,32 @@ class TrainConfig:
         def fail(name, expected):
             raise ValueError(f"TrainConfig.{name} must be {expected}, got {getattr(self, name)!r}")
 
-        def positive_int(name, minimum=1):
+        def integer(name, minimum=1):
             if not _is_int(getattr(self, name)) or getattr(self, name) < minimum:
                 fail(name, f"an integer >= {minimum}")
             setattr(self, name, int(getattr(self, name)))
 
-        def boolean(name):
-            if not isinstance(getattr(self, name), (bool, np.bool_)):
-                fail(name, "True or False")
-            setattr(self, name, bool(getattr(self, name)))
-
-        def path(name):
+        def sequence(name, expected):
             value = getattr(self, name)
-            if not isinstance(value, (str, os.PathLike)) or str(value) == "":
-                fail(name, "a non-empty path")
-            setattr(self, name, os.path.expanduser(str(value)))  # "~/r": the home folder, never a folder "~"
+            if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+                fail(name, expected)
+            return tuple(value)
 
-        if self.profile not in PROFILES:
-            fail("profile", f"one of {sorted(PROFILES)}")
-        if self.model not in MODELS:
-            fail("model", f"one of {list(MODELS)}")
-        rate = self.label_noise
-        if not _is_real(rate) or not 0.0 <= rate < 1.0:
+        for name, choices in FIELD_CHOICES.items():
+            if not isinstance(getattr(self, name), str) or getattr(self, name) not in choices:
+                fail(name, f"one of {list(choices)}")
+        if not _is_real(self.label_noise) or not 0.0 <= self.label_noise < 1.0:
             fail("label_noise", "a number in [0, 1) (the fraction of training and validation labels changed)")
-        self.label_noise = float(rate)
+        self.label_noise = float(self.label_noise)
         for name in ("epochs", "batch_size", "steps", "eval_batch_size", "checkpoint_every", "eval_every"):
-            positive_int(name)
+            integer(name)
         if self.batch_size < 2:  # BatchNorm in training mode; the last partial batch of an epoch is dropped
             fail("batch_size", "an integer >= 2 (BatchNorm normalizes over the batch: one image has no batch "
                                "statistics)")
         if self.test_every is not None:
-            positive_int("test_every")
-        positive_int("n_val", 0)
-        positive_int("warmup_epochs", 0)
-        positive_int("split_seed", 0)
+            integer("test_every")
+        for name in ("n_val", "warmup_epochs", "split_seed"):
+            integer(name, 0)
         if self.warmup_epochs > self.epochs:
             fail("warmup_epochs", f"an integer in [0, epochs={self.epochs}]")
         for name, low_open in (("lr", True), ("l2_coef", False)):
@@ -253,41 +268,29 @@ class TrainConfig:
             if not _is_real(value) or not math.isfinite(value) or value < 0 or (low_open and value == 0):
                 fail(name, "a finite number > 0" if low_open else "a finite number >= 0")
             setattr(self, name, float(value))
-        if self.lr_schedule not in LR_SCHEDULES:
-            fail("lr_schedule", " or ".join(map(repr, LR_SCHEDULES)))
-        if self.teacher_bn not in TEACHER_BN_MODES:
-            fail("teacher_bn", "'eval' (running statistics) or 'train' (batch statistics)")
-        if self.data_order not in DATA_ORDERS:
-            fail("data_order", "'reshuffle' (every epoch) or 'fixed' (one permutation for every epoch and step)")
         if self.alpha_hat_bounds is not None:
-            bounds = self.alpha_hat_bounds
-            if isinstance(bounds, (str, bytes)) or not hasattr(bounds, "__iter__") or len(tuple(bounds)) != 2 \
-                    or not all(_is_real(b) and math.isfinite(b) for b in bounds) or bounds[0] > bounds[1]:
+            bounds = sequence("alpha_hat_bounds", "None or a pair (low, high)")
+            if len(bounds) != 2 or not all(_is_real(b) and math.isfinite(b) for b in bounds) or bounds[0] > bounds[1]:
                 fail("alpha_hat_bounds", "None (unbounded) or a pair (low, high) of finite numbers with low <= high")
             self.alpha_hat_bounds = tuple(float(b) for b in bounds)
         for name in ("bf16", "channels_last", "include_alpha_hat", "download"):
-            boolean(name)
-        if self.subset is not None and (not _is_int(self.subset) or self.subset < NUM_CLASSES):
-            fail("subset", f"None or an integer >= {NUM_CLASSES} (one image per class)")
-        self.subset = None if self.subset is None else int(self.subset)
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                fail(name, "True or False")
+            setattr(self, name, bool(getattr(self, name)))
+        if self.subset is not None:
+            integer("subset", NUM_CLASSES)  # one image per class
 
-        if isinstance(self.seeds, (str, bytes)) or not hasattr(self.seeds, "__iter__"):
-            fail("seeds", "a sequence of integers >= 0")
-        seeds = tuple(self.seeds)
+        seeds = sequence("seeds", "a sequence of integers >= 0")
         if not seeds or not all(_is_int(s) and s >= 0 for s in seeds) or len(set(seeds)) != len(seeds):
             fail("seeds", "a non-empty sequence of distinct integers >= 0")
         self.seeds = tuple(int(s) for s in seeds)
-
-        if isinstance(self.alphas, (str, bytes)) or not hasattr(self.alphas, "__iter__"):
-            fail("alphas", "a sequence of numbers in [0, 1]")
-        alphas = tuple(self.alphas)
+        alphas = sequence("alphas", "a sequence of numbers in [0, 1]")
         if not all(_is_real(a) and 0.0 <= a <= 1.0 for a in alphas):
             fail("alphas", "a sequence of numbers in [0, 1]")
         self.alphas = tuple(float(a) for a in alphas)
-        names = [chain_name(a) for a in self.alphas]
-        if len(set(names)) != len(names):
+        if len(set(self.chains)) != len(self.chains):
             fail("alphas", "distinct values (two alphas give the same chain name)")
-        if self.steps >= 2 and not self.alphas and not self.include_alpha_hat:
+        if self.steps >= 2 and not self.chains:
             fail("alphas", "non-empty when include_alpha_hat is False and steps >= 2 (no chain to run)")
         if self.n_val == 0 and self.include_alpha_hat and self.steps >= 2:
             # Algorithm 1 fits alpha on held-out images; the test set is never used for it.
@@ -296,19 +299,17 @@ class TrainConfig:
                           "include_alpha_hat=False (--no-alpha-hat)")
 
         for name in ("data_root", "results_dir", "checkpoint_dir"):
-            path(name)
+            if not isinstance(getattr(self, name), (str, os.PathLike)) or str(getattr(self, name)) == "":
+                fail(name, "a non-empty path")
+            setattr(self, name, os.path.expanduser(str(getattr(self, name))))  # "~/r": the home folder
         if self.data_fingerprint is not None and (not isinstance(self.data_fingerprint, str)
                                                   or not _FINGERPRINT.match(self.data_fingerprint)):
             fail("data_fingerprint", "None or 16 lower-case hex digits (sdlib.data.data_fingerprint of the data)")
         if not isinstance(self.device, str) or not (self.device == "auto" or _valid_device(self.device)):
             fail("device", "'auto', 'cpu', 'cuda', 'cuda:<index>' or another torch device name")
-        if self.chains_in_flight not in CHAINS_IN_FLIGHT:
-            fail("chains_in_flight", f"one of {list(CHAINS_IN_FLIGHT)}")
         if self.chains_in_flight.startswith("batched") and self.model != "resnet50":
             fail("chains_in_flight", f"'streams' or 'off' for model {self.model!r}: the batched network "
                                      "(sdlib.batched) is ResNet-50 only")
-        if self.capture not in CAPTURE_MODES:
-            fail("capture", f"one of {list(CAPTURE_MODES)}")
 
     def to_dict(self) -> dict:
         """All fields as a JSON-serializable dict (tuples become lists)."""
@@ -404,3 +405,12 @@ def effective_config(config: TrainConfig, device: "torch.device") -> TrainConfig
 def derive_seed(*keys: int) -> int:
     """A 63-bit seed from a tuple of non-negative ints; distinct tuples give independent streams."""
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+@functools.cache
+def field_docs() -> dict[str, str]:
+    """Each TrainConfig field's docstring (the string under it in the class body), in one line: the command
+    line's help texts (sdlib.train) are these, so the options are documented once, beside the fields."""
+    body = ast.parse(inspect.getsource(TrainConfig)).body[0].body
+    return {field.target.id: " ".join(doc.value.value.split()) for field, doc in zip(body, body[1:])
+            if isinstance(field, ast.AnnAssign) and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)}

@@ -4,6 +4,7 @@ files), on tiny real images where data are needed."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import shutil
 from pathlib import Path
@@ -13,7 +14,8 @@ import pytest
 pytest.importorskip("torch")
 
 from sdlib import train  # noqa: E402
-from sdlib.sweep import grid_cost  # noqa: E402
+from sdlib.chains import grid_cost  # noqa: E402
+from sdlib.config import field_docs  # noqa: E402
 from sdlib.train import TrainConfig, main  # noqa: E402
 
 
@@ -27,6 +29,21 @@ def test_every_option_has_help_with_its_default():
         assert re.search(r"\(default: [^)]+\)|default: ", action.help), f"{action.option_strings}: no default shown"
     text = " ".join(parser.format_help().split())
     assert "runs/cifar10" in text and "the committed results/cifar10 only when named here" in text
+
+
+def test_every_field_is_an_option_explained_by_its_docstring():
+    """The options are generated from TrainConfig: one per field (booleans with --no-), its help the field's
+    docstring and each profile's default."""
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    assert sorted(field_docs()) == sorted(fields)
+    actions = {a.dest: a for a in train._parser()._actions}
+    for name in fields:
+        assert actions[name].help.startswith(field_docs()[name]), name
+    assert actions["epochs"].help == ("epochs per step (default: the profile's, paper 75, official 75, fast 75, "
+                                      "paper-bf16 75, cpu 20)")
+    assert {"--no-alpha-hat", "--no-bf16", "--no-channels-last", "--download"} <= set(
+        actions["include_alpha_hat"].option_strings + actions["bf16"].option_strings
+        + actions["channels_last"].option_strings + actions["download"].option_strings)
 
 
 def test_dry_run_prints_config_pending_tasks_and_cost_and_writes_nothing(tmp_path, tiny_cifar_root, capsys):

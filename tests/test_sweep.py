@@ -11,6 +11,7 @@ SLURM dependency wiring, and the settings read from sweep files.
 """
 
 import dataclasses
+import importlib.util
 import json
 import os
 import shutil
@@ -38,6 +39,9 @@ SCRIPT = REPO / "scripts" / "papermill_sweep.py"
 RESULT_FIELDS = ("alpha", "alpha_hat", "probe_val_acc", "probe_test_acc", "epochs", "val_acc", "val_loss",
                  "test_acc", "test_loss", "train_loss")
 KEYS = {(0, "shared", 1), (0, "alpha=0", 2), (0, "alpha=1", 2), (0, "alpha_hat", 2)}
+_spec = importlib.util.spec_from_file_location("papermill_sweep", SCRIPT)
+papermill_sweep = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(papermill_sweep)
 
 # The preemption hook below is defined in this module: ship it to the job processes by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -312,7 +316,7 @@ def test_slurm_resubmission_leaves_out_finished_jobs(tmp_path, fake_slurm):
     assert "#SBATCH --array" not in scripts[0] and "--dependency" not in scripts[0]
     assert "#SBATCH --array=0-1%" in scripts[1] and "--dependency" not in scripts[1]  # step 1 is finished
     assert "#SBATCH --dependency=afterok:1000\n" in scripts[2]
-    with pytest.warns(RuntimeWarning, match="could not ask the SLURM queue"):  # no squeue here: said so
+    with pytest.warns(RuntimeWarning, match="could not ask the SLURM queue"):  # no sacct here: said so
         assert len(sweep.submit_sweep(config, "slurm", tmp_path / "submitit", skip_finished=False)) == 8
 
 
@@ -441,21 +445,21 @@ def test_cli_rejects_bad_values(tmp_path):
 def test_papermill_sweep_rejects_bad_parameter_sets(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['epoch'\].*'epochs'"):
-        sweep.run_papermill_sweep(NOTEBOOK, [{"name": "a", "parameters": {"epoch": 1}}], out)
+        papermill_sweep.run_papermill_sweep(NOTEBOOK, [{"name": "a", "parameters": {"epoch": 1}}], out)
     assert not out.exists()  # checked before anything ran
     with pytest.raises(ValueError, match="name 'a' is used twice"):
-        sweep.load_parameter_sets([{"name": "a"}, {"name": "a"}])
+        papermill_sweep.load_parameter_sets([{"name": "a"}, {"name": "a"}])
     with pytest.raises(ValueError, match="name must be"):
-        sweep.load_parameter_sets({"../x": {}})
+        papermill_sweep.load_parameter_sets({"../x": {}})
     with pytest.raises(ValueError, match="must not be empty"):
-        sweep.load_parameter_sets([])
+        papermill_sweep.load_parameter_sets([])
     with pytest.raises(ValueError, match="keys 'name' and 'parameters'"):
-        sweep.load_parameter_sets([{"name": "a", "params": {}}])
+        papermill_sweep.load_parameter_sets([{"name": "a", "params": {}}])
     (tmp_path / "sets.txt").write_text("[]")
     with pytest.raises(ValueError, match=r"must end in \.json, \.yaml or \.yml"):
-        sweep.load_parameter_sets(tmp_path / "sets.txt")
+        papermill_sweep.load_parameter_sets(tmp_path / "sets.txt")
     with pytest.raises(FileNotFoundError, match="parameter file"):
-        sweep.load_parameter_sets(tmp_path / "missing.json")
+        papermill_sweep.load_parameter_sets(tmp_path / "missing.json")
     (tmp_path / "sets.json").write_text(json.dumps({"a": {"steps": 2, "bogus": 1}}))
     done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "sets.json"), "--output-dir", str(out)],
                           cwd=REPO, capture_output=True, text=True)
@@ -482,26 +486,28 @@ def test_grid_cost_counts_what_the_sweep_trained(grid):
 
 # ------------------------------------------------------------------------------- the queue, sweep files, errors
 
-FAKE_SQUEUE = """#!/bin/sh
-# Stands in for squeue: answers with the lines of $SQUEUE_OUT ("<job id>|<state>"), or fails as told.
-if [ -n "$SQUEUE_FAIL" ]; then echo "squeue: error: $SQUEUE_FAIL" >&2; exit 1; fi
-cat "$SQUEUE_OUT"
+FAKE_SACCT = """#!/bin/sh
+# Stands in for sacct as submitit calls it (-o JobID,State,NodeList --parsable2): a header, then the lines of
+# $SACCT_OUT ("<job id>|<state>|"), or fails as told.
+if [ -n "$SACCT_FAIL" ]; then echo "sacct: error: $SACCT_FAIL" >&2; exit 1; fi
+echo "JobID|State|NodeList"
+cat "$SACCT_OUT"
 """
 
 
 @pytest.fixture
-def fake_squeue(tmp_path, fake_slurm, monkeypatch) -> Path:
-    """A squeue stand-in beside fake_slurm's sbatch; returns the file whose lines it prints."""
-    out = tmp_path / "squeue.txt"
+def fake_sacct(tmp_path, fake_slurm, monkeypatch) -> Path:
+    """A sacct stand-in beside fake_slurm's sbatch; returns the file whose lines it prints."""
+    out = tmp_path / "sacct.txt"
     out.write_text("")
-    tool = tmp_path / "bin" / "squeue"
-    tool.write_text(FAKE_SQUEUE)
+    tool = tmp_path / "bin" / "sacct"
+    tool.write_text(FAKE_SACCT)
     tool.chmod(stat.S_IRWXU)
-    monkeypatch.setenv("SQUEUE_OUT", str(out))
+    monkeypatch.setenv("SACCT_OUT", str(out))
     return out
 
 
-def test_resubmission_leaves_out_jobs_still_queued(tmp_path, fake_squeue, capsys):
+def test_resubmission_leaves_out_jobs_still_queued(tmp_path, fake_sacct, capsys):
     """Old: a sweep resubmitted while its jobs were still queued submitted every one of them twice."""
     config = tiny_config(tmp_path, tmp_path / "data", seeds=(0, 1))
     folder = tmp_path / "submitit"
@@ -509,12 +515,14 @@ def test_resubmission_leaves_out_jobs_still_queued(tmp_path, fake_squeue, capsys
     assert [j.job.job_id for j in first] == ["1000_0", "1000_1", "1001_0", "1001_1", "1001_2", "1002_0", "1002_1",
                                              "1002_2"]
     # everything still waits in the queue: nothing is submitted again
-    fake_squeue.write_text("".join(f"{j.job.job_id}|PENDING\n" for j in first) + "999|RUNNING\n")
+    # (sacct shows a pending array as one line, "1001_[0-2%64]": submitit reads it as each of its jobs)
+    fake_sacct.write_text("1000_[0-1%64]|PENDING|\n1001_[0-2%64]|PENDING|\n1002_[0-2%64]|PENDING|\n999|RUNNING|\n")
     assert sweep.submit_sweep(config, "slurm", folder, partition="gpu") == []
     assert "left out 8 job(s)" in capsys.readouterr().out
     assert len(sbatch_scripts(fake_slurm_log(tmp_path))) == 3
-    # seed 0 still queued; seed 1's jobs were cancelled (gone from the queue) and seed 0's alpha=1 failed
-    fake_squeue.write_text("1000_0|RUNNING\n1001_0|PENDING\n1001_2|PENDING\n1001_1|FAILED\n")
+    # seed 0 still queued; seed 1's jobs were cancelled and seed 0's alpha=1 failed
+    fake_sacct.write_text("1000_0|RUNNING|\n1000_1|CANCELLED by 0|\n1001_0|PENDING|\n1001_2|PENDING|\n"
+                          "1001_1|FAILED|\n" + "".join(f"1002_{k}|CANCELLED by 0|\n" for k in range(3)))
     again = sweep.submit_sweep(config, "slurm", folder, partition="gpu")
     assert [(j.seed, j.chain, j.job.job_id) for j in again] == [
         (1, "shared", "1003"), (0, "alpha=1", "1004"), (1, "alpha=0", "1005_0"), (1, "alpha=1", "1005_1"),
@@ -530,11 +538,11 @@ def test_resubmission_leaves_out_jobs_still_queued(tmp_path, fake_squeue, capsys
                                                     "job_id": "1005_2", "executor": "slurm"}
 
 
-def test_a_queue_that_cannot_be_asked_warns(tmp_path, fake_squeue, monkeypatch):
+def test_a_queue_that_cannot_be_asked_warns(tmp_path, fake_sacct, monkeypatch):
     config = tiny_config(tmp_path, tmp_path / "data")
     sweep.submit_sweep(config, "slurm", tmp_path / "submitit", partition="gpu")
-    monkeypatch.setenv("SQUEUE_FAIL", "Unable to contact slurm controller")
-    with pytest.warns(RuntimeWarning, match="could not ask the SLURM queue.*Unable to contact.*submitted again"):
+    monkeypatch.setenv("SACCT_FAIL", "Unable to contact slurm controller")
+    with pytest.warns(RuntimeWarning, match="could not ask the SLURM queue about job.*submitted again"):
         assert len(sweep.submit_sweep(config, "slurm", tmp_path / "submitit", partition="gpu")) == 4
 
 
@@ -583,7 +591,7 @@ def test_a_failed_local_step1_job_is_reported_in_one_line(tmp_path):
     assert "FileNotFoundError: CIFAR-10 (train split) not found under" in message
 
 
-def test_sweep_dry_run_lists_the_jobs_to_submit(tmp_path, fake_squeue, capsys):
+def test_sweep_dry_run_lists_the_jobs_to_submit(tmp_path, fake_sacct, capsys):
     config = tiny_config(tmp_path, tmp_path / "data")
     train = {k: v for k, v in config.to_dict().items() if k not in ("profile",)}
     path = tmp_path / "sweep.yaml"
@@ -593,4 +601,4 @@ def test_sweep_dry_run_lists_the_jobs_to_submit(tmp_path, fake_squeue, capsys):
     out = capsys.readouterr().out
     assert f"config_hash {config.config_hash()}" in out and "would submit 4 of 4 jobs (slurm)" in out
     assert "grid cost: 4 jobs; 5 models x 2 epochs" in out
-    assert not (tmp_path / "submitit").exists() and not fake_squeue.read_text()
+    assert not (tmp_path / "submitit").exists() and not fake_sacct.read_text()
