@@ -1,15 +1,12 @@
-"""CIFAR-10 for the deep-network half: loading, a stratified validation split, normalization and augmentation.
+"""CIFAR-10 in memory as uint8 tensors (N, 3, 32, 32): loading, a stratified validation split, normalization and
+augmentation on the training device (all of CIFAR-10 is 184 MB: a step indexes a batch out of one tensor).
 
-Everything is held in memory as uint8 tensors ``(N, 3, 32, 32)`` (all of CIFAR-10 is 184 MB), so a training step
-indexes a batch out of one tensor and augments it on the same device: no per-image Python, no DataLoader.
-
-Two on-disk forms are read: torchvision's download ``root/cifar-10-batches-py/`` (read by
-``torchvision.datasets.CIFAR10``, which checks every file's MD5 before unpickling it: a planted pickle runs
-nothing), and an ImageFolder layout ``root/{train,test}/<class>/*.jpg|png`` (the JPEG copy in the project's shared
-data), decoded once with Pillow and cached with ``torch.save`` under the files' content fingerprint. Labels follow
-:data:`CIFAR10_CLASSES`, the standard order, which is also the alphabetical order of the folder names (as
-``torchvision.datasets.ImageFolder`` assigns them). The fingerprints need neither torch nor torchvision (the
-book's environment has none), so the ImageFolder listing here is our own, in ImageFolder's order.
+Two forms are read: torchvision's download ``root/cifar-10-batches-py/``, through ``torchvision.datasets.CIFAR10``
+after checking every file's MD5 (a planted pickle runs nothing), and an ImageFolder layout
+``root/{train,test}/<class>/*.jpg`` (the shared JPEG copy), decoded once with Pillow and cached with ``torch.save``
+under the files' content fingerprint. Labels follow :data:`CIFAR10_CLASSES`, the alphabetical order of the folders
+(as ImageFolder assigns them). The fingerprints need no torch (the book's environment has none), so the
+ImageFolder listing is our own, in ``torchvision.datasets.ImageFolder``'s order.
 """
 
 from __future__ import annotations
@@ -54,17 +51,14 @@ def _require_torch(what: str) -> None:
         raise ImportError(f"sdlib.data.{what} needs PyTorch: pip install -e '.[cifar]'")
 
 
-def _how_to_get_data(root: Path, split: str) -> str:
+def how_to_get_data(root: str | os.PathLike, split: str = "train") -> str:
+    """The message of a missing CIFAR-10 under ``root``: the forms read, and how to get either."""
+    root = _check_root(root)
     return (f"CIFAR-10 ({split} split) not found under {str(root)!r}. Expected either torchvision's standard form "
             f"{str(root / PICKLE_DIRNAME)!r} (data_batch_1..5, test_batch, batches.meta) or an ImageFolder layout "
             f"{str(root / split)!r}/<class>/*.jpg. To get it: call with download=True (fetches the standard form "
             f"through torchvision), or run torchvision.datasets.CIFAR10({str(root)!r}, download=True) yourself, "
             f"or unpack the ImageFolder tarball: mkdir -p {root} && tar -xJf cifar10-jpeg.tar.xz -C {root}")
-
-
-def how_to_get_data(root: str | os.PathLike) -> str:
-    """The message of a missing CIFAR-10 under ``root``: the forms read, and how to get either."""
-    return _how_to_get_data(_check_root(root), "train")
 
 
 def _check_int(name: str, value: Any, minimum: int | None = None) -> int:
@@ -91,9 +85,6 @@ def _check_root(root: Any) -> Path:
     if not isinstance(root, (str, os.PathLike)) or str(root) == "":
         raise ValueError(f"root must be a non-empty path (str or os.PathLike), got {root!r}")
     return Path(root).expanduser()
-
-
-# ----------------------------------------------------------------------------------------------- finding the files
 
 
 def _pickle_dir(root: Path) -> Path | None:
@@ -204,9 +195,6 @@ def _combine(train: str, test: str) -> str:
     return hashlib.sha256(f"sdlib-cifar10-data v1 {train} {test}".encode()).hexdigest()[:16]
 
 
-# ----------------------------------------------------------------------------------------------- decoding, cache
-
-
 def _decode_images(paths: Sequence[str], progress: bool) -> np.ndarray:
     """uint8 (N, 32, 32, 3) from image files, each checked to be 32x32 RGB. Serial on purpose: a 32x32 JPEG decodes
     in ~0.1 ms, mostly GIL-holding work inside Pillow; a thread pool measured 1.5x slower."""
@@ -240,16 +228,8 @@ def _cache_dirs(root: Path) -> list[Path]:
     """Inside the data root, else (read-only data) a per-root folder of $SDLIB_CACHE_DIR or ~/.cache/sdlib."""
     base = os.environ.get("SDLIB_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "sdlib")
-    return [root / CACHE_DIRNAME, Path(base) / "cifar10" / hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]]
-
-
-def cache_path(root: str | os.PathLike, split: str = "train") -> Path | None:
-    """The cache file that currently serves ``load_cifar10(root, split)`` (ImageFolder layout), or None."""
-    root, split = _check_root(root), _check_split(split)
-    if detect_layout(root, split) != "imagefolder":
-        return None
-    name = _cache_name(split, split_fingerprint(root, split))
-    return next((d / name for d in _cache_dirs(root) if (d / name).is_file()), None)
+    return [root / CACHE_DIRNAME, 
+            Path(base) / "cifar10" / hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]]
 
 
 def _read_cache(path: Path, labels: np.ndarray):
@@ -282,20 +262,13 @@ def _write_cache(dirs: list[Path], name: str, images: torch.Tensor, labels: torc
                   f"again next time", RuntimeWarning, stacklevel=3)
 
 
-# ------------------------------------------------------------------------------------------------------- loading
-
-
 class DownloadError(FileNotFoundError):
-    """Fetching CIFAR-10 failed or timed out (the data are still missing); the message names the URL, the timeout
-    and what to do offline."""
+    """Fetching CIFAR-10 failed or timed out: the message names the URL, the timeout and what to do offline."""
 
 
 def download_cifar10(root: str | os.PathLike, timeout_s: float | None = None) -> None:
-    """Fetch torchvision's form of CIFAR-10 (both splits) into ``root/cifar-10-batches-py``.
-
-    timeout_s : seconds a connection may stay silent before the download gives up; default
-    ``$SDLIB_DOWNLOAD_TIMEOUT`` or 60 (torchvision sets none: a proxy that never answers would hang). Raises
-    :class:`DownloadError` naming the URL, the timeout and how to get the data without a network."""
+    """Fetch torchvision's form of CIFAR-10 into ``root/cifar-10-batches-py``, giving up after ``timeout_s`` seconds
+    of silence (default ``$SDLIB_DOWNLOAD_TIMEOUT`` or 60; torchvision sets none: a silent proxy would hang)."""
     import torchvision
 
     root = _check_root(root)
@@ -347,9 +320,7 @@ def _read_pickles(pdir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 @dataclass
-class _Source:
-    """A located split, listed and fingerprinted but not decoded (callers check sizes before the heavy work)."""
-
+class _Source:  # a located split, listed and fingerprinted, not decoded yet (sizes are checked before that work)
     root: Path
     split: str
     layout: str
@@ -358,17 +329,13 @@ class _Source:
     fingerprint: str
     images: np.ndarray | None = None  # pickle: already read
 
-    @property
-    def n(self) -> int:
-        return len(self.labels)
-
 
 def _locate(root: Path, split: str, download: bool) -> _Source:
     if detect_layout(root, split) is None and download:
         download_cifar10(root)
     found = _source_files(root, split)
     if found is None:
-        raise FileNotFoundError(_how_to_get_data(root, split))
+        raise FileNotFoundError(how_to_get_data(root, split))
     layout, files = found
     fingerprint = _content_hash(f"{split}-{layout}", files)
     if layout == "pickle":
@@ -385,7 +352,7 @@ def _materialize(src: _Source, cache: bool, progress: bool | None) -> tuple[torc
         hit = _read_cache(d / name, src.labels) if (d / name).is_file() else None
         if hit is not None:
             return hit
-    show = src.n >= 5000 if progress is None else progress
+    show = len(src.labels) >= 5000 if progress is None else progress
     images = torch.from_numpy(np.ascontiguousarray(_decode_images([f[0] for f in src.files], show)
                                                    .transpose(0, 3, 1, 2)))
     labels = torch.from_numpy(src.labels)
@@ -396,43 +363,17 @@ def _materialize(src: _Source, cache: bool, progress: bool | None) -> tuple[torc
 
 def load_cifar10(root: str | os.PathLike, split: str = "train", download: bool = False, cache: bool = True,
                  progress: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One split of CIFAR-10: uint8 images (N, 3, 32, 32), contiguous, and int64 labels (N,), on the CPU.
-
-    root : holds ``cifar-10-batches-py/`` (or is that folder) or ``train/<class>/*``, ``test/<class>/*``; the
-        pickles win where both are present. split : ``"train"`` (50,000) or ``"test"`` (10,000).
-    download : fetch torchvision's form where neither is present (:func:`download_cifar10`).
-    cache : ImageFolder only: decode once and keep the tensors in ``root/.sdlib_cache/<split>-imagefolder-<key>.pt``
-        (written atomically; the key holds the content fingerprint and the Pillow/libjpeg versions, so a changed
-        folder is decoded again and its stale cache removed); a read-only root caches in ``$SDLIB_CACHE_DIR`` or
-        ``$XDG_CACHE_HOME/sdlib`` (default ``~/.cache/sdlib``). progress : the decoding bar; None: from 5,000 images.
-
-    Order: the pickles', or ImageFolder's. FileNotFoundError where neither form is present (saying how to get it);
-    ValueError for bad parameters, a bad class folder, image or pickle folder (naming it).
-    """
+    """One split (``"train"``, ``"test"``) of the CIFAR-10 under ``root``: uint8 images (N, 3, 32, 32) and int64
+    labels, on the CPU, in the pickles' or ImageFolder's order. ``download``: fetch it where absent. ``cache``
+    (ImageFolder): decode once into ``root/.sdlib_cache`` (or, read-only root, ``$SDLIB_CACHE_DIR`` or
+    ``~/.cache/sdlib``) under the content fingerprint and the Pillow/libjpeg versions, so a changed folder is decoded
+    again. ``progress``: the decoding bar (None: from 5,000 images). FileNotFoundError where neither form is
+    present (saying how to get it); ValueError naming a bad parameter, class folder, image or pickle."""
     _require_torch("load_cifar10")
     root, split = _check_root(root), _check_split(split)
     download, cache = _check_bool("download", download), _check_bool("cache", cache)
     progress = None if progress is None else _check_bool("progress", progress)
     return _materialize(_locate(root, split, download), cache, progress)
-
-
-# ---------------------------------------------------------------------------------------------------- splitting
-
-
-def _labels_array(labels: Any) -> np.ndarray:
-    if torch is not None and isinstance(labels, torch.Tensor):
-        labels = labels.detach().cpu().numpy()
-    try:
-        arr = np.asarray(labels)
-    except Exception:
-        raise ValueError("labels must be a 1-D sequence of non-negative integers") from None
-    if arr.ndim != 1 or arr.size == 0:
-        raise ValueError(f"labels must be a non-empty 1-D array of class indices, got shape {arr.shape}")
-    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"labels must hold integers, got dtype {arr.dtype}")
-    if arr.min() < 0:
-        raise ValueError(f"labels must be non-negative class indices, got minimum {arr.min()}")
-    return arr.astype(np.int64, copy=False)
 
 
 def _stratified_choice(labels: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -454,7 +395,7 @@ def stratified_split(labels: Any, n_val: int = 5000, seed: int = 0) -> tuple[tor
     class within one image of its share ``n_val * n_c / N`` (balanced CIFAR-10, n_val=5000: 500 per class). The
     same labels, n_val and seed give the same split."""
     _require_torch("stratified_split")
-    arr = _labels_array(labels)
+    arr, _ = _check_labels(labels.cpu().numpy() if isinstance(labels, torch.Tensor) else labels)
     n_val, seed = _check_int("n_val", n_val, minimum=0), _check_int("seed", seed, minimum=0)
     if n_val >= arr.shape[0]:
         raise ValueError(f"n_val must be smaller than the number of labels ({arr.shape[0]}), got {n_val}")
@@ -466,9 +407,8 @@ def stratified_split(labels: Any, n_val: int = 5000, seed: int = 0) -> tuple[tor
 
 @dataclass(repr=False)
 class CIFAR10Splits:
-    """CIFAR-10 in memory: ``x_*`` uint8 (N, 3, 32, 32) and ``y_*`` int64 (N,) on one device; ``*_idx``: int64 CPU
-    tensors, the positions of each part in the split it came from (train and val in the training set); ``meta``:
-    a JSON-serializable description (see :func:`load_splits`)."""
+    """``x_*`` uint8 (N, 3, 32, 32), ``y_*`` int64 on one device; ``*_idx`` the CPU positions of each part in the
+    split it came from; ``meta`` JSON-serializable (see :func:`load_splits`)."""
 
     x_train: torch.Tensor
     y_train: torch.Tensor
@@ -502,18 +442,12 @@ class CIFAR10Splits:
 def load_splits(root: str | os.PathLike, n_val: int = 5000, split_seed: int = 0, subset: int | None = None,
                 device: str | torch.device = "cpu", download: bool = False, cache: bool = True,
                 progress: bool | None = None) -> CIFAR10Splits:
-    """CIFAR-10 with a stratified validation split of ``n_val`` images held out of the training set (what model
-    selection and alpha-hat use; the test set only reports).
-
-    root, download, cache, progress : as in :func:`load_cifar10`. split_seed : seed of the split and the subsets.
-    subset : None, or an int >= 10 for smoke runs: the split is made on the full training set first (validation
-        images never depend on ``subset``), then each part is cut to a stratified, seeded subset: train to
-        ``min(subset, N_train - n_val)``, validation to ``min(n_val, subset)``, test to ``min(subset, N_test)``.
-    device : where the images and labels go.
-
-    ``meta``: root, layout, n_val, split_seed, subset, sizes and class_counts (per part), source_sizes, classes,
-    fingerprint (:func:`data_fingerprint`), split_fingerprints, mean, std.
-    """
+    """CIFAR-10 with a stratified validation split of ``n_val`` images held out of the training set (for model
+    selection and alpha-hat; the test set only reports), seeded by ``split_seed``, on ``device``; root, download,
+    cache, progress as in :func:`load_cifar10`. ``subset`` (an int >= 10, smoke runs) cuts each part, after the
+    split, to a stratified seeded subset of at most ``subset`` images (validation images never depend on it).
+    ``meta``: root, layout, n_val, split_seed, subset, sizes, source_sizes, class_counts, classes, fingerprint
+    (:func:`data_fingerprint`), split_fingerprints, mean, std."""
     _require_torch("load_splits")
     root = _check_root(root)
     n_val = _check_int("n_val", n_val, minimum=0)
@@ -529,11 +463,11 @@ def load_splits(root: str | os.PathLike, n_val: int = 5000, split_seed: int = 0,
     if download and (detect_layout(root, "train") is None or detect_layout(root, "test") is None):
         download_cifar10(root)  # before locating either split, so that both come from the same form
     train_src, test_src = _locate(root, "train", False), _locate(root, "test", False)
-    if n_val >= train_src.n:
-        raise ValueError(f"n_val must be smaller than the {train_src.n} training images under {str(root)!r}, "
+    if n_val >= len(train_src.labels):
+        raise ValueError(f"n_val must be smaller than the {len(train_src.labels)} training images under {str(root)!r}, "
                          f"got {n_val}")
     train_idx, val_idx = (i.numpy() for i in stratified_split(train_src.labels, n_val, split_seed))
-    test_idx = np.arange(test_src.n, dtype=np.int64)
+    test_idx = np.arange(len(test_src.labels), dtype=np.int64)
     if subset is not None:
         def cut(idx: np.ndarray, labels: np.ndarray, k: int, stream: int) -> np.ndarray:
             rng = np.random.default_rng([split_seed, stream])  # one independent stream per part
@@ -550,7 +484,7 @@ def load_splits(root: str | os.PathLike, n_val: int = 5000, split_seed: int = 0,
     meta = {
         "root": str(root.resolve()), "layout": train_src.layout, "n_val": n_val, "split_seed": split_seed,
         "subset": subset, "sizes": {k: int(v[1].shape[0]) for k, v in parts.items()},
-        "source_sizes": {"train": train_src.n, "test": test_src.n},
+        "source_sizes": {"train": len(train_src.labels), "test": len(test_src.labels)},
         "class_counts": {k: np.bincount(v[1].numpy(), minlength=10).tolist() for k, v in parts.items()},
         "classes": list(CIFAR10_CLASSES), "fingerprint": _combine(train_src.fingerprint, test_src.fingerprint),
         "split_fingerprints": {"train": train_src.fingerprint, "test": test_src.fingerprint},
@@ -558,9 +492,6 @@ def load_splits(root: str | os.PathLike, n_val: int = 5000, split_seed: int = 0,
     }
     (xa, ya), (xv, yv), (xt, yt) = ((x.to(device), y.to(device)) for x, y in parts.values())
     return CIFAR10Splits(xa, ya, xv, yv, xt, yt, meta, train_idx=t_train, val_idx=t_val, test_idx=t_test)
-
-
-# ----------------------------------------------------------------------------------- normalization, augmentation
 
 
 def _check_images(name: str, x: Any) -> torch.Tensor:
@@ -640,21 +571,25 @@ def augment(x_uint8: torch.Tensor, generator: torch.Generator | None = None) -> 
     return normalize(crop_flip(x, top, left, flip))
 
 
-# ------------------------------------------------------------------------------------------------ label noise
-
-
-def _check_labels(labels, n_classes) -> tuple[np.ndarray, int]:
-    if isinstance(n_classes, bool) or not isinstance(n_classes, numbers.Integral) or n_classes < 2:
+def _check_labels(labels, n_classes=None) -> tuple[np.ndarray, int | None]:
+    """(labels as int64, n_classes) checked: a non-empty 1-D array of class indices, in 0..n_classes - 1 where
+    ``n_classes`` is given (an integer >= 2), else non-negative."""
+    if n_classes is not None and (isinstance(n_classes, bool) or not isinstance(n_classes, numbers.Integral)
+                                  or n_classes < 2):
         raise ValueError(f"n_classes must be an integer >= 2, got {n_classes!r}")
-    labels = np.asarray(labels)
+    try:
+        labels = np.asarray(labels)
+    except Exception:
+        raise ValueError("labels must be a 1-D sequence of non-negative integers") from None
     if labels.ndim != 1 or labels.size == 0:
         raise ValueError(f"labels must be a non-empty 1-D array of class indices, got shape {labels.shape}")
     if labels.dtype == bool or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels must hold integers, got dtype {labels.dtype}")
-    if labels.min() < 0 or labels.max() >= n_classes:
-        raise ValueError(f"labels must lie in 0..{n_classes - 1} (n_classes={n_classes}), "
-                         f"got values from {labels.min()} to {labels.max()}")
-    return labels.astype(np.int64), int(n_classes)
+    if labels.min() < 0 or (n_classes is not None and labels.max() >= n_classes):
+        expected = "be non-negative class indices" if n_classes is None else \
+            f"lie in 0..{n_classes - 1} (n_classes={n_classes})"
+        raise ValueError(f"labels must {expected}, got values from {labels.min()} to {labels.max()}")
+    return labels.astype(np.int64), None if n_classes is None else int(n_classes)
 
 
 def symmetric_label_noise(labels, rate: float, n_classes: int, seed: int = 0) -> np.ndarray:

@@ -22,7 +22,6 @@ from sdlib.data import (
     CIFAR10_STD,
     CIFAR10Splits,
     augment,
-    cache_path,
     crop_flip,
     detect_layout,
     load_cifar10,
@@ -31,6 +30,12 @@ from sdlib.data import (
     sample_crop_flip,
     stratified_split,
 )
+
+def cache_path(root, split):
+    """The cache file that serves load_cifar10(root, split) now (ImageFolder), or None."""
+    name = data._cache_name(split, data.split_fingerprint(root, split))
+    return next((d / name for d in data._cache_dirs(Path(root)) if (d / name).is_file()), None)
+
 
 MEAN = torch.tensor(CIFAR10_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
 STD = torch.tensor(CIFAR10_STD, dtype=torch.float64).view(1, 3, 1, 1)
