@@ -20,16 +20,13 @@ from pathlib import Path
 import pandas as pd
 
 from sdlib.config import PROFILES, TrainConfig
+from sdlib.data import CIFAR10_TRAIN_IMAGES
 from sdlib.results import resolve_repo_path
-
-__all__ = ["PROTOCOLS", "AUTHORS_CODE", "CIFAR10_TRAIN_IMAGES", "protocol_table", "teacher_bn_effect",
-           "TEACHER_BN_RESULTS"]
 
 # The order of the columns: the authors' code, the paper's description, our quick profile, the small network
 # trained to convergence on a CPU (chapter 7). (PROFILES also holds "paper-bf16", the paper profile in bf16
 # autocast: a speed variant of "paper", not a protocol of its own.)
 PROTOCOLS = ("official", "paper", "fast", "cpu")
-CIFAR10_TRAIN_IMAGES = 50_000
 # The authors' repository at the commit read (their CIFAR-10 code is one file, self_distiller.py).
 AUTHORS_CODE = ("https://github.com/Kennethborup/self_distillation/blob/"
                 "cb20d6ce0b6005d97414225f97c7237117f54cf0/self_distiller.py")

@@ -24,7 +24,7 @@ def test_protocol_table_is_read_from_the_profiles():
     assert list(table.columns) == ["official", "paper", "fast", "cpu", "differs"]
     cpu = TrainConfig.from_profile("cpu")
     assert table.loc["training images", "cpu"] == cpu.subset == 10_000
-    assert table.loc["validation images (held out)", "cpu"] == cpu.n_val == 2_000
+    assert table.loc["validation images (held out)", "cpu"] == cpu.n_val == 5_000
     assert table.loc["network", "cpu"].startswith("cnn4") and table.loc["network", "paper"].startswith("ResNet-50")
     assert table.loc["precision", "cpu"] == "bf16 autocast (CUDA, or a CPU with native bf16)"
     for name in ("official", "paper", "fast"):
