@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from sdlib import data as cifar
 from sdlib.alpha import least_squares_alpha
-from sdlib.config import CIFAR10_TRAIN_IMAGES, LABEL_NOISE, NUM_CLASSES, TrainConfig, derive_seed, device_precision, effective_config, \
+from sdlib.config import LABEL_NOISE, NUM_CLASSES, TrainConfig, derive_seed, device_precision, effective_config, \
     resolve_device
 from sdlib.models import build_model
 from sdlib.records import ALPHA_HAT_CHAIN, PROBE_CHAIN, SHARED_CHAIN, chain_name, remove_stale_temporaries
@@ -318,7 +318,7 @@ def grid_cost(config: TrainConfig, images_per_s: float | None = None, n_train_im
                                      or not images_per_s > 0):
         raise ValueError(f"images_per_s must be a number > 0 or None, got {images_per_s!r}")
     if n_train_images is None:
-        n_train_images = min(CIFAR10_TRAIN_IMAGES - config.n_val, config.subset or CIFAR10_TRAIN_IMAGES)
+        n_train_images = min(cifar.CIFAR10_TRAIN_IMAGES - config.n_val, config.subset or cifar.CIFAR10_TRAIN_IMAGES)
     if isinstance(n_train_images, bool) or not isinstance(n_train_images, int) or n_train_images < 1:
         raise ValueError(f"n_train_images must be an integer >= 1, got {n_train_images!r}")
     models = len(config.seeds) * (1 + (config.steps - 1) * (len(config.alphas) + 2 * config.include_alpha_hat))

@@ -25,11 +25,10 @@ import numpy as np
 from sdlib.records import ALPHA_HAT_CHAIN, chain_name
 
 __all__ = ["PROFILES", "CHAINS_IN_FLIGHT", "CAPTURE_MODES", "TrainConfig", "effective_config", "resolve_device",
-           "derive_seed", "NUM_CLASSES", "CIFAR10_TRAIN_IMAGES", "TEACHER_BN_MODES", "DATA_ORDERS", "MODELS",
+           "derive_seed", "NUM_CLASSES", "TEACHER_BN_MODES", "DATA_ORDERS", "MODELS",
            "device_precision", "field_docs", "FIELD_CHOICES"]
 
 NUM_CLASSES = 10
-CIFAR10_TRAIN_IMAGES = 50_000  # before the validation split
 # Bump when a change of the training code changes results: it is part of every config_hash. Not bumped for the
 # lean step (L2 gradient without autograd, folded teacher batch norms, fused Adam, chains in flight): it computes
 # the same function up to float rounding (tests/test_step.py, test_inflight.py: against the plain autograd step

@@ -1,11 +1,10 @@
 """Helpers for the book's notebooks that are not part of any chapter's story.
 
-:func:`check_parameters` rejects a papermill parameter that the notebook does not have. Papermill runs a
-notebook with ``-p name value`` by inserting, right after the cell tagged ``parameters``, a cell that assigns the
-given names; a misspelled name (``-p lamda 0.5``) is then a new variable nobody reads, and the notebook runs
-with its defaults. Every notebook calls ``check_parameters(name=kind, ...)`` in the cell after its parameters cell,
-before any work, so that such a run stops at once and names the parameter it does not know, or the parameter whose
-value is not of its kind (``-r train False`` is the string "False", which Python takes as true).
+Papermill runs a notebook with ``-p name value`` by inserting, after the cell tagged ``parameters``, a cell that
+assigns the given names: a misspelled name (``-p lamda 0.5``) is a new variable nobody reads. Every notebook calls
+``check_parameters(name=kind, ...)`` in the cell after its parameters cell, before any work, so that such a run stops
+at once, naming the parameter it does not know or whose value is not of its kind (``-r train False`` is the string
+"False", which Python takes as true).
 """
 
 from __future__ import annotations
@@ -17,12 +16,7 @@ import numbers as _numbers
 import os
 import sys
 
-__all__ = ["check_parameters", "assigned_names", "boolean", "integer", "number", "numbers", "integers",
-           "text", "path", "optional", "mapping"]
-
-# The first line of the cell papermill injects (papermill.translators: ``comment("Parameters")``).
-_INJECTED_HEADER = "# Parameters"
-# Names papermill itself may inject (--inject-paths and friends), never the notebook's own parameters.
+_INJECTED_HEADER = "# Parameters"  # the first line of papermill's cell (papermill.translators)
 _PAPERMILL_NAMES = ("PAPERMILL_INPUT_PATH", "PAPERMILL_OUTPUT_PATH")
 
 
@@ -41,21 +35,17 @@ def assigned_names(source: str) -> list[str]:
 
 def check_parameters(history: list[str] | None = None, namespace: dict | None = None, **kinds) -> list[str]:
     """Check the notebook's parameters before any work: the names papermill injected, then the type and range
-    of every parameter named in ``kinds``; raise ValueError naming the first bad one.
+    of every parameter named in ``kinds``; raise ValueError naming the first bad one (an unknown name with the
+    closest known one and the list of all).
 
-    history : the sources of the cells run so far, in order (IPython's ``In``, the default). The injected cell
-        is the last one that starts with papermill's ``# Parameters`` header; the notebook's parameters cell is
-        the one run just before it. Without an injected cell (an interactive run) there are no names to check.
-    namespace : where the parameters' values are (default: the caller's globals, the notebook's namespace).
-    kinds : ``name=kind`` for each parameter, a kind of this module (:func:`boolean`, :func:`integer`,
-        :func:`number`, :func:`numbers`, :func:`integers`, :func:`text`, :func:`path`, :func:`mapping`, each
-        wrapped in :func:`optional` where None is allowed). Checked whether papermill set the value or not: a
-        value of the wrong type (``-r train False`` gives the string "False", which Python takes as true; ``-y
-        'seeds: 0'`` an int where a list is expected) stops the run here, naming the parameter and what it
-        takes, instead of training or failing deep inside a library call.
+    history : the sources of the cells run so far (IPython's ``In``, the default): the injected cell is the last
+        one starting with papermill's ``# Parameters``, the parameters cell the one before it; none in a live run.
+    namespace : where the values are (default: the caller's globals, the notebook's namespace).
+    kinds : ``name=kind``, a kind of this module (:func:`boolean`, :func:`integer`, :func:`number`, :func:`numbers`,
+        :func:`integers`, :func:`text`, :func:`path`, :func:`mapping`, each in :func:`optional` where None is
+        allowed), checked whether papermill set the value or not.
 
-    Returns the names that were injected (all known). The error for an unknown name names it, the closest
-    known name, and the full list of known ones.
+    Returns the names that were injected.
     """
     shell = None
     if history is None or namespace is None:

@@ -14,8 +14,6 @@ import json
 import math
 from typing import Callable, Sequence
 
-__all__ = ["Slider", "frames", "player_html"]
-
 
 def Slider(name: str, label: str, values: Sequence[float], initial: float | None = None,
            fmt: str = "{:g}") -> dict:

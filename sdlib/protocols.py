@@ -19,11 +19,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from sdlib.config import CIFAR10_TRAIN_IMAGES, PROFILES, TrainConfig
+from sdlib.config import PROFILES, TrainConfig
+from sdlib.data import CIFAR10_TRAIN_IMAGES
 from sdlib.results import resolve_repo_path
-
-__all__ = ["PROTOCOLS", "AUTHORS_CODE", "CIFAR10_TRAIN_IMAGES", "protocol_table", "teacher_bn_effect",
-           "TEACHER_BN_RESULTS"]
 
 # The order of the columns: the authors' code, the paper's description, our quick profile, the small network
 # trained to convergence on a CPU (chapter 7). (PROFILES also holds "paper-bf16", the paper profile in bf16

@@ -29,13 +29,9 @@ def chain_name(alpha: float | None) -> str:
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[IO], None], binary: bool = False) -> None:
-    """Call ``write(handle)`` on a temporary file beside ``path``, then rename it onto ``path``.
-
-    Readers see the old file or the new one, never half of one; an interrupted write leaves no temporary file
-    (a killed process may: :func:`remove_stale_temporaries` removes those). The data are fsynced before the
-    rename, so a crash right after it cannot leave an empty file under ``path``. The file gets the usual 0644
-    permissions (mkstemp alone would make it 0600).
-    """
+    """Call ``write(handle)`` on a temporary file beside ``path``, fsync it, then rename it onto ``path``: readers
+    see the old file or the new one, never half of one, and a crash cannot leave an empty file. An interrupted
+    write leaves no temporary (a killed process may: :func:`remove_stale_temporaries`). Permissions 0644."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
@@ -52,19 +48,11 @@ def write_atomically(path: str | os.PathLike, write: Callable[[IO], None], binar
         raise
 
 
-def temporaries_of(path: str | os.PathLike) -> list[Path]:
-    """The temporary files :func:`write_atomically` may have left beside ``path`` (``<name>.*.tmp``)."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        return []
-    return sorted(path.parent.glob(glob.escape(path.name) + ".*.tmp"))
-
-
 def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
-    """Remove the temporary files a killed :func:`write_atomically` of ``path`` left (a checkpoint's can be
-    hundreds of MB). Call it only where no other process writes ``path`` (the trainer of that step)."""
-    removed = []
-    for tmp in temporaries_of(path):
+    """Remove the temporary files (``<name>.*.tmp``) a killed :func:`write_atomically` of ``path`` left (a
+    checkpoint's can be hundreds of MB). Call it only where no other process writes ``path``."""
+    path, removed = Path(path), []
+    for tmp in sorted(path.parent.glob(glob.escape(path.name) + ".*.tmp")) if path.parent.is_dir() else []:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
             removed.append(tmp)

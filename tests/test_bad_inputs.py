@@ -293,8 +293,8 @@ TABLE = [
     # --- code run from data
     ("a CIFAR-10 pickle whose unpickling runs a command",
      planted_pickle,
-     ValueError, r"batches\.meta' is not a readable CIFAR-10 pickle \(UnpicklingError: it names posix\.system, "
-                 r"which a CIFAR-10 batch never holds"),
+     ValueError, r"batches\.meta' is not the published CIFAR-10 file \(its MD5 differs from torchvision's list\); "
+                 r"a pickle can run code when read, so it is not read"),
     # --- silently wrong
     ("paths starting with ~ (results_dir, checkpoint_dir, data_root)",
      paths_with_tilde,

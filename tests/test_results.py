@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from sdlib import results  # noqa: E402
+from sdlib import book, results  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -173,7 +173,7 @@ def test_accuracy_table_formats_mean_and_std_in_percent(records_dir):
 def test_plot_accuracy_draws_one_line_per_chain(records_dir):
     directory, raw = records_dir
     df = results.load_records(directory)
-    fig = results.plot_accuracy(df)
+    fig = book.plot_accuracy(df)
     ax = fig.axes[0]
     lines = ax.get_lines()
     assert len(lines) == len(CHAINS)
@@ -186,7 +186,7 @@ def test_plot_accuracy_draws_one_line_per_chain(records_dir):
     # colour, thicker) with the only band (the fixed chains' spread is in plot_last_step)
     colours = [matplotlib.colors.to_hex(line.get_color()) for line in lines]
     assert len(set(colours)) == len(CHAINS)
-    assert matplotlib.colors.same_color(lines[-1].get_color(), results.ALPHA_HAT_COLOR)
+    assert matplotlib.colors.same_color(lines[-1].get_color(), book.ALPHA_HAT_COLOR)
     assert lines[-1].get_linewidth() > max(line.get_linewidth() for line in lines[:-1])
     legend = [text.get_text() for text in ax.get_legend().get_texts()]
     assert legend[:len(FIXED_ALPHAS)] == [f"α = {alpha:g}" for alpha in FIXED_ALPHAS]
@@ -195,18 +195,18 @@ def test_plot_accuracy_draws_one_line_per_chain(records_dir):
     plt.close(fig)
 
     fig, ax = plt.subplots()
-    assert results.plot_accuracy(df, ax=ax, metric="val_acc", spread=None) is fig
+    assert book.plot_accuracy(df, ax=ax, metric="val_acc", spread=None) is fig
     assert len(ax.get_lines()) == len(CHAINS) and len(ax.collections) == 0
     plt.close(fig)
     with pytest.raises(ValueError, match="spread"):
-        results.plot_accuracy(df, spread="iqr")
+        book.plot_accuracy(df, spread="iqr")
     with pytest.raises(ValueError, match="metric"):
-        results.plot_accuracy(df, metric="loss")
+        book.plot_accuracy(df, metric="loss")
 
 
 def test_plot_alpha_hat_shows_seeds_and_mean(records_dir):
     directory, raw = records_dir
-    fig = results.plot_alpha_hat(results.load_records(directory))
+    fig = book.plot_alpha_hat(results.load_records(directory))
     ax = fig.axes[0]
     (mean_line,) = ax.get_lines()
     np.testing.assert_array_equal(mean_line.get_xdata(), STEPS)
@@ -222,8 +222,8 @@ def test_plot_alpha_hat_shows_seeds_and_mean(records_dir):
                for r in synthetic_records() if r["chain"] != "alpha_hat"]
     df = results.load_records(write_jsonl(Path(directory).parent / "no_hat", without))
     with pytest.raises(ValueError, match="alpha_hat"):
-        results.plot_alpha_hat(df)
-    fig = results.plot_summary(df)  # accuracy and last-step panels only
+        book.plot_alpha_hat(df)
+    fig = book.plot_summary(df)  # accuracy and last-step panels only
     assert len(fig.axes) == 2 and len(fig.axes[0].get_lines()) == 3
     plt.close(fig)
 
@@ -231,7 +231,7 @@ def test_plot_alpha_hat_shows_seeds_and_mean(records_dir):
 def test_plot_summary_has_both_panels(records_dir, tmp_path):
     directory, _ = records_dir
     df = results.load_records(directory)
-    fig = results.plot_summary(df)
+    fig = book.plot_summary(df)
     accuracy_ax, last_ax, alpha_ax = fig.axes
     assert len(accuracy_ax.get_lines()) == len(CHAINS) and len(alpha_ax.get_lines()) == 1
     # the last step against alpha: one error bar per chain, at the mean and one sample std over seeds
@@ -267,14 +267,14 @@ def test_load_epochs_and_plot_epochs(tmp_path):
     assert len(epochs) == len(lines) - 1
     first = epochs[(epochs["seed"] == 0) & (epochs["chain"] == "shared") & (epochs["epoch"] == 1)]
     assert first["test_acc"].tolist() == [0.9]
-    fig = results.plot_epochs(epochs, "alpha=0", metric="val_acc")
+    fig = book.plot_epochs(epochs, "alpha=0", metric="val_acc")
     ax = fig.axes[0]
     assert len(ax.get_lines()) == 3  # steps 1 (shared), 2, 3
     np.testing.assert_array_equal(ax.get_lines()[2].get_xdata(), [5, 6])  # epochs laid end to end
     np.testing.assert_allclose(ax.get_lines()[1].get_ydata(), [0.2 + 0.01 + 0.0005, 0.2 + 0.02 + 0.0005])
     plt.close(fig)
     with pytest.raises(ValueError, match="alpha=0.7"):
-        results.plot_epochs(epochs, "alpha=0.7")
+        book.plot_epochs(epochs, "alpha=0.7")
     with pytest.raises(FileNotFoundError, match="epochs.jsonl"):
         results.load_epochs(tmp_path / "nothing")
 
@@ -336,7 +336,7 @@ def test_aggregation_input_checks():
     with pytest.raises(ValueError, match="load_records"):
         results.summarize({"test_acc": [0.5]})
     with pytest.raises(ValueError, match="load_records"):
-        results.plot_accuracy(results.pd.DataFrame({"x": [1]}))
+        book.plot_accuracy(results.pd.DataFrame({"x": [1]}))
 
 
 def test_chain_names_round_trip():
@@ -367,8 +367,8 @@ def test_results_module_needs_no_torch(records_dir):
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None\n"
         "import matplotlib; matplotlib.use('Agg')\n"
-        "from sdlib import results as r\n"
-        f"df = r.load_records({str(directory)!r}); r.summarize(df); r.accuracy_table(df); r.plot_summary(df)\n"
+        "from sdlib import book, results as r\n"
+        f"df = r.load_records({str(directory)!r}); r.summarize(df); r.accuracy_table(df); book.plot_summary(df)\n"
         "assert 'torch' not in {m.split('.')[0] for m, v in sys.modules.items() if v is not None}\n"
         "print('ok')\n"
     )
@@ -447,7 +447,7 @@ def test_training_runs_group_overlapping_models_and_count_the_probes(tmp_path):
     probe_epochs = [{"seed": 0, "chain": "alpha_hat_probe", "step": 2, "epoch": e, "wall_time_s": 5.0,
                      "val_acc": 0.4, "test_acc": 0.4} for e in (1, 2)]
     write_jsonl(tmp_path, probe_epochs, name="probe_epochs.jsonl")
-    runs = results.training_runs(tmp_path)
+    runs = book.training_runs(tmp_path)
     assert list(runs["run"]) == [1, 2]
     first, second = runs.iloc[0], runs.iloc[1]
     # 8 images per epoch (10 training images cut to whole batches of 4); 2 epochs per model.
@@ -457,15 +457,15 @@ def test_training_runs_group_overlapping_models_and_count_the_probes(tmp_path):
     assert second["seeds"] == (1,) and second["models"] == 2 and second["wall_clock_s"] == 15.0
     assert second["model_seconds"] == 22.0 and second["devices"] == ("GPU X",)
     # A smaller tolerance splits the first run at its 5 s gap.
-    strict = results.training_runs(tmp_path, max_gap_s=1.0)
+    strict = book.training_runs(tmp_path, max_gap_s=1.0)
     assert list(strict["models"]) == [1, 3, 2] and list(strict["wall_clock_s"]) == [10.0, 35.0, 15.0]
     with pytest.raises(ValueError, match="max_gap_s must be a number of seconds >= 0"):
-        results.training_runs(tmp_path, max_gap_s=-1)
+        book.training_runs(tmp_path, max_gap_s=-1)
 
 
 def test_training_runs_need_dated_records(records_dir):
     with pytest.raises(ValueError, match="provenance.date and wall_time_s"):
-        results.training_runs(records_dir[0])
+        book.training_runs(records_dir[0])
 
 
 def test_the_readers_need_only_the_core_dependencies():

@@ -411,7 +411,7 @@ def test_temporaries_of_the_old_store_and_of_a_killed_decode_are_removed(tmp_pat
     assert not any(p.exists() for p in leftovers)
     cache = data_root / ".sdlib_cache"
     cache.mkdir()
-    old, fresh = cache / "test-imagefolder-0000.npz.k3.tmp", cache / "test-imagefolder-1111.npz.k4.tmp"
+    old, fresh = cache / "test-imagefolder-0000.pt.k3.tmp", cache / "test-imagefolder-1111.pt.k4.tmp"
     for path in (old, fresh):
         path.write_bytes(b"\0" * 100)
     os.utime(old, (0, 0))  # a decode killed long ago; the fresh one may be another process saving now
