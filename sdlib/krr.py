@@ -297,6 +297,12 @@ class SelfDistillation(RegressorMixin, BaseEstimator):
             coef = self._solve(targets)
             yield coef
 
+    def _outputs(self, K_new: np.ndarray, coefs) -> np.ndarray:
+        """(s, m, c) outputs at K_new's points of s coefficient blocks (n, c), all in one product (reads V once)."""
+        coefs = list(coefs)
+        out = K_new @ self._dual(np.concatenate(coefs, axis=1))
+        return out.reshape(len(K_new), len(coefs), -1).transpose(1, 0, 2)
+
     def _coef(self, step, alpha) -> np.ndarray:  # (n, k) dual coefficients of a validated step and alpha
         if step != math.inf:
             *_, coef = self._chain(step, alpha[:, None])
@@ -336,7 +342,7 @@ class SelfDistillation(RegressorMixin, BaseEstimator):
         K_new = self._query("X", X)
         _check(type(self).__name__, steps=steps)
         alphas = _check_alpha(self.alpha if alpha is None else alpha, steps, type(self).__name__)
-        return self._output(np.stack([K_new @ self._dual(c) for c in self._chain(steps, alphas[:, None])]))
+        return self._output(self._outputs(K_new, self._chain(steps, alphas[:, None])))
 
     def predict_chains(self, X, steps: int, alphas) -> np.ndarray:
         """(len(alphas), steps, m[, k]) predictions at X after each step, a chain per alpha, all in one solve a step."""
@@ -347,7 +353,7 @@ class SelfDistillation(RegressorMixin, BaseEstimator):
             raise ValueError(f"alphas must be a non-empty 1-D sequence of finite numbers, got shape {alphas.shape}")
         k = self._Z.shape[1]
         weights = np.broadcast_to(np.repeat(alphas, k), (steps, alphas.size * k))  # columns grouped by alpha
-        out = np.stack([K_new @ self._dual(c) for c in self._chain(steps, weights, copies=alphas.size)])
+        out = self._outputs(K_new, self._chain(steps, weights, copies=alphas.size))
         return self._output(out.reshape(steps, len(K_new), alphas.size, k).transpose(2, 0, 1, 3))
 
     def optimal_alphas(self, X_val, y_val, steps: int, bounds: tuple[float, float] | None = (0.0, 1.0)) -> np.ndarray:
