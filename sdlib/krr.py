@@ -259,10 +259,10 @@ class SelfDistillation(RegressorMixin, BaseEstimator):
                    dtype=np.float64)
         if self._precomputed():
             return X
-        key = (X.shape, hashlib.blake2b(X.tobytes()).digest())
-        if self._memo.get("key") != key:
-            self._memo.update(key=key, gram=self._gram(X))
-        return self._memo["gram"]
+        key, last = (X.shape, hashlib.blake2b(X.tobytes()).digest()), self._memo.get("last")
+        if last is None or last[0] != key:
+            last = self._memo["last"] = (key, self._gram(X))  # one tuple: safe for threads sharing the model
+        return last[1]
 
     def _step_alpha(self, step, alpha):  # a query's step and alpha (None: the constructor's), validated
         step = self.step if step is None else step
