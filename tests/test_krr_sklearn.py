@@ -76,7 +76,6 @@ def test_both_solvers_agree_on_every_public_method(duplicates, k):
     for step, alpha in [(1, None), (4, 0.3), (6, 0.0), (3, [0.9, 0.2]), (math.inf, 0.4), (math.inf, 0.0)]:
         np.testing.assert_allclose(c.predict(X_new, step=step, alpha=alpha), e.predict(X_new, step=step, alpha=alpha),
                                    **close)
-        np.testing.assert_allclose(c.dual_coef(step, alpha), e.dual_coef(step, alpha), atol=1e-7 * scale, rtol=0)
     np.testing.assert_allclose(c.predict_steps(X_new, 7, 0.35), e.predict_steps(X_new, 7, 0.35), **close)
     alphas = np.linspace(0, 1, 5)
     chains = c.predict_chains(X_new, 6, alphas)
@@ -224,10 +223,10 @@ def test_bad_labels(labels, n_classes, message):
 
 # ------------------------------------------------------------------------------------------ bad inputs
 @pytest.mark.parametrize("Y, message", [
-    (np.where(np.eye(11, 3) > 0, np.nan, 0.0), "^y must contain only finite"),
+    (np.where(np.eye(11, 3) > 0, np.nan, 0.0), "^Input y contains NaN"),
     (np.zeros((10, 3)), r"^y must have shape \(11,\) or \(11, k\)"),
     (np.zeros((11, 3, 2)), r"^y must have shape"),
-    (None, "^y is None"),
+    (None, "^y: SelfDistillation requires y to be passed, but the target y is None"),
 ])
 def test_bad_multi_output_targets(Y, message):
     with pytest.raises(ValueError, match=message):
@@ -281,7 +280,7 @@ def test_changed_hyperparameter_after_fit_never_uses_stale_factors(solver):
     sd.gamma = 2.0  # the failure: predictions of the old gamma, without a word
     with pytest.raises(StaleFitError, match=r"gamma was changed after fit \(fitted with 0.5, now 2.0\)"):
         sd.predict(X_new, step=3, alpha=0.5)
-    for method in (lambda: sd.predict_steps(X_new, 3, 0.5), lambda: sd.dual_coef(),
+    for method in (lambda: sd.predict_steps(X_new, 3, 0.5), lambda: sd.damping(3, 0.5),
                    lambda: sd.optimal_alphas(X_new, X_new[:, 0], 3), lambda: sd.score(X, y)):
         with pytest.raises(StaleFitError):
             method()
@@ -292,7 +291,7 @@ def test_changed_hyperparameter_after_fit_never_uses_stale_factors(solver):
     sd.lam = -1  # the failure: not rejected
     with pytest.raises(StaleFitError if solver == "cholesky" else ValueError, match="lam"):
         sd.predict(X_new)
-    with pytest.raises(ValueError, match="lam must be a finite number > 0"):
+    with pytest.raises(ValueError, match=r"The 'lam' parameter of SelfDistillation must be a float in the range \(0"):
         sd.fit(X, y)
     sd.set_params(lam=0.2, kernel="laplacian")
     with pytest.raises(StaleFitError, match="kernel was changed"):
@@ -337,7 +336,7 @@ def test_precomputed_kernel_equals_the_builtin_one(solver):
     np.testing.assert_allclose(pre.damping(3, 0.5), builtin.damping(3, 0.5), atol=1e-10)
     with pytest.raises(ValueError, match=r"X must be the square \(n, n\) Gram matrix"):
         SelfDistillation(kernel="precomputed").fit(X, y)
-    with pytest.raises(ValueError, match=r"expected shape \(m, 40\)"):
+    with pytest.raises(ValueError, match=r"^X has 3 features, but SelfDistillation is expecting 40 features"):
         pre.predict(X_new)
     with pytest.raises(KernelError, match="not positive semi-definite"):
         SelfDistillation(kernel="precomputed", solver=solver).fit(tanh_kernel(X, X), y)
