@@ -2,13 +2,16 @@
 
     nice -n 10 .venv/bin/python benchmarks/papermill_stress.py                      # 01 x20, the others x5
     nice -n 10 .venv/bin/python benchmarks/papermill_stress.py --runs 01=20 02=5 --timeout 600
+    nice -n 10 .venv/bin/python benchmarks/papermill_stress.py --runs 06=5 --timeout 1800 --merge
 
 Each run is ``papermill <notebook> <output>`` in a subprocess of its own (its own kernel, as on the command
 line), with the notebook's default parameters, from the notebook's folder. A run that has not finished after
 ``--timeout`` seconds is killed, and its row says in which cell (and how long the cells before it took: a slow
-run or a hang). The result, one row per run (notebook, run, seconds, status) and a summary per notebook
-(median, max), is written to ``benchmarks/results/papermill_stress.json`` (``--output``) after every run, so a
-killed benchmark keeps what it measured. Exit code 1 if any run failed or was killed.
+run or a hang). The result, one row per run (notebook, run, seconds, status, when it started, the load average
+after it) and a summary per notebook (median, max), is written to ``benchmarks/results/papermill_stress.json``
+(``--output``) after every run, so a killed benchmark keeps what it measured. With ``--merge`` the rows of the
+notebooks not run now are kept from that file and those of the notebooks run now are replaced, so that one
+notebook can be measured again on its own. Exit code 1 if any run failed or was killed.
 """
 
 from __future__ import annotations
@@ -57,6 +60,22 @@ def _where(output: Path) -> str:
             f"{max(done, default=0.0):.0f} s")
 
 
+def _kept_rows(output: Path, rerun: set[str]) -> list[dict]:
+    """The rows of ``output`` (an earlier result) of the notebooks not in ``rerun``, each with the settings it ran
+    under (older files kept the start, timeout and load average once for the whole file)."""
+    if not output.is_file():
+        return []
+    try:
+        earlier = json.loads(output.read_text(encoding="utf-8"))
+        rows = earlier["runs"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SystemExit(f"--merge: {output} is not a result of this benchmark ({err})") from None
+    shared = {"started": earlier.get("started"), "timeout_s": earlier.get("timeout_s"),
+              "load_average_after": earlier.get("load_average_at_end")}
+    return [{**{key: value for key, value in shared.items() if value is not None}, **row} for row in rows
+            if row["notebook"] not in rerun]
+
+
 def _summary(rows: list[dict]) -> dict:
     out = {}
     for name in dict.fromkeys(row["notebook"] for row in rows):
@@ -74,14 +93,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600.0,
                         help="seconds after which a run counts as hung and is killed (default 600)")
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "papermill_stress.json"))
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other notebooks' rows of --output, replace those of the notebooks run now")
     args = parser.parse_args(argv)
     runs = _runs(args.runs)
+    output_path = Path(args.output)
+    notebooks = {prefix: sorted(NOTEBOOKS.glob(f"{prefix}_*.ipynb"))[0] for prefix in runs}
+    rows = _kept_rows(output_path, {nb.name for nb in notebooks.values()}) if args.merge else []
     papermill = Path(sys.executable).with_name("papermill")
-    rows: list[dict] = []
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     with tempfile.TemporaryDirectory(prefix="papermill-stress-") as scratch:
         for prefix, count in runs.items():
-            notebook = sorted(NOTEBOOKS.glob(f"{prefix}_*.ipynb"))[0]
+            notebook = notebooks[prefix]
             for run in range(1, count + 1):
                 output = Path(scratch) / f"{notebook.stem}-{run}.ipynb"
                 start = time.perf_counter()
@@ -94,15 +117,18 @@ def main(argv: list[str] | None = None) -> int:
                 except subprocess.TimeoutExpired:
                     status = f"killed after {args.timeout:g} s, " + _where(output)
                 seconds = time.perf_counter() - start
+                load = [round(value, 2) for value in os.getloadavg()]
                 rows.append({"notebook": notebook.name, "run": run, "seconds": round(seconds, 2),
-                             "status": status})
-                print(f"{notebook.name} run {run}/{count}: {seconds:.1f} s, {status}", flush=True)
-                result = {"started": started, "machine": f"{os.cpu_count()} CPU cores, {platform.platform()}",
-                          "load_average_at_end": os.getloadavg(), "timeout_s": args.timeout,
+                             "status": status, "started": started, "timeout_s": args.timeout,
+                             "load_average_after": load})
+                print(f"{notebook.name} run {run}/{count}: {seconds:.1f} s, {status} (load {load[0]:g})",
+                      flush=True)
+                result = {"machine": f"{os.cpu_count()} CPU cores, {platform.platform()}",
                           "summary": _summary(rows), "runs": rows}
-                Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
-    bad = [row for row in rows if row["status"] != "ok"]
-    print(f"{len(rows)} runs, {len(bad)} failed or hung; written to {args.output}")
+                output_path.write_text(json.dumps(result, indent=1) + "\n")
+    bad = [row for row in rows if row["status"] != "ok" and row["notebook"] in
+           {nb.name for nb in notebooks.values()}]
+    print(f"{sum(count for count in runs.values())} runs, {len(bad)} failed or hung; written to {args.output}")
     return 1 if bad else 0
 
 

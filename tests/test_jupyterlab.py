@@ -4,10 +4,11 @@ JupyterLab is started the README's way, ``make lab``, from the project's environ
 127.0.0.1 (a free port, a known token, temporary runtime, config, data, settings and workspace folders, no
 browser of its own) and stopped at the end even when a test fails. It serves a temporary copy of
 ``notebooks/``, so the committed notebooks are never written. Debian's Chromium, driven by Playwright exactly as
-in tests/test_browser.py (the same ``browser`` fixture: ``/usr/bin/chromium``, nothing downloaded), opens every
-chapter (``notebooks/0*.ipynb``: a later chapter is included by itself), runs all cells from the Run menu, waits
-for the kernel to be idle, saves, and checks what the reader would see: the project's kernel ran every code cell
-and none shows an error. In the chapters with ipywidgets sliders (1 and 2) every slider is dragged with the
+in tests/test_browser.py (the same ``browser`` fixture: ``/usr/bin/chromium``, nothing downloaded), keeps one
+JupyterLab tab open as a reader does and, in it, opens every chapter in turn (File > Open from Path;
+``notebooks/0*.ipynb``: a later chapter is included by itself), runs all cells from the Run menu, waits for the
+kernel to be idle, saves, closes it, and checks what the reader would see: the project's kernel ran every code
+cell and none shows an error. In the chapters with ipywidgets sliders (1 and 2) every slider is dragged with the
 mouse and the figure must change. No request may leave 127.0.0.1 and no console error may be logged.
 
 Every notebook runs with its defaults, except where the notebook's own run-time note (the markdown cell after
@@ -42,7 +43,8 @@ NOTEBOOKS = sorted((REPO / "notebooks").glob("0*.ipynb"))
 # Chapters with live ipywidgets sliders, and how many sliders each has (the book's players: tests/test_browser.py).
 SLIDERS = {"01_toy_example": 1, "02_eigenvalue_damping": 3}
 # Quicker parameters, only for a notebook whose run-time note names them (checked below).
-QUICK = {"06_kernel_classification": {"seeds": [0], "n_train": 500, "n_val": 200}}
+QUICK = {"04_optimal_alpha": {"grid_size": 101, "diabetes_lams": [0.1, 1.0]},
+         "06_kernel_classification": {"seeds": [0], "n_train": 500, "n_val": 200}}
 START_TIMEOUT_S = 120   # JupyterLab's server up, on a loaded 2-core machine
 RUN_TIMEOUT_S = 300     # one notebook, run all cells
 SLIDER_TIMEOUT_S = 60   # the figure redrawn after a slider moved
@@ -174,20 +176,55 @@ def lab(tmp_path_factory):
         stop_lab(process)
 
 
-def visit_notebook(browser, lab: Lab, name: str, n_sliders: int = 0) -> dict:
-    """Open ``name`` in JupyterLab, run all cells from the Run menu, wait for the kernel to be idle, drag each of
-    its ``n_sliders`` sliders, save. Returns what was seen: ``kernel`` (its name in the toolbar), ``errors`` (one
-    line per error output), ``not_run`` (code cells without an execution count), ``sliders`` (per slider: its
-    readout before and after, and whether the figure changed), ``console`` (console errors and uncaught page
-    errors; JupyterLab logs none, so there is no allow-list), ``remote`` (requests and websockets to anything but
-    127.0.0.1, aborted) and ``seconds`` (how long each phase took)."""
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    remote, console = [], []
-    context.route("**/*", _only_loopback(remote))
-    page = context.new_page()
-    page.on("console", lambda msg: msg.type == "error" and console.append(msg.text))
-    page.on("pageerror", lambda exc: console.append(str(exc)))
-    page.on("websocket", lambda ws: not ws.url.startswith("ws://127.0.0.1:") and remote.append(ws.url))
+class LabPage:
+    """One JupyterLab tab in Chromium for the whole module, as a reader keeps one open: the app is loaded once
+    and each notebook is opened in it (File > Open from Path), run and closed. Console errors, page errors and
+    requests or websockets to anything but 127.0.0.1 (aborted) are recorded as they come, and each visit reports
+    those that came during it."""
+
+    def __init__(self, browser, lab: Lab):
+        self.lab = lab
+        self.context = browser.new_context(viewport={"width": 1280, "height": 900})
+        self.remote, self.console = [], []
+        self.context.route("**/*", _only_loopback(self.remote))
+        self.page = page = self.context.new_page()
+        page.on("console", lambda msg: msg.type == "error" and self.console.append(msg.text))
+        page.on("pageerror", lambda exc: self.console.append(str(exc)))
+        page.on("websocket", lambda ws: not ws.url.startswith("ws://127.0.0.1:") and self.remote.append(ws.url))
+        # a workspace of its own: JupyterLab reopens nothing a user had open
+        page.goto(f"{lab.base}lab/workspaces/test?token={lab.token}")
+        page.wait_for_selector(".jp-FileBrowser", timeout=START_TIMEOUT_S * 1000)
+
+    def close(self):
+        self.context.close()
+
+    def menu(self, menu: str, item):
+        self.page.get_by_role("menuitem", name=menu, exact=True).click()
+        if isinstance(item, str):
+            self.page.get_by_role("menuitem", name=item, exact=True).click()
+        else:
+            self.page.get_by_role("menuitem", name=item).click()
+
+
+@pytest.fixture(scope="module")
+def tab(lab, browser):  # noqa: F811 - browser: the fixture imported above
+    opened = LabPage(browser, lab)
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+def visit_notebook(tab: LabPage, name: str, n_sliders: int = 0) -> dict:
+    """Open ``name`` in the JupyterLab tab, run all cells from the Run menu, wait for the kernel to be idle, drag
+    each of its ``n_sliders`` sliders, save, close it and shut its kernel down. Returns what was seen:
+    ``kernel`` (its name in the toolbar), ``errors`` (one line per error output), ``not_run`` (code cells without
+    an execution count), ``sliders`` (per slider: its readout before and after, and whether the figure changed),
+    ``console`` (console errors and uncaught page errors; JupyterLab logs none, so there is no allow-list),
+    ``remote`` (requests and websockets to anything but 127.0.0.1, aborted) and ``seconds`` (how long each
+    phase took)."""
+    page, lab = tab.page, tab.lab
+    n_remote, n_console = len(tab.remote), len(tab.console)
     path = lab.folder / f"{name}.ipynb"
     clock = [time.monotonic()]
     seconds = {}
@@ -197,13 +234,14 @@ def visit_notebook(browser, lab: Lab, name: str, n_sliders: int = 0) -> dict:
         seconds[phase] = round(clock[-1] - clock[-2], 1)
 
     try:
-        # a workspace of its own per notebook: JupyterLab reopens nothing else
-        page.goto(f"{lab.base}lab/workspaces/{name}/tree/{name}.ipynb?token={lab.token}")
+        tab.menu("File", re.compile(r"^Open from Path"))
+        dialog = page.locator(".jp-Dialog")
+        dialog.locator("input").fill(f"{name}.ipynb")
+        dialog.get_by_role("button", name="Open", exact=True).click()
         page.wait_for_function(KERNEL_READY, timeout=START_TIMEOUT_S * 1000)
-        kernel = page.locator(".jp-Toolbar-kernelName").inner_text().strip()
+        kernel = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Toolbar-kernelName").inner_text().strip()
         lap("open")
-        page.get_by_role("menuitem", name="Run", exact=True).click()
-        page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
+        tab.menu("Run", "Run All Cells")
         page.wait_for_function(ALL_RAN, timeout=RUN_TIMEOUT_S * 1000)
         page.wait_for_selector(IDLE)
         lap("run")
@@ -211,21 +249,23 @@ def visit_notebook(browser, lab: Lab, name: str, n_sliders: int = 0) -> dict:
         lap("sliders")
         # save (File > Save Notebook) and read back what the notebook shows
         saved = path.stat().st_mtime_ns
-        page.get_by_role("menuitem", name="File", exact=True).click()
-        page.get_by_role("menuitem", name=re.compile(r"^Save Notebook(?! As)")).click()  # name + shortcut
+        tab.menu("File", re.compile(r"^Save Notebook(?! As)"))  # name + shortcut
         page.wait_for_function("() => !document.querySelector('#jp-main-dock-panel .lm-TabBar-tab.jp-mod-dirty')")
         nb = read_saved(page, path, saved)
         lap("save")
-        lab.shut_down_kernels()
-        lap("shutdown")
     finally:
-        context.close()
+        # close it (saved: no question asked) and end its kernel, so that the next notebook is alone on the page
+        if page.locator(".jp-NotebookPanel").count():
+            tab.menu("File", re.compile(r"^Close Tab"))  # name + shortcut
+            page.wait_for_selector(".jp-NotebookPanel", state="detached")
+        lab.shut_down_kernels()
+        lap("close")
     code = [cell for cell in nb.cells if cell.cell_type == "code"]
     errors = [f"cell {i}: {out.get('ename')}: {out.get('evalue')}" for i, cell in enumerate(code)
               for out in cell.outputs if out.output_type == "error"]
     not_run = [i for i, cell in enumerate(code) if cell.execution_count is None]
-    return {"kernel": kernel, "errors": errors, "not_run": not_run, "sliders": sliders, "console": console,
-            "remote": remote, "seconds": seconds}
+    return {"kernel": kernel, "errors": errors, "not_run": not_run, "sliders": sliders,
+            "console": tab.console[n_console:], "remote": tab.remote[n_remote:], "seconds": seconds}
 
 
 def read_saved(page, path: Path, before: int, timeout_s: float = 30):
@@ -289,8 +329,9 @@ def test_every_notebook_states_its_run_time():
 
 
 @pytest.mark.parametrize("name", [path.stem for path in NOTEBOOKS])
-def test_notebook_runs_in_jupyterlab(lab, browser, name):  # noqa: F811 - browser: the fixture imported above
-    seen = visit_notebook(browser, lab, name, SLIDERS.get(name, 0))
+def test_notebook_runs_in_jupyterlab(tab, name):
+    seen = visit_notebook(tab, name, SLIDERS.get(name, 0))
+    print(f"{name}: seconds per phase {seen['seconds']}")  # shown with pytest -s
     assert seen["kernel"] == "Python 3 (ipykernel)", f"{name}: ran in kernel {seen['kernel']!r}"
     assert seen["errors"] == [], f"{name}: cells show errors: {seen['errors']}"
     assert seen["not_run"] == [], f"{name}: code cells that did not run: {seen['not_run']}"
@@ -314,14 +355,14 @@ BROKEN = [
 ]
 
 
-def test_the_checks_see_what_they_look_for(lab, browser):  # noqa: F811 - browser: the fixture imported above
+def test_the_checks_see_what_they_look_for(lab, tab):
     """A broken notebook through the same steps: the error, the cell after it, the slider that changes nothing,
     the console error and the request off the machine are all seen."""
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source) for source in BROKEN])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
     nbformat.write(nb, lab.folder / "broken.ipynb")
     try:
-        seen = visit_notebook(browser, lab, "broken", n_sliders=1)
+        seen = visit_notebook(tab, "broken", n_sliders=1)
     finally:
         (lab.folder / "broken.ipynb").unlink()
     assert seen["errors"] == ["cell 2: RuntimeError: deliberately broken"]

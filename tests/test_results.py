@@ -530,3 +530,22 @@ def test_book_png_records_width_only_and_the_smallest_font():
     empty = plt.figure()
     assert results.book_png(empty) is None
     plt.close(empty)
+
+
+@pytest.mark.parametrize("low, high", [(1.0, 1.45), (1.0, 15.0), (0.148, 0.166), (1e-4, 1.5)])
+def test_book_figures_tick_labels_are_plain_numbers(low, high):
+    """Fig. 2.2's log axes once read '1.35 x 10^0': under the book's style no tick label, minor ones included,
+    is a mantissa times a power of ten, and numbers near 1 are written plainly (powers of ten only from 10^-3 down,
+    or 10^3 up)."""
+    with matplotlib.rc_context():
+        results.book_figures()
+        fig, ax = plt.subplots()
+        ax.plot([1, 2], [low, high])
+        ax.set_yscale("log")
+        fig.canvas.draw()
+        labels = [t.get_text() for t in ax.get_yticklabels(minor=False) + ax.get_yticklabels(minor=True)]
+        plt.close(fig)
+    shown = [label for label in labels if label]
+    assert shown, labels
+    for label in shown:
+        assert "times" not in label and not re.search(r"10\^\{-?[0-2]\}", label), labels
