@@ -38,7 +38,7 @@ INIT, ORDER, AUGMENT, LABEL_NOISE = 0, 1, 2, 3
 
 _PAPER_ALPHAS = tuple(round(0.1 * k, 10) for k in range(11))  # 0.0, 0.1, ..., 1.0 as exact decimals
 
-# How the frozen teacher's BatchNorm layers normalize (sdlib.step.teacher_probs) and how the training images are
+# How the frozen teacher's BatchNorm layers normalize (sdlib.models.teacher_probs) and how the training images are
 # ordered (sdlib.step.epoch_order); the first value of each is the pipeline's behaviour before the field existed.
 TEACHER_BN_MODES = ("eval", "train")
 DATA_ORDERS = ("reshuffle", "fixed")
@@ -85,8 +85,9 @@ PROFILES["cpu"] = dict(model="cnn4", epochs=20, batch_size=256, lr=2e-3, lr_sche
 
 # How the models of one (seed, step) train together (TrainConfig.chains_in_flight) and how the step runs
 # (TrainConfig.capture); neither changes what is computed beyond rounding, so neither enters config_hash.
-CHAINS_IN_FLIGHT = ("off", "streams", "batched", "batched-matmul")
-CAPTURE_MODES = ("auto", "none", "graph", "reduce-overhead", "max-autotune")
+# "batched-matmul", "reduce-overhead" and "max-autotune" were removed (no measurement chose them).
+CHAINS_IN_FLIGHT = ("off", "streams", "batched")
+CAPTURE_MODES = ("auto", "none", "graph")
 
 # Fields added after results were committed, left out of config_hash while they hold the value that reproduces the
 # pipeline before they existed: every config written before keeps its hash (its records and checkpoints are
@@ -127,7 +128,7 @@ class TrainConfig:
     tensors of their L2 norm), ``lr_schedule`` "constant" or "cosine" after ``warmup_epochs`` of linear warmup
     (per batch), ``bf16`` autocast and ``channels_last`` (CUDA only), ``teacher_bn``: "eval" (the teacher's
     BatchNorm uses its running statistics) or "train" (the statistics of each batch, as the authors' teacher
-    ran; its running statistics are not changed, see :func:`sdlib.step.teacher_probs`), ``data_order``:
+    ran; its running statistics are not changed, see :func:`sdlib.models.teacher_probs`), ``data_order``:
     "reshuffle" (a new permutation every epoch) or "fixed" (one permutation of the seed for every epoch and
     step, :func:`sdlib.step.epoch_order`). Chains: ``seeds``, ``steps`` (>= 1; step 1 is the shared labels-only
     model), fixed ``alphas`` in [0, 1], ``include_alpha_hat``, ``alpha_hat_bounds``: (low, high) to clip
@@ -145,9 +146,8 @@ class TrainConfig:
     set alone, so that the validation curve can be followed every epoch at the cost of 2,000 images, not
     12,000), ``chains_in_flight`` ("streams": the chains of one (seed, step) train together on the
     same batches, each its own network, on its own CUDA stream on a GPU; "batched": as one batched network,
-    :mod:`sdlib.batched`; "batched-matmul": the same with its 1x1 convolutions as batched matrix
-    products; "off": one model at a time), ``capture`` ("auto": the step as one CUDA graph on
-    CUDA, eager elsewhere; "none"; "graph"; or the torch.compile mode "reduce-overhead" / "max-autotune").
+    :mod:`sdlib.batched`; "off": one model at a time; see :mod:`sdlib.lean_step`), ``capture`` ("auto": the
+    step as one CUDA graph on CUDA, eager elsewhere; "none"; "graph").
 
     ``data_fingerprint`` (None, or the 16 hex digits of :func:`sdlib.data.data_fingerprint`) pins the data a
     config is for: its hash then needs no data on this machine (a sweep file, a dry run), and a run refuses
@@ -300,7 +300,7 @@ class TrainConfig:
             fail("device", "'auto', 'cpu', 'cuda', 'cuda:<index>' or another torch device name")
         if self.chains_in_flight not in CHAINS_IN_FLIGHT:
             fail("chains_in_flight", f"one of {list(CHAINS_IN_FLIGHT)}")
-        if self.chains_in_flight.startswith("batched") and self.model != "resnet50":
+        if self.chains_in_flight == "batched" and self.model != "resnet50":
             fail("chains_in_flight", f"'streams' or 'off' for model {self.model!r}: the batched network "
                                      "(sdlib.batched) is ResNet-50 only")
         if self.capture not in CAPTURE_MODES:

@@ -20,8 +20,8 @@ from sdlib.config import (CAPTURE_MODES, CHAINS_IN_FLIGHT, DATA_ORDERS, MODELS, 
                           TrainConfig, effective_config, resolve_device)
 from sdlib.records import chain_name
 from sdlib.models import build_model
-from sdlib.step import (StepResult, distill_step, distillation_loss, epoch_order, evaluate, l2_penalty,
-                        teacher_probs)
+from sdlib.lean_step import distillation_loss
+from sdlib.step import StepResult, distill_step, epoch_order, evaluate, l2_penalty, teacher_probs
 
 __all__ = [
     "PROFILES",
@@ -169,12 +169,12 @@ def _parser() -> argparse.ArgumentParser:
                         f"({_default('test_every')}; none: as --eval-every)")
     p.add_argument("--chains-in-flight", choices=CHAINS_IN_FLIGHT,
                    help="how the chains of a step train: streams (each its own network, together on the same "
-                        "batches, on its own CUDA stream on a GPU), batched (one batched network), batched-matmul "
-                        "(the same, 1x1 convolutions as batched matrix products) or off (one at a time) "
+                        "batches, on its own CUDA stream on a GPU), batched (one batched network) or off (one at "
+                        "a time) "
                         f"({_default('chains_in_flight')})")
     p.add_argument("--capture", choices=CAPTURE_MODES,
-                   help="how the training step runs: auto (one CUDA graph on CUDA, eager elsewhere), none, graph "
-                        f"(CUDA only), or a torch.compile mode ({_default('capture')})")
+                   help="how the training step runs: auto (one CUDA graph on CUDA, eager elsewhere), none, or graph "
+                        f"(CUDA only) ({_default('capture')})")
     p.add_argument("--data-fingerprint",
                    help="the data's fingerprint (sdlib.data.data_fingerprint): the run refuses other data under "
                         "--data-root (default: none, the fingerprint of the data found there)")
