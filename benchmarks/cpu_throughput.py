@@ -3,7 +3,7 @@
 Prints and writes (``--out``, JSON with the CPU model, threads and library versions) images per second of one
 training step, teacher forward included, on real CIFAR-10 images:
 
-- ``ours``: the cpu profile's step (sdlib.step.GroupStep: uint8 images in memory, vectorized augmentation,
+- ``ours``: the cpu profile's step (sdlib.lean_step.LeanStep: uint8 images in memory, vectorized augmentation,
   the lean step) for each network, dtype (float32 / bf16 autocast) and memory format, at the profile's batch,
   and as the grid runs it (scripts/cpu_grid.sh): two one-thread processes side by side, their rates added;
 - ``reference``: (a) the same network at the same batch trained the way the authors' code trains: torchvision
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -41,7 +42,9 @@ from sdlib import data as cifar  # noqa: E402
 from sdlib.chains import provenance  # noqa: E402
 from sdlib.config import TrainConfig  # noqa: E402
 from sdlib.models import build_model  # noqa: E402
-from sdlib.step import GroupStep, Member, distillation_loss, distill_step, l2_penalty  # noqa: E402
+from sdlib import lean_step  # noqa: E402
+from sdlib.lean_step import LeanStep, distillation_loss  # noqa: E402
+from sdlib.step import distill_step, l2_penalty  # noqa: E402
 
 
 # --------------------------------------------------------------------------------- the candidate ResNet-20
@@ -107,15 +110,14 @@ def time_steps(run_one, steps: int, warmup: int) -> float:
 
 
 def ours(name: str, data, batch: int, bf16: bool, channels_last: bool, steps: int, warmup: int) -> dict:
-    """The cpu profile's step (GroupStep with one member, alpha 0.5, its teacher forward included)."""
+    """The cpu profile's step (LeanStep with one member, alpha 0.5, its teacher forward included)."""
     config = TrainConfig.from_profile("cpu", model="cnn4" if name == "resnet20" else name, batch_size=batch,
                                       bf16=bf16, channels_last=channels_last)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     teacher = make_model(name, 1000).eval().to(memory_format=memory_format)
-    model = make_model(name, 0, 2).to(memory_format=memory_format)
-    group = GroupStep(config, [model], [Member(chain="alpha=0.5", alpha=0.5, teacher=teacher)], data.y_train,
-                      torch.device("cpu"), use_bf16=bf16, memory_format=memory_format, batched=False)
-    group.students.train()
+    with mock.patch.object(lean_step, "device_precision", lambda config, device: (bf16, channels_last)):
+        group = LeanStep(config, [make_model(name, 0, 2)], [0.5], [teacher], data.y_train, "cpu")
+    group.train()
     generator = torch.Generator().manual_seed(0)
     n = len(data.y_train)
 
@@ -181,10 +183,9 @@ def step_profile(data, batch: int, steps: int = 10) -> dict:
     time of each op kind, the top ones."""
     config = TrainConfig.from_profile("cpu")
     teacher = build_model(1000, 1, "cnn4").eval().to(memory_format=torch.channels_last)
-    model = build_model(0, 2, "cnn4").to(memory_format=torch.channels_last)
-    group = GroupStep(config, [model], [Member(chain="alpha=0.5", alpha=0.5, teacher=teacher)], data.y_train,
-                      torch.device("cpu"), use_bf16=True, memory_format=torch.channels_last, batched=False)
-    group.students.train()
+    with mock.patch.object(lean_step, "device_precision", lambda config, device: (True, True)):
+        group = LeanStep(config, [build_model(0, 2, "cnn4")], [0.5], [teacher], data.y_train, "cpu")
+    group.train()
     generator = torch.Generator().manual_seed(0)
     for _ in range(3):
         group.write_batch(data.x_train, torch.randint(0, len(data.y_train), (batch,), generator=generator),

@@ -4,7 +4,7 @@ repeated throughput runs, written as one JSON file with provenance.
     python benchmarks/gpu_check.py profile --out DIR/profile.json [--device cuda] [--chains 12] ...
     python benchmarks/gpu_check.py summarize DIR/throughput_*.json --profile DIR/profile.json --out DIR/gpu_check.json
 
-``profile`` builds each mode's step as training builds it (:class:`sdlib.step.GroupStep` and its step runner:
+``profile`` builds each mode's step as training builds it (:class:`sdlib.lean_step.LeanStep`:
 on CUDA the whole step as one CUDA graph after warm-up), runs ``--warmup`` steps, then records ``--steps`` steps
 with torch.profiler and reports per step: the wall time, the CUDA kernels launched, the time the GPU was busy
 (union of kernel intervals) as a fraction of the wall time, and the CPU-side ATen ops. Modes: reference (the
@@ -39,10 +39,11 @@ from sdlib import data as cifar  # noqa: E402
 from sdlib.chains import provenance  # noqa: E402
 from sdlib.config import CAPTURE_MODES, TrainConfig, resolve_device  # noqa: E402
 from sdlib.records import write_atomically  # noqa: E402
-from sdlib.step import GroupStep, Member, _step_runner, build_model  # noqa: E402
+from sdlib.lean_step import LeanStep  # noqa: E402
+from sdlib.models import build_model  # noqa: E402
 from train_throughput import _positive_int  # noqa: E402  (one argument check for the benchmarks)
 
-MODES = ("reference", "paper", "fast", "streams", "batched", "batched-matmul")
+MODES = ("reference", "paper", "fast", "streams", "batched")
 ALPHA = 0.5
 AIMS = {"paper_per_model_vs_reference": 10.0, "in_flight_aggregate_vs_reference": 60.0,
         "fast_images_per_s": 20_000.0}
@@ -79,24 +80,20 @@ def _build(mode: str, device: torch.device, *, chains: int, batch_size: int | No
         y = y_train[:batch].cpu()
         return (lambda: bench.reference_step(student, teacher, optimizer, x, y, device)), (lambda: None), 1, batch
     profile_name = "fast" if mode == "fast" else "paper"
-    in_flight = mode in ("streams", "batched", "batched-matmul")
+    in_flight = mode in ("streams", "batched")
     config = TrainConfig.from_profile(profile_name, capture=capture,
                                       chains_in_flight=mode if in_flight else "off",
                                       **({"batch_size": batch_size} if batch_size else {}))
-    on_cuda = device.type == "cuda"
-    use_bf16 = config.bf16 and on_cuda
-    memory_format = torch.channels_last if (config.channels_last and on_cuda) else torch.contiguous_format
+    memory_format = torch.channels_last if (config.channels_last and device.type == "cuda") else torch.contiguous_format
     # In flight: 11 fixed alphas and the probe (alpha = 0), each with its own teacher (steps >= 3).
     alphas = [round(0.1 * (i % 12), 10) if i % 12 < 11 else 0.0 for i in range(chains)] if in_flight else [ALPHA]
     n = len(alphas)
-    members = [Member(chain=f"m{i}", alpha=a,
-                      teacher=build_model(1000 + i, 1).to(device, memory_format=memory_format).eval())
-               for i, a in enumerate(alphas)]
-    models = [build_model(0, 2).to(device, memory_format=memory_format) for _ in members]
-    group = GroupStep(config, models, members, y_train, device, use_bf16=use_bf16, memory_format=memory_format,
-                      batched=mode.startswith("batched"))
+    teachers = [build_model(1000 + i, 1).to(device, memory_format=memory_format).eval() for i in range(n)]
+    # bf16 and channels_last as training sets them on this device (sdlib.config.device_precision)
+    group = LeanStep(config, [build_model(0, 2) for _ in alphas], alphas, teachers, y_train, device,
+                     batched=mode == "batched")
     group.schedule.start_at(0)
-    run = _step_runner(config, device, group.step, group.networks)
+    run = group
     generator = torch.Generator(device=device).manual_seed(0)
     index = torch.arange(config.batch_size, device=device)
 
@@ -165,7 +162,7 @@ def summarize(paths: list[Path], profile_path: Path | None) -> dict:
     aims = {}
     if reference and "paper" in variants:
         aims["paper_per_model_vs_reference"] = variants["paper"]["per_model_ratio_to_reference"]
-    flight = [variants[k]["ratio_to_reference"] for k in ("streams", "batched", "batched-matmul")
+    flight = [variants[k]["ratio_to_reference"] for k in ("streams", "batched")
               if k in variants and reference]
     if flight:
         aims["in_flight_aggregate_vs_reference"] = max(flight)

@@ -4,7 +4,7 @@
 #      benchmarks/gpu_check.py profile;
 #   2. benchmarks/train_throughput.py --repeats times (default 3) for (a) the reference loop, (b) the paper
 #      profile, lean and graph-captured, (c) the fast profile, (d) all 12 chains of a step in flight (streams,
-#      batched, batched-matmul);
+#      batched);
 #   3. their medians, ratios and the aims: benchmarks/gpu_check.py summarize -> OUT/gpu_check.json.
 # Needs only torch, torchvision, numpy, scipy, matplotlib, tqdm (no network, no papermill). CIFAR-10 comes from
 # the JPEG tarball, unpacked once into DATA_ROOT (data/ is git-ignored).
@@ -68,7 +68,7 @@ if [[ $DRY_RUN -eq 1 ]]; then
 else
     DEVICE="${DEVICE:-cuda}"
     PROFILE_ARGS=(--chains 12)
-    THROUGHPUT_ARGS=(--variants reference,paper,fast,streams,batched,batched-matmul --reference-iters 150
+    THROUGHPUT_ARGS=(--variants reference,paper,fast,streams,batched --reference-iters 150
                      --paper-iters 200 --fast-iters 40 --inflight-iters 60 --chains 12 --eval-images 2000)
 fi
 

@@ -10,15 +10,14 @@ needs to dispatch its ops (see benchmarks/train_throughput.py's H100 runs). This
   paper-before  the body of distill_step's loop at the paper profile as it was before the lean step (commit
               a6b4224): autograd through ``l2_penalty``, LambdaLR, fresh ``F.one_hot`` targets, batch-norm
               counters, an unfolded teacher under inference_mode (its fused Adam as on CUDA);
-  paper       :class:`sdlib.step.GroupStep` with one model at the paper profile (the lean step: writing the batch
+  paper       :class:`sdlib.lean_step.LeanStep` with one model at the paper profile (the lean step: writing the batch
               into the static buffers, the teacher, the student's forward, backward, L2 gradient, fused Adam);
   fast        the same at the fast profile, under bf16 autocast and channels_last (on the CPU, as the CUDA run
               would: the autocast casts are part of the count);
   streams-*   the 12 models of one (seed, step) in flight (11 fixed alphas and the alpha-hat probe), each its own
               network (``chains_in_flight="streams"``): ``-step2`` with the one shared teacher of step 2,
               ``-step3`` with 12 distinct teachers (every later step);
-  batched-*   the same 12 as one batched network (``chains_in_flight="batched"``; ``batched-matmul``: its 1x1
-              convolutions as batched matrix products).
+  batched-*   the same 12 as one batched network (``chains_in_flight="batched"``).
 
 For each: ops per step, per model-step (divided by the models in flight), the same without the ops that only
 make views or aliases (``compute_ops``: no kernel, no allocation; autograd's detaches are most of them), split
@@ -39,6 +38,7 @@ import datetime
 import json
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torchvision
@@ -49,11 +49,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_throughput, ru
 from sdlib.chains import provenance  # noqa: E402
 from sdlib.config import TrainConfig  # noqa: E402
 from sdlib.records import write_atomically  # noqa: E402
-from sdlib.step import GroupStep, Member, _Lockstep, build_model  # noqa: E402
+from sdlib import lean_step  # noqa: E402
+from sdlib.lean_step import LeanStep, _Separate  # noqa: E402
+from sdlib.models import build_model  # noqa: E402
 from train_throughput import _positive_int  # noqa: E402  (one argument check for the benchmarks)
 
 MODES = ("reference", "paper-before", "paper", "fast", "streams-step2", "streams-step3", "batched-step2",
-         "batched-step3", "batched-matmul-step3")
+         "batched-step3")
 IN_FLIGHT_ALPHAS = tuple(round(0.1 * k, 10) for k in range(11)) + (0.0,)  # 11 fixed chains + the probe
 ALPHA = 0.5
 PHASES = ("batch", "teacher", "forward", "backward", "update")
@@ -127,7 +129,8 @@ def count_reference(batch_size: int) -> dict:
 
 def count_paper_before(batch_size: int) -> dict:
     from sdlib import data as cifar
-    from sdlib.step import distillation_loss, l2_penalty
+    from sdlib.lean_step import distillation_loss
+    from sdlib.step import l2_penalty
 
     model, teacher = build_model(0, 2), build_model(1000, 1).eval()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
@@ -162,26 +165,24 @@ def count_paper_before(batch_size: int) -> dict:
 
 
 def count_group(profile: str, alphas, distinct_teachers: bool, in_flight: str, batch_size: int) -> dict:
-    """One step of :class:`GroupStep` for ``len(alphas)`` members at ``profile`` (its bf16 / channels_last as
+    """One step of :class:`LeanStep` for ``len(alphas)`` members at ``profile`` (its bf16 / channels_last as
     on CUDA), on the CPU."""
     config = TrainConfig.from_profile(profile, batch_size=batch_size, device="cpu", chains_in_flight=in_flight)
-    batched = in_flight.startswith("batched")
-    device = torch.device("cpu")
-    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     shared_teacher = build_model(1000, 1).eval()
-    members = [Member(chain=f"m{i}", alpha=a,
-                      teacher=(build_model(1000 + i, 1).eval() if distinct_teachers else shared_teacher))
-               for i, a in enumerate(alphas)]
-    models = [build_model(0, 2).to(memory_format=memory_format) for _ in members]
-    group = GroupStep(config, models, members, torch.arange(64) % 10, device, use_bf16=config.bf16,
-                      memory_format=memory_format, batched=batched and len(members) > 1)
+    teachers = [build_model(1000 + i, 1).eval() if distinct_teachers else shared_teacher for i in range(len(alphas))]
+    members = list(alphas)
+    models = [build_model(0, 2) for _ in members]
+    # the profile's bf16 / channels_last as on CUDA (sdlib.config.device_precision turns them off on the CPU)
+    with mock.patch.object(lean_step, "device_precision", lambda config, device: (config.bf16, config.channels_last)):
+        group = LeanStep(config, models, alphas, teachers, torch.arange(64) % 10, "cpu",
+                         batched=in_flight == "batched" and len(members) > 1)
     x_train, _, index = _batch(batch_size)
     generator = torch.Generator().manual_seed(0)
     group.write_batch(x_train, index, generator)
     group.step()  # Adam's state exists
     counter = OpCounter()
     students = group.students
-    if isinstance(students, _Lockstep):  # mark where each model's forward starts
+    if isinstance(students, _Separate):  # mark where each model's forward starts
         step_one = students._step_one
 
         def marked(*args, **kwargs):

@@ -17,8 +17,7 @@ Adam and the paper's unsquared L2 term:
              (:func:`sdlib.step.distill_group`, ``chains_in_flight="streams"``): 11 fixed alphas and the
              alpha-hat probe, each with its own teacher (steps >= 3), each its own network on its own CUDA
              stream, one graph for all, batch 16 each on the shared batches, float32;
-  batched    the same as one batched network (:mod:`sdlib.batched`, ``chains_in_flight="batched"``);
-  batched-matmul  the same with the 1x1 convolutions as batched matrix products (``"batched-matmul"``).
+  batched    the same as one batched network (:mod:`sdlib.batched`, ``chains_in_flight="batched"``).
 
 ``--ab`` instead trains the paper profile in float32 and in bf16 autocast (``paper-bf16``) for ``--ab-steps``
 optimizer steps from the same initialization on the same real batches and prints both loss curves (means over
@@ -46,6 +45,7 @@ import json
 import sys
 import time
 import types
+from unittest import mock
 
 import numpy as np
 import torch
@@ -55,14 +55,17 @@ from torchvision import transforms
 
 from sdlib import data as cifar
 from sdlib.records import write_atomically
-from sdlib.step import GroupStep, Member, _step_runner, derive_seed, distill_group, epoch_order
+from sdlib import lean_step
+from sdlib.config import derive_seed
+from sdlib.lean_step import LeanStep
+from sdlib.step import Member, distill_group, epoch_order
 from sdlib.sweep import grid_cost
 from sdlib.train import TrainConfig, resolve_device, build_model, distill_step, evaluate, provenance
 from sdlib.config import AUGMENT, CAPTURE_MODES, PROFILES
 
-VARIANTS = ("reference", "paper", "paper-bf16", "fast", "streams", "batched", "batched-matmul")
+VARIANTS = ("reference", "paper", "paper-bf16", "fast", "streams", "batched")
 PROFILE_VARIANTS = ("paper", "paper-bf16", "fast")
-IN_FLIGHT_VARIANTS = ("streams", "batched", "batched-matmul")
+IN_FLIGHT_VARIANTS = ("streams", "batched")
 ALPHA = 0.5  # any alpha < 1: the teacher's forward pass is part of every batch
 EVAL_IMAGES_PER_EPOCH = 5000 + 10000  # validation + test, evaluated after every epoch
 
@@ -220,19 +223,17 @@ def ab_run(splits, device, *, steps: int, window: int, seed: int = 0) -> dict:
     curves = {}
     for profile in ("paper", "paper-bf16"):
         config = TrainConfig.from_profile(profile)
-        use_bf16 = config.bf16
         memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         teacher = build_model(seed=1000, step=1).to(device, memory_format=memory_format).eval()
-        model = build_model(seed, 2).to(device, memory_format=memory_format)
-        member = Member(chain="ab", alpha=ALPHA, teacher=teacher)
-        group = GroupStep(config, [model], [member], splits.y_train, device, use_bf16=use_bf16,
-                          memory_format=memory_format, batched=False)
-        run = _step_runner(config, device, group.step, group.networks)
+        # bf16 autocast and channels_last as the profile says, on the CPU too (device_precision turns them off)
+        with mock.patch.object(lean_step, "device_precision", lambda c, d: (c.bf16, c.channels_last)):
+            group = LeanStep(config, [build_model(seed, 2)], [ALPHA], [teacher], splits.y_train, device)
+        run = group
         group.schedule.start_at(0)
         n, batch = len(splits.x_train), config.batch_size
         per_epoch = n // batch
         losses, epoch = [], 0
-        loss_sum = group.students.loss_sums[0]
+        loss_sum = group.loss_sums[0]
         while len(losses) < steps:
             epoch += 1
             order = epoch_order(config, seed, 2, epoch, n, device)

@@ -37,7 +37,8 @@ from sdlib.config import LABEL_NOISE, NUM_CLASSES, TrainConfig, derive_seed, dev
 from sdlib.models import build_model
 from sdlib.records import ALPHA_HAT_CHAIN, PROBE_CHAIN, SHARED_CHAIN, chain_name, remove_stale_temporaries
 from sdlib.store import ResultsStore, check_writable_dir
-from sdlib.step import Member, atomic_torch_save, cpu_state, distill_group, load_checkpoint
+from sdlib.lean_step import cpu_state
+from sdlib.step import Member, atomic_torch_save, distill_group, load_checkpoint
 
 __all__ = ["run_chains", "pending_tasks", "grid_tasks", "job_configs", "grid_cost", "provenance", "DataMismatchError",
            "job_config", "job_config_hash", "noisy_splits"]

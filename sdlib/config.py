@@ -42,7 +42,7 @@ INIT, ORDER, AUGMENT, LABEL_NOISE = 0, 1, 2, 3
 
 _PAPER_ALPHAS = tuple(round(0.1 * k, 10) for k in range(11))  # 0.0, 0.1, ..., 1.0 as exact decimals
 
-# How the frozen teacher's BatchNorm layers normalize (sdlib.step.teacher_probs) and how the training images are
+# How the frozen teacher's BatchNorm layers normalize (sdlib.models.teacher_probs) and how the training images are
 # ordered (sdlib.step.epoch_order); the first value of each is the pipeline's behaviour before the field existed.
 TEACHER_BN_MODES = ("eval", "train")
 DATA_ORDERS = ("reshuffle", "fixed")
@@ -92,8 +92,9 @@ PROFILES["cpu"] = dict(model="cnn4", epochs=20, batch_size=256, lr=2e-3, lr_sche
 
 # How the models of one (seed, step) train together (TrainConfig.chains_in_flight) and how the step runs
 # (TrainConfig.capture); neither changes what is computed beyond rounding, so neither enters config_hash.
-CHAINS_IN_FLIGHT = ("off", "streams", "batched", "batched-matmul")
-CAPTURE_MODES = ("auto", "none", "graph", "reduce-overhead", "max-autotune")
+# "batched-matmul", "reduce-overhead" and "max-autotune" were removed (no measurement chose them).
+CHAINS_IN_FLIGHT = ("off", "streams", "batched")
+CAPTURE_MODES = ("auto", "none", "graph")
 
 # Fields added after results were committed, left out of config_hash while they hold the value that reproduces the
 # pipeline before they existed: every config written before keeps its hash (its records and checkpoints are
@@ -209,11 +210,11 @@ class TrainConfig:
     """epochs between evaluations of the test set alone (the last epoch always); none: as eval_every"""
     chains_in_flight: str = "streams"
     """how the chains of a step train: streams (each its own network, together on the same batches, on its own
-    CUDA stream on a GPU), batched (one batched network, sdlib.batched), batched-matmul (the same, 1x1
-    convolutions as batched matrix products) or off (one at a time)"""
+    CUDA stream on a GPU; the way for models the batched network does not cover, sdlib.lean_step), batched (one
+    batched ResNet-50 network, sdlib.batched) or off (one at a time)"""
     capture: str = "auto"
-    """how the training step runs: auto (one CUDA graph on CUDA, eager elsewhere), none, graph (CUDA only), or a
-    torch.compile mode"""
+    """how the training step runs: auto (one CUDA graph on CUDA, eager elsewhere), none (eager) or graph (CUDA
+    only)"""
     data_fingerprint: str | None = None
     """the data's fingerprint (16 hex digits, sdlib.data.data_fingerprint): the config's hash then needs no data
     here, and a run refuses other data under data_root; none: that of the data found there"""
@@ -306,7 +307,7 @@ class TrainConfig:
             fail("data_fingerprint", "None or 16 lower-case hex digits (sdlib.data.data_fingerprint of the data)")
         if not isinstance(self.device, str) or not (self.device == "auto" or _valid_device(self.device)):
             fail("device", "'auto', 'cpu', 'cuda', 'cuda:<index>' or another torch device name")
-        if self.chains_in_flight.startswith("batched") and self.model != "resnet50":
+        if self.chains_in_flight == "batched" and self.model != "resnet50":
             fail("chains_in_flight", f"'streams' or 'off' for model {self.model!r}: the batched network "
                                      "(sdlib.batched) is ResNet-50 only")
 

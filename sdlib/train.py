@@ -17,8 +17,8 @@ from sdlib.chains import grid_cost, grid_tasks, job_config, pending_tasks, prove
 from sdlib.config import FIELD_CHOICES, PROFILES, TrainConfig, effective_config, field_docs, resolve_device
 from sdlib.records import chain_name
 from sdlib.models import build_model
-from sdlib.step import (StepResult, distill_step, distillation_loss, epoch_order, evaluate, l2_penalty,
-                        teacher_probs)
+from sdlib.lean_step import distillation_loss
+from sdlib.step import StepResult, distill_step, epoch_order, evaluate, l2_penalty, teacher_probs
 
 __all__ = ["PROFILES", "TrainConfig", "StepResult", "build_model", "distillation_loss", "l2_penalty", "evaluate",
            "distill_step", "teacher_probs", "epoch_order", "run_chains", "pending_tasks", "effective_config",

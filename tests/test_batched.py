@@ -1,7 +1,8 @@
 """Tests of sdlib.batched: n ResNet-50s fused into one grouped network must behave exactly like n separate ones.
 
-Every reference is the plain path of sdlib.train: separate torchvision resnet50 models, ``distillation_loss``,
-``l2_penalty`` and one Adam per model. The networks run in float64 on 32x32 inputs with batches of 4, so that
+Every reference is the plain path: separate torchvision resnet50 models, ``distillation_loss``, ``l2_penalty``
+and one Adam per model. (The batched network in the training step is tested against the readable step in
+tests/test_step.py.) The networks run in float64 on 32x32 inputs with batches of 4, so that
 the grouped and the dense kernels agree to ~1e-12 and any layout error (a channel of model i read by model j, a
 misplaced residual, a transposed classifier) shows up as an O(1) difference.
 """
@@ -15,16 +16,10 @@ import pytest
 torch = pytest.importorskip("torch")
 import torchvision  # noqa: E402
 
-from sdlib.batched import (  # noqa: E402
-    BatchedResNet50,
-    batched_distillation_loss,
-    batched_l2_penalty,
-    evaluate_batched,
-    model_slice,
-    stack_models,
-    unstack,
-)
-from sdlib.train import build_model, distillation_loss, l2_penalty  # noqa: E402
+from sdlib.batched import BatchedResNet50, model_slice, stack_models, unstack  # noqa: E402
+from sdlib.lean_step import distillation_loss, l2_norms  # noqa: E402
+from sdlib.step import evaluate, l2_penalty  # noqa: E402
+from sdlib.train import build_model  # noqa: E402
 
 N_MODELS, BATCH, NUM_CLASSES = 3, 4, 10
 ALPHAS = (0.0, 0.4, 1.0)  # pure teacher, mixed, labels only (its teacher row is ignored)
@@ -141,10 +136,6 @@ def test_forward_train_and_eval_match_separate_models():
         m.eval()
     with torch.no_grad():
         _assert_close(batched(x), torch.stack([m(x) for m in models]), "eval-mode logits")
-        # per-model inputs (n, B, 3, H, W): model i sees only x_per_model[i]
-        x_per_model = torch.stack([x, x.flip(0), 2.0 * x])
-        _assert_close(batched(x_per_model), torch.stack([m(xi) for m, xi in zip(models, x_per_model)]),
-                      "per-model-input logits")
         # channels_last changes the memory layout only
         batched_cl = stack_models(models).eval().to(memory_format=torch.channels_last)
         _assert_close(batched_cl(x.contiguous(memory_format=torch.channels_last)),
@@ -154,46 +145,25 @@ def test_forward_train_and_eval_match_separate_models():
 # ---------------------------------------------------------------------------------------- losses and training
 
 
-def test_batched_loss_matches_distillation_loss_per_model():
-    gen = torch.Generator().manual_seed(5)
-    logits = 3.0 * torch.randn(N_MODELS, 8, NUM_CLASSES, generator=gen)
-    labels = torch.randint(0, NUM_CLASSES, (8,), generator=gen)
-    teacher = torch.softmax(torch.randn(N_MODELS, 8, NUM_CLASSES, generator=gen), 2)
-    losses = batched_distillation_loss(logits, labels, ALPHAS, teacher)
-    assert losses.shape == (N_MODELS,) and losses.dtype == torch.float32
-    logits_req = logits.clone().requires_grad_(True)
-    grads, = torch.autograd.grad(batched_distillation_loss(logits_req, labels, ALPHAS, teacher).sum(), logits_req)
-    for i, alpha in enumerate(ALPHAS):
-        logits_i = logits[i].clone().requires_grad_(True)
-        expected = distillation_loss(logits_i, labels, alpha, None if alpha == 1.0 else teacher[i])
-        _assert_close(losses[i], expected, f"loss of model {i}", rtol=1e-6)
-        # same gradient up to float32 rounding (mse_loss's backward groups 2/N differently)
-        _assert_close(grads[i], torch.autograd.grad(expected, logits_i)[0], f"logit gradient of model {i}", 1e-6)
-    # alpha == 1 rows ignore their teacher row, even a NaN placeholder (value and gradient stay finite)
-    teacher_nan = teacher.clone()
-    teacher_nan[2] = float("nan")
-    logits_req = logits.clone().requires_grad_(True)
-    losses_nan = batched_distillation_loss(logits_req, labels, torch.tensor(ALPHAS), teacher_nan)
-    _assert_close(losses_nan.detach(), losses, "loss with a NaN placeholder teacher row", rtol=0.0)
-    losses_nan.sum().backward()
-    assert torch.isfinite(logits_req.grad).all()
-    # all alphas 1: no teacher needed
-    only_labels = batched_distillation_loss(logits, labels, [1.0] * N_MODELS)
-    for i in range(N_MODELS):
-        _assert_close(only_labels[i], distillation_loss(logits[i], labels, 1.0), f"alpha=1 loss {i}", rtol=1e-6)
-    # an unbounded alpha-hat (alpha_hat_bounds=None) may lie outside [0, 1]: the same objective per model
-    outside = (1.7, -0.4, 0.3)  # N_MODELS = 3
-    losses_out = batched_distillation_loss(logits, labels, outside, teacher)
-    for i, alpha in enumerate(outside):
-        _assert_close(losses_out[i], distillation_loss(logits[i], labels, alpha, teacher[i]),
-                      f"loss of model {i} at alpha={alpha}", rtol=1e-6)
+def _slices(batched: BatchedResNet50) -> list[torch.Tensor]:
+    """Model-major views, p-major order: slices[j * n + i] is model i's part of parameter j."""
+    return [s for p in batched.parameters() for s in p.unflatten(0, (batched.n_models, -1)).unbind(0)]
 
 
-def test_l2_penalty_per_group_slice_equals_separate_models():
+def _batched_l2_penalty(batched: BatchedResNet50, coef: float) -> torch.Tensor:
+    """(n,) per model: coef * the sum of the norms of its slices, through autograd."""
+    return coef * torch.stack([torch.linalg.vector_norm(s) for s in _slices(batched)]).view(-1, N_MODELS).sum(0)
+
+
+def _batched_loss(logits: torch.Tensor, labels: torch.Tensor, alphas, teacher_probs: torch.Tensor) -> torch.Tensor:
+    return torch.stack([distillation_loss(logits[i], labels, a, None if a == 1.0 else teacher_probs[i])
+                        for i, a in enumerate(alphas)])
+
+
+def test_l2_norms_of_the_model_slices_equal_separate_models():
     models = _models()
     batched = stack_models(models)
-    penalties = batched_l2_penalty(batched, L2_COEF)
-    assert penalties.shape == (N_MODELS,)
+    penalties = L2_COEF * l2_norms(_slices(batched)).view(-1, N_MODELS).sum(0)
     for i, model in enumerate(models):
         _assert_close(penalties[i], l2_penalty(model, L2_COEF), f"l2 penalty of model {i}", rtol=1e-12)
 
@@ -205,8 +175,7 @@ def test_gradients_and_three_adam_steps_match_separate_models():
     lr / eps at near-zero entries (1e4 for the defaults), and batch norm over 4 values at layer4 amplifies
     further, so rounding noise in the gradients (float32 in distillation_loss, or the ~1e-15 of float64 grouped
     vs. dense kernels) grows to O(1e-5) weight differences within three steps. The test therefore uses float64
-    throughout (the separate models use the batched loss with n = 1, which equals distillation_loss to float32
-    rounding, tested above, and computes in float64 for float64 logits) and Adam's eps = 1e-3, so rounding
+    throughout (distillation_loss computes in float64 for float64 logits) and Adam's eps = 1e-3, so rounding
     stays at rounding level and any real difference (a gradient reaching the wrong model, a coupled update)
     shows up as O(lr).
     """
@@ -222,17 +191,14 @@ def test_gradients_and_three_adam_steps_match_separate_models():
     names = [name for name, _ in batched.named_parameters()]
     for step in range(3):
         x, labels, teacher_probs = _batch(seed=step + 1)
-        losses = batched_distillation_loss(batched(x), labels, ALPHAS, teacher_probs)
-        losses = losses + batched_l2_penalty(batched, L2_COEF)
+        losses = _batched_loss(batched(x), labels, ALPHAS, teacher_probs)
+        losses = losses + _batched_l2_penalty(batched, L2_COEF)
         optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()
         separate_losses = []
         for i, (model, opt) in enumerate(zip(models, optimizers)):
             alpha = ALPHAS[i]
-            logits = model(x)
-            loss = batched_distillation_loss(logits[None], labels, [alpha], teacher_probs[i][None])[0]
-            reference = distillation_loss(logits.detach(), labels, alpha, None if alpha == 1.0 else teacher_probs[i])
-            _assert_close(loss.detach(), reference, f"n = 1 loss of model {i}", rtol=1e-6)
+            loss = distillation_loss(model(x), labels, alpha, None if alpha == 1.0 else teacher_probs[i])
             loss = loss + l2_penalty(model, L2_COEF)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -268,13 +234,24 @@ def small_batched():
     return BatchedResNet50(2)
 
 
-def test_evaluate_batched_on_an_empty_split_gives_none(small_batched):
-    """n_val = 0 (no validation split): every model's acc and loss are None, as sdlib.step.evaluate gives."""
-    from sdlib.step import evaluate
-
-    empty_x, empty_y = torch.zeros((0, 3, 32, 32), dtype=torch.uint8), torch.zeros(0, dtype=torch.int64)
-    results = evaluate_batched(small_batched, empty_x, empty_y, return_probs=True)
-    assert len(results) == 2
+def test_one_evaluate_for_one_model_and_for_the_batched_network():
+    """sdlib.step.evaluate of a batched network is evaluate of each of its models (a list of n results); on an
+    empty split (n_val = 0) every acc and loss is None, as for one model."""
+    models = _models()
+    batched = stack_models(models)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    y = torch.randint(0, NUM_CLASSES, (12,), generator=gen)
+    together = evaluate(batched, x, y, batch_size=5, return_probs=True)
+    assert len(together) == N_MODELS
+    for result, model in zip(together, models):
+        alone = evaluate(model, x, y, batch_size=5, return_probs=True)
+        assert result["acc"] == alone["acc"]
+        assert math.isclose(result["loss"], alone["loss"], rel_tol=1e-6)
+        _assert_close(result["probs"], alone["probs"], "probs", rtol=1e-6)
+    empty_x, empty_y = x[:0], y[:0]
+    results = evaluate(batched, empty_x, empty_y, return_probs=True)
+    assert len(results) == N_MODELS
     assert all(r["acc"] is None and r["loss"] is None and r["probs"].shape == (0, NUM_CLASSES) for r in results)
     single = evaluate(build_model(), empty_x, empty_y, return_probs=True)
     assert (single["acc"], single["loss"], single["probs"].shape) == (None, None, (0, NUM_CLASSES))
@@ -298,58 +275,11 @@ def test_bad_construction_raises_value_error():
 
 
 def test_bad_forward_input_raises_value_error(small_batched):
-    for bad in (torch.zeros(4, 1, 32, 32), torch.zeros(3, 32, 32), torch.zeros(3, 4, 3, 32, 32),
-                torch.zeros(2, 4, 1, 32, 32), torch.zeros(0, 3, 32, 32)):
-        with pytest.raises(ValueError, match="x (with 5 dims )?must"):
+    for bad in (torch.zeros(4, 1, 32, 32), torch.zeros(3, 32, 32), torch.zeros(2, 4, 3, 32, 32),
+                torch.zeros(0, 3, 32, 32), [0.0]):  # one batch per model (n, B, 3, H, W): not taken either
+        with pytest.raises(ValueError, match="x must have shape"):
             small_batched(bad)
     with pytest.raises(ValueError, match="index"):
         small_batched.model_state_dict(2)
     with pytest.raises(ValueError, match="state_dict"):
         small_batched.load_model_state_dict(0, {"conv1.weight": torch.zeros(64, 3, 7, 7)})
-
-
-def test_bad_loss_input_raises_value_error():
-    logits = torch.zeros(N_MODELS, BATCH, NUM_CLASSES)
-    labels = torch.zeros(BATCH, dtype=torch.int64)
-    teacher = torch.full((N_MODELS, BATCH, NUM_CLASSES), 1.0 / NUM_CLASSES)
-    with pytest.raises(ValueError, match="alphas"):
-        batched_distillation_loss(logits, labels, (0.5, 0.5), teacher)  # n = 3 models, 2 alphas
-    with pytest.raises(ValueError, match="alphas"):
-        batched_distillation_loss(logits, labels, (0.5, math.inf, 0.0), teacher)
-    with pytest.raises(ValueError, match="alphas"):
-        batched_distillation_loss(logits, labels, (0.5, math.nan, 0.0), teacher)
-    with pytest.raises(ValueError, match="logits"):
-        batched_distillation_loss(logits[0], labels, (0.5,) * N_MODELS, teacher)
-    with pytest.raises(ValueError, match="labels"):
-        batched_distillation_loss(logits, labels[:2], (0.5,) * N_MODELS, teacher)
-    with pytest.raises(ValueError, match="labels"):
-        batched_distillation_loss(logits, labels.float(), (0.5,) * N_MODELS, teacher)
-    with pytest.raises(ValueError, match="teacher_probs"):
-        batched_distillation_loss(logits, labels, (0.5,) * N_MODELS, teacher[:2])
-    with pytest.raises(ValueError, match="teacher_probs"):
-        batched_distillation_loss(logits, labels, (1.0, 0.5, 1.0), None)
-
-
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_pointwise_matmul_network_equals_the_grouped_convolution_one(channels_last):
-    """pointwise="matmul" (1x1 convolutions, strided downsamples included, as batched matrix products) is the
-    same function with the same weights and gradients as the grouped-convolution network."""
-    models = _models()
-    conv = stack_models(models)
-    matmul = stack_models(models, pointwise="matmul")
-    assert sum(type(m).__name__ == "_PointwiseMatmulConv2d" for m in matmul.modules()) == 36  # 1x1 convs
-    assert set(conv.state_dict()) == set(matmul.state_dict())
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    conv, matmul = conv.to(memory_format=memory_format), matmul.to(memory_format=memory_format)
-    x, labels, teacher_probs = _batch()
-    x = x.contiguous(memory_format=memory_format)
-    outputs = []
-    for net in (conv, matmul):
-        logits = net(x)
-        batched_distillation_loss(logits, labels, ALPHAS, teacher_probs).sum().backward()
-        outputs.append((logits.detach(), {k: p.grad for k, p in net.named_parameters()}))
-    _assert_close(outputs[1][0], outputs[0][0], "logits")
-    for key, grad in outputs[0][1].items():
-        _assert_close(outputs[1][1][key], grad, f"grad {key}")
-    with pytest.raises(ValueError, match="pointwise must be one of"):
-        BatchedResNet50(2, pointwise="gemm")

@@ -17,8 +17,7 @@ import sdlib.chains  # noqa: E402
 from sdlib.chains import noisy_splits, run_chains  # noqa: E402
 from sdlib.config import MODELS, PROFILES, TrainConfig, device_precision  # noqa: E402
 from sdlib.data import load_splits, symmetric_label_noise  # noqa: E402
-from sdlib.models import build_model  # noqa: E402
-from sdlib.step import fold_batch_norms  # noqa: E402
+from sdlib.models import build_model, fold_batch_norms  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TIMING = ("wall_time_s", "images_per_s", "provenance")
@@ -107,7 +106,7 @@ def test_bf16_on_the_cpu_only_for_the_small_network():
     ("label_noise", True, "a number in [0, 1)"),
     ("model", "resnet18", "one of ['resnet50', 'cnn4']"),
     ("chains_in_flight", "batched", "the batched network (sdlib.batched) is ResNet-50 only"),
-    ("chains_in_flight", "batched-matmul", "the batched network (sdlib.batched) is ResNet-50 only"),
+    ("chains_in_flight", "batched-matmul", "one of ['off', 'streams', 'batched']"),  # removed: named, not run
     ("test_every", 0, "an integer >= 1"),
 ])
 def test_bad_values_are_named_before_any_work(field, value, expected):
@@ -241,7 +240,7 @@ def test_step_schedule_divides_by_ten_at_half_and_three_quarters_on_host_and_dev
     after the warmup; the device tensor the step reads follows the host value the logs record."""
     import torch
 
-    from sdlib.step import _lr_factor, _Schedule
+    from sdlib.lean_step import _Schedule, lr_factor as _lr_factor
 
     config = TrainConfig(epochs=9, lr=2e-3, lr_schedule="step", warmup_epochs=1)
     schedule = _Schedule(config, iters_per_epoch=4, device=torch.device("cpu"))  # 4 warmup + 32 iterations

@@ -26,6 +26,7 @@ import torchvision  # noqa: E402
 from sdlib import chains, train  # noqa: E402
 from sdlib.store import ResultsStore  # noqa: E402
 from sdlib import results as results_module  # noqa: E402
+from sdlib import lean_step  # noqa: E402
 from sdlib import step as step_module  # noqa: E402
 from sdlib.config import ORDER, derive_seed  # noqa: E402
 from sdlib.train import (  # noqa: E402
@@ -412,7 +413,7 @@ def test_distill_step_uses_the_configured_order_and_teacher_mode(monkeypatch):
         return real_probs(teacher, x, bn_mode)
 
     monkeypatch.setattr(step_module, "epoch_order", spy_order)
-    monkeypatch.setattr(step_module, "teacher_probs", spy_probs)
+    monkeypatch.setattr(lean_step, "teacher_probs", spy_probs)  # what the lean step runs the teachers with
     teacher = build_model(seed=5, step=1).eval()
     result = distill_step(config, data, seed=0, step=2, alpha=0.5, teacher=teacher, chain="alpha=0.5")
     assert len(orders) == 2 and torch.equal(orders[0], orders[1])
@@ -712,7 +713,7 @@ def test_nan_loss_stops_the_run_and_keeps_earlier_results(reference_run, tiny_da
     def nan_loss(logits, labels, alpha, teacher_probs=None):
         return real_loss(logits, labels, alpha, teacher_probs) * float("nan")
 
-    monkeypatch.setattr(step_module, "distillation_loss", nan_loss)
+    monkeypatch.setattr(lean_step, "distillation_loss", nan_loss)
     with pytest.raises(FloatingPointError, match=r"seed=0, chain='alpha=0', step=3, epoch=1"):
         run_chains(config, progress=False)
     assert (tmp_path / "results" / "records.jsonl").read_bytes() == before
