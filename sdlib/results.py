@@ -170,8 +170,11 @@ def _parse_line(obj: dict, where: str, required: tuple, numeric: tuple) -> dict:
            "step": _check_int(obj["step"], "step", where, 1)}
     if "epoch" in required:
         row["epoch"] = _check_int(obj["epoch"], "epoch", where, 0)
-    for field in numeric:  # alpha and test_acc never null; val_acc null with n_val = 0 (no validation split)
-        row[field] = _check_number(obj.get(field), field, where, field not in ("alpha", "test_acc"))
+    # a record's alpha and test_acc are never null; val_acc is null with n_val = 0 (no validation split), and an
+    # epoch's accuracies are null where it was not evaluated (eval_every, test_every)
+    for field in numeric:
+        row[field] = _check_number(obj.get(field), field, where,
+                                   "epoch" in required or field not in ("alpha", "test_acc"))
     return row
 
 

@@ -549,3 +549,14 @@ def test_book_figures_tick_labels_are_plain_numbers(low, high):
     assert shown, labels
     for label in shown:
         assert "times" not in label and not re.search(r"10\^\{-?[0-2]\}", label), labels
+
+
+def test_epochs_not_evaluated_on_the_test_set_read_as_nan(tmp_path):
+    """test_every: an epoch log holds test_acc null where the test set was not evaluated (a record never does)."""
+    import json as _json
+
+    lines = [{"seed": 0, "chain": "shared", "step": 1, "epoch": e, "val_acc": 0.5, "test_acc": t, "test_loss": t}
+             for e, t in ((1, None), (2, 0.6))]
+    (tmp_path / "epochs.jsonl").write_text("".join(_json.dumps(line) + "\n" for line in lines))
+    epochs = results.load_epochs(tmp_path)
+    assert epochs["test_acc"].isna().tolist() == [True, False] and epochs["test_acc"].iloc[1] == 0.6
