@@ -13,6 +13,7 @@ downloads a browser here.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import re
@@ -151,22 +152,31 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+@contextlib.contextmanager
+def served(folder):
+    """A folder served on 127.0.0.1 (a free port) while the block runs; yields its base URL."""
+    handler = functools.partial(QuietHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        thread.join()
+
+
 @pytest.fixture(scope="module")
 def site(book):
     """The built book served on 127.0.0.1 (a free port); yields (base URL, list of page paths)."""
     root, _ = book
     html_dir = root / "_build" / "html"
-    handler = functools.partial(QuietHandler, directory=str(html_dir))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
     # every page, except redirect stubs (index.html sends the reader on to the root page; its own test below)
     pages = sorted(str(p.relative_to(html_dir)) for p in html_dir.rglob("*.html")
                    if not p.relative_to(html_dir).parts[0].startswith("_")
                    and 'http-equiv="refresh"' not in p.read_text(encoding="utf-8").lower())
-    yield f"http://127.0.0.1:{server.server_address[1]}/", pages
-    server.shutdown()
-    thread.join()
+    with served(html_dir) as base:
+        yield base, pages
 
 
 @pytest.fixture(scope="module")
@@ -226,6 +236,12 @@ def visits(site, browser):
     return visit(browser, base, pages)
 
 
+def visit_folder(browser, folder, pages):
+    """visit() on pages of a folder served on 127.0.0.1 for the duration (the self-tests' broken pages)."""
+    with served(folder) as base:
+        return visit(browser, base, pages)
+
+
 def test_the_checks_see_what_they_look_for(browser, tmp_path):
     """The measurements on a page that breaks every rule: a code block wider than the column, a figure with
     no caption, an image that does not load and whose alt text is a file name, a request off the machine and a
@@ -236,15 +252,7 @@ def test_the_checks_see_what_they_look_for(browser, tmp_path):
         '<figure id="fig-bad"><img src="missing.png" alt="missing.png"></figure>'
         '<img src="http://example.invalid/remote.png" alt="remote">'
         "<script>console.error('boom')</script></article></main></body></html>", encoding="utf-8")
-    handler = functools.partial(QuietHandler, directory=str(tmp_path))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        seen = visit(browser, f"http://127.0.0.1:{server.server_address[1]}/", ["bad.html"])["desktop", "bad.html"]
-    finally:
-        server.shutdown()
-        thread.join()
+    seen = visit_folder(browser, tmp_path, ["bad.html"])["desktop", "bad.html"]
     assert any("900 px" in line for line in seen["wide"])
     (figure,) = seen["figures"]
     assert figure["caption"] == "" and not figure["images"][0]["loaded"] and figure["images"][0]["alt"] == "missing.png"
@@ -293,15 +301,7 @@ def test_the_reader_checks_see_what_they_look_for(browser, tmp_path):
         (tmp_path / name).write_text('<html><head><style>img { max-width: 100%; height: auto; } figure { margin: 0; }</style></head>'
                                      '<body><main><article class="bd-article">' + body +
                                      '</article></main></body></html>', encoding="utf-8")
-    handler = functools.partial(QuietHandler, directory=str(tmp_path))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        seen = visit(browser, f"http://127.0.0.1:{server.server_address[1]}/", ["bad.html", "good.html"])
-    finally:
-        server.shutdown()
-        thread.join()
+    seen = visit_folder(browser, tmp_path, ["bad.html", "good.html"])
     for viewport in VIEWPORTS:
         problems = reader_problems(seen[viewport, "bad.html"], tmp_path)
         assert any("fig-squashed" in p and "inline height" in p for p in problems), problems
