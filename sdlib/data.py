@@ -1,16 +1,16 @@
 """CIFAR-10 in memory as uint8 tensors (N, 3, 32, 32): loading, a stratified validation split, normalization and
-augmentation on the training device (all of CIFAR-10 is 184 MB: a step indexes a batch out of one tensor).
+augmentation on the training device, symmetric label noise.
 
-Two forms are read: torchvision's download ``root/cifar-10-batches-py/``, through ``torchvision.datasets.CIFAR10``
-after checking every file's MD5 (a planted pickle runs nothing), and an ImageFolder layout
-``root/{train,test}/<class>/*.jpg`` (the shared JPEG copy), decoded once with Pillow and cached with ``torch.save``
-under the files' content fingerprint. Labels follow :data:`CIFAR10_CLASSES`, the alphabetical order of the folders
-(as ImageFolder assigns them). The fingerprints need no torch (the book's environment has none), so the
-ImageFolder listing is our own, in ``torchvision.datasets.ImageFolder``'s order.
+Two forms are read: torchvision's download ``root/cifar-10-batches-py/`` (``torchvision.datasets.CIFAR10``, after
+checking every file's MD5: a planted pickle runs nothing) and an ImageFolder layout ``root/{train,test}/<class>/*.jpg``
+(decoded once, cached with ``torch.save`` under the files' content fingerprint). The ImageFolder listing is written
+out here in ``torchvision.datasets.ImageFolder``'s order because the fingerprint, part of every config_hash, must be
+computable without torch (the book's environment has none).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import numbers
 import os
@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-try:  # the data's fingerprint (config_hash) needs no torch, and the book's environment has none
+try:  # the data's fingerprint (config_hash) needs no torch
     import torch
 except ImportError:  # pragma: no cover - exercised by test_protocols in a subprocess
     torch = None
@@ -51,40 +51,36 @@ def _require_torch(what: str) -> None:
         raise ImportError(f"sdlib.data.{what} needs PyTorch: pip install -e '.[cifar]'")
 
 
+def _integer(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _flags(**values: Any) -> tuple[bool | None, ...]:
+    """The values, each checked to be True or False (``progress`` may be None too)."""
+    for name, value in values.items():
+        if not isinstance(value, (bool, np.bool_)) and not (name == "progress" and value is None):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
+    return tuple(None if value is None else bool(value) for value in values.values())
+
+
+def _check_root(root: Any, split: Any = "train") -> Path:
+    if not isinstance(root, (str, os.PathLike)) or str(root) == "":
+        raise ValueError(f"root must be a non-empty path (str or os.PathLike), got {root!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return Path(root).expanduser()
+
+
 def how_to_get_data(root: str | os.PathLike, split: str = "train") -> str:
     """The message of a missing CIFAR-10 under ``root``: the forms read, and how to get either."""
-    root = _check_root(root)
+    root = _check_root(root, split)
     return (f"CIFAR-10 ({split} split) not found under {str(root)!r}. Expected either torchvision's standard form "
             f"{str(root / PICKLE_DIRNAME)!r} (data_batch_1..5, test_batch, batches.meta) or an ImageFolder layout "
             f"{str(root / split)!r}/<class>/*.jpg. To get it: call with download=True (fetches the standard form "
             f"through torchvision), or run torchvision.datasets.CIFAR10({str(root)!r}, download=True) yourself, "
             f"or unpack the ImageFolder tarball: mkdir -p {root} && tar -xJf cifar10-jpeg.tar.xz -C {root}")
-
-
-def _check_int(name: str, value: Any, minimum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-    return bool(value)
-
-
-def _check_split(split: Any) -> str:
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    return split
-
-
-def _check_root(root: Any) -> Path:
-    if not isinstance(root, (str, os.PathLike)) or str(root) == "":
-        raise ValueError(f"root must be a non-empty path (str or os.PathLike), got {root!r}")
-    return Path(root).expanduser()
 
 
 def _pickle_dir(root: Path) -> Path | None:
@@ -97,14 +93,13 @@ def _pickle_dir(root: Path) -> Path | None:
 def detect_layout(root: str | os.PathLike, split: str = "train") -> str | None:
     """``"pickle"``, ``"imagefolder"`` or None: the form of ``split`` under ``root`` (the pickles win where both
     are present: theirs are the original pixels)."""
-    root, split = _check_root(root), _check_split(split)
+    root = _check_root(root, split)
     return "pickle" if _pickle_dir(root) else "imagefolder" if (root / split).is_dir() else None
 
 
 def _refuse_linked_loops(dirpath: str, dirnames: list[str], split_dir: Path) -> None:
     """A folder link inside a class folder is followed (images may live on another disk), unless it points back
-    into the split's folder (another class's images, labelled with this class) or at a folder that contains it (a
-    loop: ``ln -s .. train/cat/loop`` would list every image 40 times, all labelled cat): refused by name."""
+    into the split's folder (another class's images) or at a folder that contains it (a loop): refused by name."""
     here, split = os.path.realpath(dirpath), os.path.realpath(split_dir)
     inside = lambda folder, parent: folder == parent or folder.startswith(parent.rstrip(os.sep) + os.sep)
     for name in dirnames:
@@ -121,13 +116,11 @@ def _list_image_folder(split_dir: Path) -> list[tuple[str, str, int]]:
     """(path, path relative to ``split_dir``, label) of every image, in ``torchvision.datasets.ImageFolder``'s
     order (classes alphabetically, ``sorted(os.walk(...))``, sorted file names), hidden files and folders left out."""
     folders = {e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith(".")}
-    unknown, missing = sorted(folders - set(CIFAR10_CLASSES)), [c for c in CIFAR10_CLASSES if c not in folders]
-    if unknown:
-        raise ValueError(f"unknown class folder(s) {unknown} in {str(split_dir)!r}; expected exactly the CIFAR-10 "
-                         f"class folders {list(CIFAR10_CLASSES)}")
-    if missing:
-        raise ValueError(f"missing class folder(s) {missing} in {str(split_dir)!r}; expected one folder per CIFAR-10 "
-                         f"class {list(CIFAR10_CLASSES)}")
+    for problem, names in (("unknown", sorted(folders - set(CIFAR10_CLASSES))),
+                           ("missing", [c for c in CIFAR10_CLASSES if c not in folders])):
+        if names:
+            raise ValueError(f"{problem} class folder(s) {names} in {str(split_dir)!r}; expected exactly one folder "
+                             f"per CIFAR-10 class {list(CIFAR10_CLASSES)}")
     files = []
     for label, name in enumerate(CIFAR10_CLASSES):
         before = len(files)
@@ -154,8 +147,6 @@ def _source_files(root: Path, split: str) -> tuple[str, list[tuple[str, str, int
     return None if layout is None else (layout, _list_image_folder(root / split))
 
 
-# ---------------------------------------------------------------------------------------------------- fingerprints
-
 # Content hashes, remembered per process under the files' stat records: any write changes a file's ctime (which
 # no user call can set back, unlike the mtime), a copy its inode; either way the files are hashed again.
 _CONTENT_HASHES: dict[tuple, str] = {}
@@ -179,14 +170,13 @@ def _content_hash(kind: str, files: Sequence[tuple[str, str, int]]) -> str:
 def split_fingerprint(root: str | os.PathLike, split: str = "train") -> str | None:
     """sha256 hex of one split's content (every image's bytes with its class, or the pickle files); None where the
     split is absent. Another copy of the same files gives the same fingerprint; any changed byte another."""
-    found = _source_files(_check_root(root), _check_split(split))
+    found = _source_files(_check_root(root, split), split)
     return None if found is None else _content_hash(f"{split}-{found[0]}", found[1])
 
 
 def data_fingerprint(root: str | os.PathLike) -> str | None:
     """The identity of the CIFAR-10 copy under ``root``: 16 hex digits from its two :func:`split_fingerprint`, or
-    None when either split is absent. Part of ``TrainConfig.config_hash`` (not the path: a moved copy keeps its
-    results, other images never reuse them)."""
+    None when either split is absent. Part of ``TrainConfig.config_hash`` (a moved copy keeps its results)."""
     train, test = (split_fingerprint(root, split) for split in SPLITS)
     return None if train is None or test is None else _combine(train, test)
 
@@ -228,7 +218,7 @@ def _cache_dirs(root: Path) -> list[Path]:
     """Inside the data root, else (read-only data) a per-root folder of $SDLIB_CACHE_DIR or ~/.cache/sdlib."""
     base = os.environ.get("SDLIB_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "sdlib")
-    return [root / CACHE_DIRNAME, 
+    return [root / CACHE_DIRNAME,
             Path(base) / "cifar10" / hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]]
 
 
@@ -236,7 +226,7 @@ def _read_cache(path: Path, labels: np.ndarray):
     try:
         hit = torch.load(path, weights_only=True)
         images, cached = hit["images"], hit["labels"]
-    except Exception:  # truncated or foreign file: decode again and overwrite it
+    except Exception:  # missing, truncated or foreign file: decode again and overwrite it
         return None
     ok = images.dtype == torch.uint8 and images.shape == (len(labels), 3, 32, 32)
     return (images, cached) if ok and np.array_equal(cached.numpy(), labels) else None
@@ -349,7 +339,7 @@ def _materialize(src: _Source, cache: bool, progress: bool | None) -> tuple[torc
         return torch.from_numpy(src.images), torch.from_numpy(src.labels)
     name, dirs = _cache_name(src.split, src.fingerprint), _cache_dirs(src.root)
     for d in dirs if cache else []:
-        hit = _read_cache(d / name, src.labels) if (d / name).is_file() else None
+        hit = _read_cache(d / name, src.labels)
         if hit is not None:
             return hit
     show = len(src.labels) >= 5000 if progress is None else progress
@@ -365,14 +355,13 @@ def load_cifar10(root: str | os.PathLike, split: str = "train", download: bool =
                  progress: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One split (``"train"``, ``"test"``) of the CIFAR-10 under ``root``: uint8 images (N, 3, 32, 32) and int64
     labels, on the CPU, in the pickles' or ImageFolder's order. ``download``: fetch it where absent. ``cache``
-    (ImageFolder): decode once into ``root/.sdlib_cache`` (or, read-only root, ``$SDLIB_CACHE_DIR`` or
-    ``~/.cache/sdlib``) under the content fingerprint and the Pillow/libjpeg versions, so a changed folder is decoded
-    again. ``progress``: the decoding bar (None: from 5,000 images). FileNotFoundError where neither form is
-    present (saying how to get it); ValueError naming a bad parameter, class folder, image or pickle."""
+    (ImageFolder): decode once into ``root/.sdlib_cache`` (read-only root: ``$SDLIB_CACHE_DIR`` or ``~/.cache/sdlib``)
+    under the content fingerprint and the Pillow/libjpeg versions. ``progress``: the decoding bar (None: from 5,000
+    images). FileNotFoundError where neither form is present (saying how to get it); ValueError naming a bad
+    parameter, class folder, image or pickle."""
     _require_torch("load_cifar10")
-    root, split = _check_root(root), _check_split(split)
-    download, cache = _check_bool("download", download), _check_bool("cache", cache)
-    progress = None if progress is None else _check_bool("progress", progress)
+    root = _check_root(root, split)
+    download, cache, progress = _flags(download=download, cache=cache, progress=progress)
     return _materialize(_locate(root, split, download), cache, progress)
 
 
@@ -392,11 +381,10 @@ def _stratified_choice(labels: np.ndarray, k: int, rng: np.random.Generator) -> 
 
 def stratified_split(labels: Any, n_val: int = 5000, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions ``0..N-1`` split into sorted int64 tensors (train_idx, val_idx), ``len(val_idx) == n_val``, every
-    class within one image of its share ``n_val * n_c / N`` (balanced CIFAR-10, n_val=5000: 500 per class). The
-    same labels, n_val and seed give the same split."""
+    class within one image of its share ``n_val * n_c / N``. The same labels, n_val and seed give the same split."""
     _require_torch("stratified_split")
     arr, _ = _check_labels(labels.cpu().numpy() if isinstance(labels, torch.Tensor) else labels)
-    n_val, seed = _check_int("n_val", n_val, minimum=0), _check_int("seed", seed, minimum=0)
+    n_val, seed = _integer("n_val", n_val, 0), _integer("seed", seed, 0)
     if n_val >= arr.shape[0]:
         raise ValueError(f"n_val must be smaller than the number of labels ({arr.shape[0]}), got {n_val}")
     val = _stratified_choice(arr, n_val, np.random.default_rng(seed))
@@ -430,8 +418,7 @@ class CIFAR10Splits:
     def to(self, device: str | torch.device) -> "CIFAR10Splits":
         """A copy with the images and labels on ``device`` (the index tensors stay on the CPU)."""
         moved = {k: getattr(self, k).to(device) for k in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")}
-        return CIFAR10Splits(**moved, meta=dict(self.meta), train_idx=self.train_idx, val_idx=self.val_idx,
-                             test_idx=self.test_idx)
+        return dataclasses.replace(self, **moved, meta=dict(self.meta))
 
     def __repr__(self) -> str:
         s = self.meta.get("sizes", {})
@@ -442,19 +429,16 @@ class CIFAR10Splits:
 def load_splits(root: str | os.PathLike, n_val: int = 5000, split_seed: int = 0, subset: int | None = None,
                 device: str | torch.device = "cpu", download: bool = False, cache: bool = True,
                 progress: bool | None = None) -> CIFAR10Splits:
-    """CIFAR-10 with a stratified validation split of ``n_val`` images held out of the training set (for model
-    selection and alpha-hat; the test set only reports), seeded by ``split_seed``, on ``device``; root, download,
-    cache, progress as in :func:`load_cifar10`. ``subset`` (an int >= 10, smoke runs) cuts each part, after the
-    split, to a stratified seeded subset of at most ``subset`` images (validation images never depend on it).
+    """CIFAR-10 with a stratified validation split of ``n_val`` images held out of the training set (seeded by
+    ``split_seed``), on ``device``; root, download, cache, progress as in :func:`load_cifar10`. ``subset`` (an int
+    >= 10, smoke runs) cuts each part, after the split, to a stratified seeded subset of at most ``subset`` images.
     ``meta``: root, layout, n_val, split_seed, subset, sizes, source_sizes, class_counts, classes, fingerprint
     (:func:`data_fingerprint`), split_fingerprints, mean, std."""
     _require_torch("load_splits")
     root = _check_root(root)
-    n_val = _check_int("n_val", n_val, minimum=0)
-    split_seed = _check_int("split_seed", split_seed, minimum=0)
-    subset = None if subset is None else _check_int("subset", subset, minimum=len(CIFAR10_CLASSES))
-    download, cache = _check_bool("download", download), _check_bool("cache", cache)
-    progress = None if progress is None else _check_bool("progress", progress)
+    n_val, split_seed = _integer("n_val", n_val, 0), _integer("split_seed", split_seed, 0)
+    subset = None if subset is None else _integer("subset", subset, len(CIFAR10_CLASSES))
+    download, cache, progress = _flags(download=download, cache=cache, progress=progress)
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
@@ -495,10 +479,9 @@ def load_splits(root: str | os.PathLike, n_val: int = 5000, split_seed: int = 0,
 
 
 def _check_images(name: str, x: Any) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
-        raise ValueError(f"{name} must be a uint8 tensor of shape (B, 3, H, W), got {x.dtype} {tuple(x.shape)}")
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"{name} must be a uint8 torch.Tensor of shape (B, 3, H, W), got "
+                         f"{f'{x.dtype} {tuple(x.shape)}' if isinstance(x, torch.Tensor) else type(x).__name__}")
     return x
 
 
@@ -507,7 +490,6 @@ _NORM_CACHE: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
 def normalize(x_uint8: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> a new contiguous float32 tensor ``(x/255 - CIFAR10_MEAN) / CIFAR10_STD`` per channel."""
-    _require_torch("normalize")
     x = _check_images("x_uint8", x_uint8)
     key = str(x.device)
     if key not in _NORM_CACHE:  # one multiply-add, its constants kept per device (no copy to the device per batch)
@@ -523,15 +505,10 @@ def sample_crop_flip(batch: int, generator: torch.Generator | None = None, devic
     """The random parameters of :func:`augment` for ``batch`` images, drawn in this order from ``generator`` (on
     ``device``): ``top``, ``left`` int64 uniform on ``0..2*padding`` (``RandomCrop(32, padding=4)``'s corner) and
     ``flip`` bool, True with probability 1/2."""
-    _require_torch("sample_crop_flip")
-    batch, padding = _check_int("batch", batch, minimum=0), _check_int("padding", padding, minimum=0)
-    device = torch.device(device)
-    if generator is not None:
-        if not isinstance(generator, torch.Generator):
-            raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-        g = generator.device
-        if g.type != device.type or (g.index is not None and device.index is not None and g.index != device.index):
-            raise ValueError(f"generator must live on the images' device {device}, got a generator on {g}")
+    batch, padding, device = _integer("batch", batch, 0), _integer("padding", padding, 0), torch.device(device)
+    if generator is not None and (not isinstance(generator, torch.Generator) or generator.device.type != device.type):
+        raise ValueError(f"generator must be None or a torch.Generator on the images' device {device}, got "
+                         f"{generator!r}")
     top = torch.randint(0, 2 * padding + 1, (batch,), generator=generator, device=device)
     left = torch.randint(0, 2 * padding + 1, (batch,), generator=generator, device=device)
     flip = torch.randint(0, 2, (batch,), generator=generator, device=device).bool()
@@ -543,9 +520,7 @@ def crop_flip(x_uint8: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip
     """The deterministic core of :func:`augment`, one gather over the batch: zero-pad by ``padding``, crop H x W at
     ``(top[b], left[b])``, mirror where ``flip[b]``; equal, image by image, to torchvision's pad, crop and
     horizontal_flip. uint8 (B, 3, H, W) in and out."""
-    _require_torch("crop_flip")
-    x = _check_images("x_uint8", x_uint8)
-    padding = _check_int("padding", padding, minimum=0)
+    x, padding = _check_images("x_uint8", x_uint8), _integer("padding", padding, 0)
     b, c, h, w = x.shape
     for name, t in (("top", top), ("left", left), ("flip", flip)):
         if not isinstance(t, torch.Tensor) or t.shape != (b,):
@@ -563,9 +538,8 @@ def crop_flip(x_uint8: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip
 def augment(x_uint8: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """CIFAR-10's standard augmentation of a whole batch, then :func:`normalize`: a random 32x32 crop of the image
     zero-padded by 4 (padded pixels are 0 before normalization) and a horizontal flip with probability 1/2, on
-    ``x_uint8``'s device: one draw (:func:`sample_crop_flip`) and one gather (:func:`crop_flip`). The order of
-    images (and so their labels) is unchanged."""
-    _require_torch("augment")
+    ``x_uint8``'s device: one draw (:func:`sample_crop_flip`) and one gather (:func:`crop_flip`); the order of
+    images (and so their labels) unchanged."""
     x = _check_images("x_uint8", x_uint8)
     top, left, flip = sample_crop_flip(x.shape[0], generator=generator, device=x.device)
     return normalize(crop_flip(x, top, left, flip))
@@ -574,9 +548,7 @@ def augment(x_uint8: torch.Tensor, generator: torch.Generator | None = None) -> 
 def _check_labels(labels, n_classes=None) -> tuple[np.ndarray, int | None]:
     """(labels as int64, n_classes) checked: a non-empty 1-D array of class indices, in 0..n_classes - 1 where
     ``n_classes`` is given (an integer >= 2), else non-negative."""
-    if n_classes is not None and (isinstance(n_classes, bool) or not isinstance(n_classes, numbers.Integral)
-                                  or n_classes < 2):
-        raise ValueError(f"n_classes must be an integer >= 2, got {n_classes!r}")
+    n_classes = None if n_classes is None else _integer("n_classes", n_classes, 2)
     try:
         labels = np.asarray(labels)
     except Exception:
@@ -589,7 +561,7 @@ def _check_labels(labels, n_classes=None) -> tuple[np.ndarray, int | None]:
         expected = "be non-negative class indices" if n_classes is None else \
             f"lie in 0..{n_classes - 1} (n_classes={n_classes})"
         raise ValueError(f"labels must {expected}, got values from {labels.min()} to {labels.max()}")
-    return labels.astype(np.int64), None if n_classes is None else int(n_classes)
+    return labels.astype(np.int64), n_classes
 
 
 def symmetric_label_noise(labels, rate: float, n_classes: int, seed: int = 0) -> np.ndarray:
@@ -598,9 +570,7 @@ def symmetric_label_noise(labels, rate: float, n_classes: int, seed: int = 0) ->
     labels, n_classes = _check_labels(labels, n_classes)
     if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0.0 <= rate < 1.0:
         raise ValueError(f"rate must be a number in [0, 1), got {rate!r}")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(_integer("seed", seed, 0))
     n_flip = int(round(rate * labels.size))
     flip = rng.choice(labels.size, size=n_flip, replace=False)
     noisy = labels.copy()
