@@ -10,6 +10,7 @@ computable without torch (the book's environment has none).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import numbers
@@ -240,13 +241,10 @@ def _write_cache(dirs: list[Path], name: str, images: torch.Tensor, labels: torc
             continue  # e.g. a read-only data root: the next folder
         # A changed folder leaves its old cache behind under another fingerprint: drop it, and what a decode killed
         # while saving left (an hour old: another process may be saving its own right now).
-        prefix = name.split("-imagefolder-")[0] + "-imagefolder-"
-        for old in [*d.glob(prefix + "*.pt"), *d.glob(prefix + "*.npz"), *d.glob(prefix + "*.*.tmp")]:
-            try:
-                if old.name != name and (not old.name.endswith(".tmp") or time.time() - old.stat().st_mtime > 3600):
+        for old in d.glob(name.split("-imagefolder-")[0] + "-imagefolder-*"):
+            with contextlib.suppress(OSError):  # another process may be removing it too
+                if old.name != name and (old.suffix != ".tmp" or time.time() - old.stat().st_mtime > 3600):
                     old.unlink()
-            except OSError:
-                pass
         return
     warnings.warn(f"could not write a CIFAR-10 cache in any of {[str(d) for d in dirs]}; images will be decoded "
                   f"again next time", RuntimeWarning, stacklevel=3)
