@@ -19,7 +19,7 @@ from numbers import Integral, Real
 import numpy as np
 import scipy.linalg
 from sklearn.base import BaseEstimator, RegressorMixin
-from sklearn.metrics.pairwise import check_pairwise_arrays, pairwise_kernels
+from sklearn.metrics.pairwise import KERNEL_PARAMS, check_pairwise_arrays, pairwise_kernels
 from sklearn.utils import check_array
 from sklearn.utils._param_validation import (Interval, InvalidParameterError, Options, StrOptions, make_constraint,
                                              validate_parameter_constraints)
@@ -36,7 +36,6 @@ LARGE_N_WARNING = 10_000  # fit warns above this many points, with its memory an
 PSD_RTOL = 1e-8  # a user's Gram matrix must be symmetric and positive semi-definite to this relative tolerance
 LAM_RTOL_PER_POINT = 10 * np.finfo(np.float64).eps  # lam >= n x this x max K: above the Gram matrix's round-off
 _COST = {"eigh": (4, 40.0), "cholesky": (2, 2.0)}  # n x n matrices held, seconds at n = 5000 (krr_scaling.py)
-_KERNEL_PARAMS = {"rbf": ("gamma",), "laplacian": ("gamma",), "polynomial": ("gamma", "degree", "coef0")}
 _CONSTRAINTS = {  # scikit-learn's parameter validation; coef0 >= 0 keeps the polynomial kernel PSD
     "kernel": [StrOptions({"rbf", "laplacian", "polynomial", "linear", "precomputed"}), callable],
     "gamma": [Interval(Real, 0, None, closed="neither")], "lam": [Interval(Real, 0, None, closed="neither")],
@@ -122,10 +121,9 @@ def kernel_matrix(A, B, kernel="rbf", gamma: float = 1.0, degree: int = 3, coef0
         if G.shape != (len(A), len(B)):
             raise ValueError(f"kernel callable must return shape {(len(A), len(B))}, got {G.shape}")
     else:
-        params = dict(gamma=gamma, degree=degree, coef0=coef0)
-        with np.errstate(over="ignore", invalid="ignore"):
-            G = pairwise_kernels(_two_d(A), _two_d(B), metric=kernel,
-                                 **{p: params[p] for p in _KERNEL_PARAMS.get(kernel, ())})
+        with np.errstate(over="ignore", invalid="ignore"):  # each kernel takes its parameters (filter_params)
+            G = pairwise_kernels(_two_d(A), _two_d(B), metric=kernel, filter_params=True, gamma=gamma,
+                                 degree=degree, coef0=coef0)
     if not np.all(np.isfinite(G)):
         raise KernelError(f"the {'callable' if callable(kernel) else kernel} kernel overflowed float64: its Gram "
                           f"matrix holds inf or NaN. Standardize the features or lower gamma (and degree)")
@@ -234,7 +232,7 @@ class SelfDistillation(RegressorMixin, BaseEstimator):
             K[np.diag_indices_from(K)] += self.lam
             self._cholesky, self._Z = _factor(K, "K + lam I"), np.array(Y)  # a copy: later edits of y change nothing
         self.X_fit_, self.solver_, self._lam_floor, self._memo = np.array(X), solver, lam_floor, {}
-        names = ("kernel",) + (_KERNEL_PARAMS.get(self.kernel, ()) if isinstance(self.kernel, str) else ())
+        names = ("kernel", *sorted(KERNEL_PARAMS.get(self.kernel, ()) if isinstance(self.kernel, str) else ()))
         self._fitted = {name: getattr(self, name) for name in names + (("lam",) if solver == "cholesky" else ())}
         self._y_1d = y.ndim == 1  # _fitted: what the factors depend on (lam: the Cholesky factor only)
         return self
@@ -251,9 +249,8 @@ class SelfDistillation(RegressorMixin, BaseEstimator):
                                     f"factors belong to the old value; call fit(X, y) again")
 
     def _query(self, name: str, X) -> np.ndarray:
-        """Kernel values of the validated query X against the training points. The last query's are memoized, keyed
-        by the points' bytes (a result never depends on it): pairwise_kernels validates the points four times more,
-        which doubled the time of a grid of (step, alpha) queries at the same points (tests/test_krr.py)."""
+        """Kernel values of the validated query X against the training points, the last query's memoized under the
+        points' bytes: a grid of (step, alpha) queries at the same points took twice as long without."""
         self._check_fresh()
         X = _named(name, validate_data, self, _two_d(X) if self.n_features_in_ == 1 else X, reset=False,
                    dtype=np.float64)
