@@ -17,13 +17,11 @@ def least_squares_alpha(y, f1, g, bounds: tuple[float, float] | None = (0.0, 1.0
     """argmin over alpha of ``||y - (alpha f1 + (1 - alpha) g)||^2``, summed over all entries of the (n,) or (n, k)
     held-out targets ``y`` (one-hot for classes) and outputs ``f1``, ``g`` of the same shape, clipped to ``bounds``
     (None: unclipped). Where ``f1 == g`` every alpha fits equally: 1.0 (trust the labels), clipped."""
-    arrays = {}
-    for name, value in (("y", y), ("f1", f1), ("g", g)):
-        arrays[name] = np.asarray(value, dtype=np.float64)
-        if arrays[name].size == 0 or not np.all(np.isfinite(arrays[name])):
+    y, f1, g = (np.asarray(value, dtype=np.float64) for value in (y, f1, g))
+    for name, array in (("y", y), ("f1", f1), ("g", g)):
+        if array.size == 0 or not np.all(np.isfinite(array)):
             raise ValueError(f"{name} must be a non-empty array of finite values (no NaN or inf), "
-                             f"got shape {arrays[name].shape}")
-    y, f1, g = arrays.values()
+                             f"got shape {array.shape}")
     if f1.shape != y.shape or g.shape != y.shape:
         raise ValueError(f"y, f1 and g must have the same shape, got y {y.shape}, f1 {f1.shape}, g {g.shape}")
     if bounds is not None:
