@@ -296,11 +296,10 @@ def job_configs(config: TrainConfig) -> list[tuple[int, str, TrainConfig]]:
 
 
 def grid_cost(config: TrainConfig, images_per_s: float | None = None, n_train_images: int | None = None) -> dict:
-    """What the grid of ``config`` trains as a sweep: jobs, models (per seed the step-1 model, one per (chain,
-    step >= 2), and one alpha = 0 probe per alpha-hat step), training images and, given a measured throughput,
-    seconds. Evaluation passes are not counted. ``n_train_images``: images per epoch before the last partial
-    batch is dropped (default CIFAR-10's 50,000 minus ``n_val``, cut to ``subset``). Returns a dict: jobs,
-    models, images_per_epoch, train_images, images_per_s, seconds (None without images_per_s), formula."""
+    """What the grid of ``config`` trains as a sweep (evaluation not counted): a dict of jobs, models (per seed
+    the step-1 model, one per (chain, step >= 2), an alpha = 0 probe per alpha-hat step), images_per_epoch,
+    train_images, images_per_s and seconds (None without a measured ``images_per_s``), formula.
+    ``n_train_images``: images per epoch before the last partial batch is dropped (default: from the config)."""
     if images_per_s is not None and (isinstance(images_per_s, bool) or not isinstance(images_per_s, (int, float))
                                      or not images_per_s > 0):
         raise ValueError(f"images_per_s must be a number > 0 or None, got {images_per_s!r}")
@@ -352,10 +351,9 @@ def job_config_hash(config: TrainConfig, device: str | None = None) -> str:
 def pending_tasks(config: TrainConfig, skip_bad_lines: bool = False,
                   device: str | None = None) -> list[tuple[int, str, int]]:
     """The (seed, chain, step) of ``config`` that :func:`run_chains` would record, in training order: those
-    without a record of its hash (as it runs on ``device``, :func:`job_config`) in ``results_dir``, and the
-    finished ones it would train again because a pending step needs their final checkpoint and it is gone. Needs
-    no data where ``config.data_fingerprint`` is set (else that of the copy under data_root; none there: every
-    task is pending), and no torch work."""
+    without a record of its hash (as it runs on ``device``, :func:`job_config`) in ``results_dir``, and finished
+    ones whose final checkpoint a pending step needs and is gone. No torch work; no data where
+    ``config.data_fingerprint`` is set."""
     if not isinstance(config, TrainConfig):
         raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
     config = job_config(config, device)
