@@ -1,21 +1,14 @@
 """Several ResNet-50s as one network: the chains of one self-distillation step, batched for throughput.
 
-At a step every chain of a seed trains a ResNet-50 from the *same* initialization on the *same* batches; the
-chains differ only by their alpha and teacher. On a GPU, n ResNet-50s at batch 16 each leave the device mostly
-idle; fused into one network with grouped convolutions they run as one set of kernels at n times the work.
-
-Layout. Model ``i`` owns channels ``[i*c, (i+1)*c)`` of every activation with ``c`` channels per model, so every
-``Conv2d(in, out, k, groups=g)`` becomes ``Conv2d(n*in, n*out, k, groups=n*g)`` (the n weights concatenated along
-dim 0), every ``BatchNorm2d(c)`` becomes ``BatchNorm2d(n*c)`` (per channel: exactly n batch norms), ReLU,
-pooling and the residual additions need no change; the stem reads the shared (B, 3, H, W) images (its weight
-is the n stems stacked along dim 0); the classifier is a grouped linear,
-weight (n, 2048, K), logits (n, B, K). Every batched tensor is model-major along dim 0 (:func:`model_slice`).
-
-Training (:mod:`sdlib.lean_step`). The models share no parameter, so the gradient of the SUM of the per-model
-losses with respect to model i's slice is that of its own loss, and one Adam over the batched parameters is
-exactly n Adams (Adam updates each element from its own history; anything coupling elements across models, like
-clipping by a global norm, would break this). Grouped and dense convolutions round differently, so results
-agree with n separate models to floating-point rounding, not bit for bit.
+At a step every chain of a seed trains a ResNet-50 from the same initialization on the same batches; n ResNet-50s
+at batch 16 each leave a GPU mostly idle, fused into one network with grouped convolutions they run as one set
+of kernels. Model ``i`` owns channels ``[i*c, (i+1)*c)`` of every activation: ``Conv2d(in, out, k, groups=g)``
+becomes ``Conv2d(n*in, n*out, k, groups=n*g)``, ``BatchNorm2d(c)`` becomes ``BatchNorm2d(n*c)`` (exactly n batch
+norms); the stem reads the shared (B, 3, H, W) images, the classifier is a grouped linear, logits (n, B, K).
+Every batched tensor is model-major along dim 0 (:func:`model_slice`). The models share no parameter, so the
+gradient of the sum of their losses is each model's own, and one Adam over the batched parameters is exactly n
+Adams (:mod:`sdlib.lean_step`); grouped and dense convolutions round differently, so results agree with n
+separate models to rounding, not bit for bit.
 """
 
 from __future__ import annotations
@@ -26,26 +19,9 @@ import torch
 import torchvision
 from torch import nn
 
-__all__ = ["BatchedResNet50", "stack_models", "unstack", "model_slice"]
+__all__ = ["BatchedResNet50", "stack_models", "model_slice"]
 
 IN_CHANNELS = 3
-
-
-class _GroupedLinear(nn.Module):
-    """n linear layers on model-major features (B, n*F) -> (n, B, K); weight (n, F, K), bias (n, K)."""
-
-    def __init__(self, n_models: int, in_features: int, out_features: int, **factory):
-        super().__init__()
-        self.n_models, self.in_features, self.out_features = n_models, in_features, out_features
-        self.weight = nn.Parameter(torch.empty(n_models, in_features, out_features, **factory))
-        self.bias = nn.Parameter(torch.empty(n_models, out_features, **factory))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = x.reshape(x.shape[0], self.n_models, self.in_features).transpose(0, 1)  # (n, B, F)
-        return torch.baddbmm(self.bias.unsqueeze(1), features, self.weight)
-
-    def extra_repr(self) -> str:
-        return f"n_models={self.n_models}, in_features={self.in_features}, out_features={self.out_features}"
 
 
 def _batch_modules(module: nn.Module, n: int, factory: dict) -> None:
@@ -82,7 +58,7 @@ class BatchedResNet50(nn.Module):
     forward(x): x (B, 3, H, W) images shared by every model
     -> logits (n, B, num_classes). Train/eval mode, ``.to()``, ``channels_last`` and autocast work as for one
     ResNet-50. State-dict keys are those of one resnet50; tensors are model-major along dim 0 (``fc.weight`` is
-    (n, 2048, K), the transposed per-model weights stacked).
+    (n*K, 2048, 1, 1), the per-model weights stacked).
     """
 
     def __init__(self, n_models: int, num_classes: int = 10, *, init: bool = True,
@@ -96,7 +72,8 @@ class BatchedResNet50(nn.Module):
             c = template.conv1  # the stem reads the shared images: its (n*64, 3, 7, 7) weight is the n stems stacked
             stem = nn.Conv2d(c.in_channels, n_models * c.out_channels, c.kernel_size, stride=c.stride,
                              padding=c.padding, bias=False, **factory)
-            fc = _GroupedLinear(n_models, template.fc.in_features, num_classes, **factory)
+            # the classifier, n linear layers on the pooled (B, n*2048, 1, 1) features: a grouped 1x1 convolution
+            fc = nn.Conv2d(n_models * template.fc.in_features, n_models * num_classes, 1, groups=n_models, **factory)
             body = nn.Sequential(template.bn1, template.layer1, template.layer2, template.layer3, template.layer4)
             _batch_modules(body, n_models, factory)
         self.conv1, self.bn1, self.relu, self.maxpool = stem, body[0], template.relu, template.maxpool
@@ -118,8 +95,8 @@ class BatchedResNet50(nn.Module):
                              f"{self.n_models} models, got {shape}")
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        x = torch.flatten(self.avgpool(x), 1)  # (B, n*2048), model-major
-        return self.fc(x)  # (n, B, K)
+        logits = self.fc(self.avgpool(x))  # (B, n*K, 1, 1), model-major
+        return logits.reshape(x.shape[0], self.n_models, self.num_classes).transpose(0, 1)  # (n, B, K)
 
     def _check_index(self, index) -> int:
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < self.n_models:
@@ -165,39 +142,24 @@ def model_slice(key: str, tensor: torch.Tensor, index: int, n_models: int) -> to
     """
     if tensor.dim() == 0:
         return tensor
-    if key in ("fc.weight", "fc.bias"):  # the grouped linear stores one (F, K) weight / (K,) bias per model
-        return tensor[index].transpose(0, 1) if key == "fc.weight" else tensor[index]  # -> nn.Linear's (K, F)
-    return tensor.unflatten(0, (n_models, -1))[index]
+    part = tensor.unflatten(0, (n_models, -1))[index]
+    return part[..., 0, 0] if key == "fc.weight" else part  # the 1x1 convolution's (K, F, 1, 1): nn.Linear's (K, F)
 
 
 def stack_models(models: Sequence[nn.Module]) -> BatchedResNet50:
     """Fuse n torchvision resnet50 models (same num_classes; the same module may repeat) into one
-    :class:`BatchedResNet50` on their device and dtype, in train mode; the inputs are not modified."""
+    :class:`BatchedResNet50` on the first one's device and dtype, in train mode; the inputs are not modified."""
     if isinstance(models, nn.Module) or not isinstance(models, Sequence) or not models:
         raise ValueError(f"models must be a non-empty list of resnet50 modules, got {models!r:.80}")
     fc = getattr(models[0], "fc", None)
     if not isinstance(fc, nn.Linear):
         raise ValueError("models[0] must be a torchvision resnet50 (with an nn.Linear fc layer)")
-    num_classes = fc.out_features
-    with torch.device("meta"):  # the keys and shapes of one resnet50(num_classes), no memory, no RNG draws
-        expected = {k: v.shape for k, v in torchvision.models.resnet50(num_classes=num_classes).state_dict().items()}
     first = next(models[0].parameters())
+    batched = BatchedResNet50(len(models), fc.out_features, init=False, device=first.device, dtype=first.dtype)
     for i, m in enumerate(models):
-        if not isinstance(m, nn.Module) or {k: v.shape for k, v in m.state_dict().items()} != expected:
-            raise ValueError(f"models[{i}] must be a torchvision resnet50(num_classes={num_classes}) "
-                             f"(its state_dict keys/shapes differ)")
-        p = next(m.parameters())
-        if p.device != first.device or p.dtype != first.dtype:
-            raise ValueError(f"models must share one device and dtype: models[0] is {first.device}/{first.dtype}, "
-                             f"models[{i}] is {p.device}/{p.dtype}")
-    batched = BatchedResNet50(len(models), num_classes, init=False, device=first.device, dtype=first.dtype)
-    for i, m in enumerate(models):
-        batched.load_model_state_dict(i, m.state_dict())
+        try:
+            batched.load_model_state_dict(i, m.state_dict())
+        except (AttributeError, ValueError) as error:
+            raise ValueError(f"models[{i}] must be a torchvision resnet50(num_classes={fc.out_features}): "
+                             f"{error}") from None
     return batched
-
-
-def unstack(batched: BatchedResNet50) -> list[dict[str, torch.Tensor]]:
-    """The n models' weights as n resnet50 state_dicts (copies), each loadable into ``build_model()``."""
-    if not isinstance(batched, BatchedResNet50):
-        raise ValueError(f"batched must be a BatchedResNet50, got {type(batched).__name__}")
-    return [batched.model_state_dict(i) for i in range(batched.n_models)]

@@ -37,7 +37,6 @@ from sdlib.config import LABEL_NOISE, NUM_CLASSES, TrainConfig, derive_seed, dev
 from sdlib.models import build_model
 from sdlib.records import ALPHA_HAT_CHAIN, PROBE_CHAIN, SHARED_CHAIN, chain_name, remove_stale_temporaries
 from sdlib.store import ResultsStore, check_writable_dir
-from sdlib.lean_step import cpu_state
 from sdlib.step import Member, atomic_torch_save, distill_group, load_checkpoint
 
 __all__ = ["run_chains", "pending_tasks", "grid_tasks", "job_configs", "grid_cost", "provenance", "DataMismatchError",
@@ -106,86 +105,91 @@ _RECORD_METRICS = ("alpha", "alpha_hat", "alpha_hat_unconstrained", "probe_val_a
                    "wall_time_s", "images_per_s")
 
 
+def _checkpoint(root: Path, key: tuple, suffix: str = ".pt") -> Path:
+    """Where the final model of ``key`` = (seed, chain, step) lives under ``root`` (``.state.pt``: while it trains)."""
+    return root / f"seed{key[0]}" / key[1] / f"step{key[2]}{suffix}"
+
+
+def _teacher(key: tuple) -> tuple:
+    """The model a step distills from: its chain's previous step (a probe's: the alpha-hat chain's), the shared
+    step-1 model at step 2."""
+    seed, chain, step = key
+    previous = ALPHA_HAT_CHAIN if chain == PROBE_CHAIN else chain
+    return (seed, SHARED_CHAIN, 1) if step == 2 else (seed, previous, step - 1)
+
+
+def _probe(config: TrainConfig, seed: int, step: int) -> tuple:
+    """The alpha = 0 probe of an alpha-hat step. At step 2 it (teacher: the shared model; init and data order of
+    (seed, 2)) is exactly the alpha = 0 chain's step 2: that one where the chain is part of the run."""
+    return (seed, chain_name(0.0), 2) if step == 2 and 0.0 in config.alphas else (seed, PROBE_CHAIN, step)
+
+
+def _needs(config: TrainConfig, key: tuple) -> list[tuple]:
+    """The models whose final checkpoints training ``key`` reads: its teacher, and for the alpha-hat chain the
+    step-1 model and the probe (their validation outputs)."""
+    seed, chain, step = key
+    if step < 2 or chain == chain_name(1.0):  # alpha = 1: the labels alone
+        return []
+    extra = [(seed, SHARED_CHAIN, 1), _probe(config, seed, step)] if chain == ALPHA_HAT_CHAIN else []
+    return [_teacher(key), *extra]
+
+
 class _ChainRunner:
-    """The bookkeeping of :func:`run_chains`: which model of (seed, chain, step) exists where, and training
-    the missing ones with the right teacher."""
+    """The bookkeeping of :func:`run_chains`: which model of (seed, chain, step) exists where, and training the
+    missing ones with the right teacher."""
 
     def __init__(self, config: TrainConfig, device: torch.device, progress: bool, callback, store: ResultsStore,
                  config_hash: str):
         self.config, self.device, self.progress, self.callback = config, device, progress, callback
-        self.hash, self.store = config_hash, store
-        self.results_dir = Path(config.results_dir)
-        self.ckpt_root = Path(config.checkpoint_dir) / self.hash
-        self.records = store.records(self.hash)
-        self.clean_data = None  # the splits as loaded; self.data: with the current seed's label noise
-        self.data, self.data_seed = None, None
-        self.provenance = None
+        self.hash, self.store, self.records = config_hash, store, store.records(config_hash)
+        self.ckpt_root = Path(config.checkpoint_dir) / config_hash
+        self.clean_data = self.data = self.data_seed = self.provenance = None  # data: with the seed's label noise
         self.models: dict[tuple, torch.nn.Module] = {}  # final models of the latest step, as teachers
         self.summaries: dict[tuple, dict] = {}  # metrics + val_probs of every model met so far
 
-    def final_path(self, seed, chain, step) -> Path:
-        return self.ckpt_root / f"seed{seed}" / chain / f"step{step}.pt"
-
-    def state_path(self, seed, chain, step) -> Path:
-        return self.ckpt_root / f"seed{seed}" / chain / f"step{step}.state.pt"
-
     def ensure_data(self, seed: int):
-        """Load the splits once; ``self.data``: those of ``seed`` (its label noise, if any). Splits a caller set
-        as ``self.data`` themselves are used as they are."""
-        if self.data is not None and self.clean_data is None:
-            return
+        """Load the splits once; ``self.data``: those of ``seed`` (its label noise, if any)."""
         if self.clean_data is None:
             c = self.config
-            data = cifar.load_splits(c.data_root, n_val=c.n_val, split_seed=c.split_seed, subset=c.subset,
-                                     device=self.device, download=False,
-                                     progress=None if self.progress else False)
-            _check_fingerprint(c, data.meta["fingerprint"])
-            self.clean_data = data
+            self.clean_data = cifar.load_splits(c.data_root, n_val=c.n_val, split_seed=c.split_seed, subset=c.subset,
+                                                device=self.device, download=False,
+                                                progress=None if self.progress else False)
+            _check_fingerprint(c, self.clean_data.meta["fingerprint"])
             self.provenance = provenance(self.device)
         if self.data_seed != seed:
             self.data, self.data_seed = noisy_splits(self.clean_data, self.config.label_noise, seed), seed
 
-    def teacher_key(self, seed, chain, step):
-        """The model a step of ``chain`` distills from: the previous step of its chain (the shared model at 2)."""
-        previous = ALPHA_HAT_CHAIN if chain in (ALPHA_HAT_CHAIN, PROBE_CHAIN) else chain
-        return (seed, SHARED_CHAIN, 1) if step == 2 else (seed, previous, step - 1)
-
     def _load_or_train(self, key, cache: dict):
         """``cache[key]``: in memory, else from the final checkpoint of ``key``, else trained (again)."""
         if key not in cache:
-            if self.final_path(*key).is_file():
+            if _checkpoint(self.ckpt_root, key).is_file():
                 self.load_final(key)
             else:
-                self.train(key)
+                self.train([key])
         return cache[key]
 
     def model(self, key) -> torch.nn.Module:
-        """The final model of ``key`` (a teacher)."""
         return self._load_or_train(key, self.models)
 
     def summary(self, key) -> dict:
-        """Metrics and validation softmax outputs of ``key`` (a probe's are all the alpha-hat chain needs)."""
         return self._load_or_train(key, self.summaries)
 
     def load_final(self, key):
-        checkpoint = load_checkpoint(self.final_path(*key))
-        memory_format = torch.channels_last if device_precision(self.config, self.device)[1] \
-            else torch.contiguous_format
-        model = build_model(model=self.config.model).to(self.device, memory_format=memory_format)
+        checkpoint = load_checkpoint(_checkpoint(self.ckpt_root, key))
+        channels_last = device_precision(self.config, self.device)[1]
+        model = build_model(model=self.config.model).to(
+            self.device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         model.load_state_dict(checkpoint["model"])
-        self.models[key] = model.eval()
-        self.summaries[key] = checkpoint["summary"]
+        self.models[key], self.summaries[key] = model.eval(), checkpoint["summary"]
 
     def alpha_for(self, key) -> tuple[float, dict]:
         """The alpha of a step and, for the alpha-hat chain, the probe's alpha_hat / accuracies."""
         seed, chain, step = key
-        if chain == SHARED_CHAIN:
-            return 1.0, {}
-        if chain == PROBE_CHAIN:
-            return 0.0, {}
+        if chain in (SHARED_CHAIN, PROBE_CHAIN):
+            return (1.0 if chain == SHARED_CHAIN else 0.0), {}
         if chain != ALPHA_HAT_CHAIN:  # the config's alpha itself: the chain's name rounds it to 6 digits
             return {chain_name(a): a for a in self.config.alphas}[chain], {}
-        probe = self.summary(self.probe_key(seed, step))
+        probe = self.summary(_probe(self.config, seed, step))
         f1 = self.summary((seed, SHARED_CHAIN, 1))["val_probs"]
         self.ensure_data(seed)
         onehot = F.one_hot(self.data.y_val.cpu(), NUM_CLASSES).double().numpy()
@@ -197,40 +201,23 @@ class _ChainRunner:
         return alpha_hat, {"alpha_hat": alpha_hat, "alpha_hat_unconstrained": unconstrained,
                            "probe_val_acc": probe["val_acc"], "probe_test_acc": probe["test_acc"]}
 
-    def probe_key(self, seed, step):
-        # At step 2 the probe (alpha = 0, teacher = the shared model, init and data order seeded by (seed, 2))
-        # is exactly the alpha = 0 chain's step 2: reuse it when that chain is part of the run.
-        if step == 2 and 0.0 in self.config.alphas:
-            return (seed, chain_name(0.0), 2)
-        return (seed, PROBE_CHAIN, step)
+    def append_epoch(self, log: dict, probe: bool) -> None:
+        self.store.append_epoch({**log, "config_hash": self.hash, "profile": self.config.profile}, probe=probe)
 
-    def train(self, key):
-        self.train_group([key])
-
-    def epoch_writer(self, chain: str) -> Callable[[dict], None]:
-        """The on_epoch callback of a model of ``chain``: its epoch log appended to the store's epochs
-        (probe_epochs for a probe)."""
-
-        def on_epoch(log):
-            self.store.append_epoch({**log, "config_hash": self.hash, "profile": self.config.profile},
-                                    probe=chain == PROBE_CHAIN)
-
-        return on_epoch
-
-    def train_group(self, keys):
+    def train(self, keys):
         """Train the models ``keys`` (all of one (seed, step)) in flight (:func:`sdlib.step.distill_group`), each
-        with its alpha and teacher; save, record and announce each as :meth:`train` does for one."""
+        with its alpha and teacher; then save, record and announce each (:meth:`finish`)."""
         seed, step = keys[0][0], keys[0][2]
         if any((k[0], k[2]) != (seed, step) for k in keys):
             raise ValueError(f"models trained in flight must share seed and step, got {keys}")
         members, extras = [], []
         for key in keys:
             alpha, extra = self.alpha_for(key)
-            teacher = self.model(self.teacher_key(*key)) if alpha != 1.0 else None
-            for path in (self.state_path(*key), self.final_path(*key)):  # what a killed save left (only we write)
-                remove_stale_temporaries(path)
-            members.append(Member(chain=key[1], alpha=alpha, teacher=teacher, state_path=self.state_path(*key),
-                                  on_epoch=self.epoch_writer(key[1])))
+            teacher = self.model(_teacher(key)) if alpha != 1.0 else None
+            for suffix in (".state.pt", ".pt"):  # what a killed save left (only we write there)
+                remove_stale_temporaries(_checkpoint(self.ckpt_root, key, suffix))
+            members.append(Member(key[1], alpha, teacher, _checkpoint(self.ckpt_root, key, ".state.pt"),
+                                  functools.partial(self.append_epoch, probe=key[1] == PROBE_CHAIN)))
             extras.append(extra)
         self.ensure_data(seed)
         results = distill_group(self.config, self.data, seed=seed, step=step, members=members, device=self.device,
@@ -242,10 +229,9 @@ class _ChainRunner:
         """A trained model: its final checkpoint (then its resumable state goes), summary, record, event."""
         seed, chain, step = key
         summary = {**result.summary(), "alpha": float(alpha), **extra, "val_probs": result.val_probs}
-        atomic_torch_save({"model": cpu_state(result.model), "summary": summary, "config_hash": self.hash,
-                            "seed": seed, "chain": chain, "step": step}, self.final_path(*key))
-        with contextlib.suppress(FileNotFoundError):
-            self.state_path(*key).unlink()
+        atomic_torch_save({"model": result.model.state_dict(), "summary": summary, "config_hash": self.hash,
+                           "seed": seed, "chain": chain, "step": step}, _checkpoint(self.ckpt_root, key))
+        _checkpoint(self.ckpt_root, key, ".state.pt").unlink(missing_ok=True)
         self.summaries[key] = summary
         if chain != PROBE_CHAIN:  # a probe is never a teacher: only its summary is kept
             self.models[key] = result.model
@@ -258,16 +244,16 @@ class _ChainRunner:
 
     def in_flight(self, seed, step) -> list[tuple]:
         """What trains together at (seed, step >= 2): every fixed-alpha chain without a final model yet and, when
-        the alpha-hat step is still to train, its alpha = 0 probe (same init, data order and batches; at step 2
-        the alpha = 0 chain is the probe when it is part of the run). The alpha-hat step itself needs the
-        probe's outputs, so it trains after the group."""
+        the alpha-hat step is still to train, its probe (same init and batches). The alpha-hat step itself needs
+        the probe's outputs, so it trains after the group."""
         keys = [(seed, chain, step) for chain in self.config.chains if chain != ALPHA_HAT_CHAIN]
-        if ALPHA_HAT_CHAIN in self.config.chains and (seed, ALPHA_HAT_CHAIN, step) not in self.records \
-                and not self.final_path(seed, ALPHA_HAT_CHAIN, step).is_file():
-            probe = self.probe_key(seed, step)
+        hat = (seed, ALPHA_HAT_CHAIN, step)
+        if ALPHA_HAT_CHAIN in self.config.chains and hat not in self.records \
+                and not _checkpoint(self.ckpt_root, hat).is_file():
+            probe = _probe(self.config, seed, step)
             if probe not in keys and probe not in self.summaries:
                 keys.append(probe)
-        return [key for key in keys if key not in self.records and not self.final_path(*key).is_file()]
+        return [key for key in keys if key not in self.records and not _checkpoint(self.ckpt_root, key).is_file()]
 
     def write_record(self, key):
         seed, chain, step = key
@@ -310,11 +296,10 @@ def job_configs(config: TrainConfig) -> list[tuple[int, str, TrainConfig]]:
 
 
 def grid_cost(config: TrainConfig, images_per_s: float | None = None, n_train_images: int | None = None) -> dict:
-    """What the grid of ``config`` trains as a sweep: jobs, models (per seed the step-1 model, one per (chain,
-    step >= 2), and one alpha = 0 probe per alpha-hat step), training images and, given a measured throughput,
-    seconds. Evaluation passes are not counted. ``n_train_images``: images per epoch before the last partial
-    batch is dropped (default CIFAR-10's 50,000 minus ``n_val``, cut to ``subset``). Returns a dict: jobs,
-    models, images_per_epoch, train_images, images_per_s, seconds (None without images_per_s), formula."""
+    """What the grid of ``config`` trains as a sweep (evaluation not counted): a dict of jobs, models (per seed
+    the step-1 model, one per (chain, step >= 2), an alpha = 0 probe per alpha-hat step), images_per_epoch,
+    train_images, images_per_s and seconds (None without a measured ``images_per_s``), formula.
+    ``n_train_images``: images per epoch before the last partial batch is dropped (default: from the config)."""
     if images_per_s is not None and (isinstance(images_per_s, bool) or not isinstance(images_per_s, (int, float))
                                      or not images_per_s > 0):
         raise ValueError(f"images_per_s must be a number > 0 or None, got {images_per_s!r}")
@@ -366,10 +351,9 @@ def job_config_hash(config: TrainConfig, device: str | None = None) -> str:
 def pending_tasks(config: TrainConfig, skip_bad_lines: bool = False,
                   device: str | None = None) -> list[tuple[int, str, int]]:
     """The (seed, chain, step) of ``config`` that :func:`run_chains` would record, in training order: those
-    without a record of its hash (as it runs on ``device``, :func:`job_config`) in ``results_dir``, and the
-    finished ones it would train again because a pending step needs their final checkpoint and it is gone. Needs
-    no data where ``config.data_fingerprint`` is set (else that of the copy under data_root; none there: every
-    task is pending), and no torch work."""
+    without a record of its hash (as it runs on ``device``, :func:`job_config`) in ``results_dir``, and finished
+    ones whose final checkpoint a pending step needs and is gone. No torch work; no data where
+    ``config.data_fingerprint`` is set."""
     if not isinstance(config, TrainConfig):
         raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
     config = job_config(config, device)
@@ -378,22 +362,12 @@ def pending_tasks(config: TrainConfig, skip_bad_lines: bool = False,
     tasks = grid_tasks(config)
     pending = {task for task in tasks if task not in done}
     # A finished step whose final checkpoint is gone is trained again when a pending step needs it (as a
-    # teacher, or for the alpha-hat chain's step-1 and step-2 probe outputs): it is pending too.
+    # teacher, or for the alpha-hat chain's step-1 and probe outputs): it is pending too.
     ckpt_root = Path(config.checkpoint_dir) / config_hash
     stack = list(pending)
     while stack:
-        seed, chain, step = stack.pop()
-        if step < 2:
-            continue
-        needed = [(seed, SHARED_CHAIN, 1) if step == 2 else (seed, chain, step - 1)]
-        if chain == ALPHA_HAT_CHAIN:
-            needed.append((seed, SHARED_CHAIN, 1))
-            if step == 2 and 0.0 in config.alphas:
-                needed.append((seed, chain_name(0.0), 2))
-        elif chain == chain_name(1.0):
-            needed = []  # alpha = 1: the labels alone, no teacher
-        for key in needed:
-            if key not in pending and not (ckpt_root / f"seed{key[0]}" / key[1] / f"step{key[2]}.pt").is_file():
+        for key in _needs(config, stack.pop()):
+            if key not in pending and not _checkpoint(ckpt_root, key).is_file():
                 pending.add(key)
                 stack.append(key)
     return [task for task in tasks if task in pending]
@@ -401,29 +375,25 @@ def pending_tasks(config: TrainConfig, skip_bad_lines: bool = False,
 
 def run_chains(config: TrainConfig, progress: bool = True, callback: Callable[[dict], None] | None = None,
                skip_bad_lines: bool = False) -> list[dict]:
-    """Train every (seed, chain, step) of ``config`` that is not finished yet; return all their records, one per
-    (seed, chain, step) in training order (:func:`grid_tasks`).
+    """Train every (seed, chain, step) of ``config`` not finished yet; return all their records, one per (seed,
+    chain, step) in training order (:func:`grid_tasks`).
 
-    Per seed: the shared step-1 model (labels only, chain "shared"), then for each step t >= 2 every fixed-alpha
-    chain (teacher: the chain's step t-1, or the shared model at t = 2) and the alpha-hat chain (an alpha = 0 probe
-    from the previous alpha-hat model, then alpha-hat = :func:`sdlib.alpha.least_squares_alpha` of the one-hot
-    validation labels and the step-1 and probe validation outputs, clipped to ``alpha_hat_bounds``). With
-    ``chains_in_flight`` other than "off" the fixed-alpha chains of a (seed, step) and the probe train together.
+    Per seed: the shared step-1 model (labels only), then for each step t >= 2 every fixed-alpha chain (teacher:
+    the chain's step t-1, the shared model at t = 2) and the alpha-hat chain (an alpha = 0 probe from the previous
+    alpha-hat model, then alpha-hat = :func:`sdlib.alpha.least_squares_alpha` of the one-hot validation labels and
+    the step-1 and probe validation outputs, clipped to ``alpha_hat_bounds``). With ``chains_in_flight`` other
+    than "off" the fixed-alpha chains of a (seed, step) and the probe train together.
 
-    Resumable and extendable: a step with a record of this ``config_hash`` in ``results_dir`` is skipped without
-    loading data, an unfinished one resumes from its last epoch checkpoint; as the hash leaves out seeds, chains
-    and steps, more of them reuse what exists, and as it holds the data's fingerprint, nothing trained on other
-    data is. Before any work the folders are checked writable, the data downloaded if asked and checked against
-    ``data_fingerprint`` (:class:`DataMismatchError`). ``skip_bad_lines``: skip unreadable lines of
-    records.jsonl with a warning instead of raising.
+    Resumable and extendable: a step with a record of this ``config_hash`` in ``results_dir`` is skipped, an
+    unfinished one resumes from its last epoch checkpoint; more seeds, chains and steps reuse what exists, data
+    other than ``data_fingerprint``'s raise :class:`DataMismatchError`, before any work.
+    ``skip_bad_lines``: skip unreadable lines of records.jsonl with a warning instead of raising.
 
     ``callback(event)`` gets a dict at every epoch end (``event="epoch_end"``: seed, chain, step, epoch, the
-    metrics) and step end (``"step_end"``: the step's metrics, ``in_flight`` models sharing its train_time_s, and
-    its ``record``, None for a probe, chain "alpha_hat_probe"); raising from it stops the run, which a later call
-    resumes. A record holds seed, chain, step, alpha, alpha_hat (used) and alpha_hat_unconstrained, the probe's
-    val/test accuracy (alpha-hat chain), epochs, val/test accuracy and loss of the last epoch (loss: the MSE of
-    softmax outputs to one-hot labels), best_test_acc/epoch, train_loss (with the L2 term), wall_time_s,
-    images_per_s, profile, config_hash, config (as run), provenance and data (the splits' meta).
+    metrics) and step end (``"step_end"``: the step's metrics, ``in_flight``, and its ``record``, None for a
+    probe); raising from it stops the run, which a later call resumes. A record holds seed, chain, step, the
+    metrics of ``_RECORD_METRICS`` (the last epoch's; loss: MSE of softmax outputs to one-hot labels; train_loss
+    with the L2 term), profile, config_hash, config (as run), provenance and data (the splits' meta).
     """
     if not isinstance(config, TrainConfig):
         raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
@@ -457,13 +427,13 @@ def run_chains(config: TrainConfig, progress: bool = True, callback: Callable[[d
         bar.set_description(f"seed {seed} step {step} {chain}")
         runner.release_before(seed, step - 1)
         before = len(runner.records)
-        if runner.final_path(seed, chain, step).is_file():  # trained, but stopped before its record
+        if _checkpoint(runner.ckpt_root, (seed, chain, step)).is_file():  # trained, stopped before its record
             runner.load_final((seed, chain, step))
             runner.write_record((seed, chain, step))
         elif config.chains_in_flight != "off" and step >= 2 and chain != ALPHA_HAT_CHAIN:
-            runner.train_group(runner.in_flight(seed, step))
+            runner.train(runner.in_flight(seed, step))
         else:
-            runner.train((seed, chain, step))
+            runner.train([(seed, chain, step)])
         bar.update(len(runner.records) - before)
     bar.close()
     return [runner.records[task] for task in tasks]

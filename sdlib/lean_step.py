@@ -1,27 +1,24 @@
-"""The fast path: :func:`sdlib.step.train_on_batch` made lean for a GPU, one interface: :class:`LeanStep`.
+"""The fast path: :func:`sdlib.step.train_on_batch` made lean for a GPU, one interface: :class:`LeanStep`,
+held equal to the readable step by ``tests/test_step.py``.
 
-At the paper's batch of 16 the host dispatching ATen ops is the bottleneck, not the GPU
-(``benchmarks/step_ops.py`` counts them). So: the batch is written into static buffers; the loss is the authors'
-two-term form (:func:`distillation_loss`, the value the records hold); the L2 term's value is one fused
-multi-tensor norm without autograd and its gradient ``coef * W / ||W||`` is added after ``backward()``
-(:func:`add_l2_grad_`); the learning rate lives in a device tensor that the step advances; Adam is fused
-(``capturable`` on CUDA); a frozen teacher has its batch norms folded into its convolutions
-(:func:`sdlib.models.fold_batch_norms`, ``teacher_bn="eval"`` only) and runs once per batch however many members
-share it. Nothing in the step waits for the device, so on CUDA it is captured as one CUDA graph and replayed
-(``TrainConfig.capture``); on the CPU it runs eagerly. ``tests/test_step.py`` holds it equal to the readable step.
+At the paper's batch of 16 the host dispatching ATen ops is the bottleneck (``benchmarks/step_ops.py``), so the
+batch goes into static buffers, the L2 gradient ``coef * W / ||W||`` is added after ``backward()``, Adam is fused
+(``capturable`` on CUDA), the lr is read from a device tensor, and a frozen teacher runs once per batch with its
+batch norms folded (``teacher_bn="eval"``). Nothing waits for the device, so on CUDA the step is captured as one
+CUDA graph and replayed (``TrainConfig.capture``); on the CPU it runs eagerly.
 
 The models of one (seed, step) train in flight on the same batches (``TrainConfig.chains_in_flight``):
-"batched" fuses them into one :class:`sdlib.batched.BatchedResNet50` (ResNet-50 only); "streams" keeps them
-separate models stepped one after the other, each on its own CUDA stream on a GPU. "streams" stays because it is
-the simplest way to run several models that the batched network does not cover: the cpu profile's cnn4 chains,
-and on the CPU it runs exactly the ops of separate runs (its records equal one-at-a-time's bit for bit).
+"batched" fuses them into one :class:`sdlib.batched.BatchedResNet50` (ResNet-50 only); "streams" steps separate
+models one after the other, each on its own CUDA stream on a GPU. "streams" is the simplest way to run the models
+the batched network does not cover (the cpu profile's cnn4), and on the CPU it runs exactly the ops of separate
+runs.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,15 +28,14 @@ from sdlib.batched import model_slice, stack_models
 from sdlib.config import NUM_CLASSES, TrainConfig, device_precision
 from sdlib.models import build_model, fold_batch_norms, teacher_probs
 
-__all__ = ["LeanStep", "distillation_loss", "l2_norms", "add_l2_grad_", "lr_factor", "cpu_state"]
+__all__ = ["LeanStep", "distillation_loss", "l2_norms", "add_l2_grad_", "lr_factor"]
 
 
 def distillation_loss(logits: torch.Tensor, labels: torch.Tensor, alpha: float,
                       teacher_probs: torch.Tensor | None = None) -> torch.Tensor:
-    """``alpha * MSE(softmax(s), onehot(y)) + (1 - alpha) * MSE(softmax(s), teacher_probs)``, the authors' form:
-    the MSE to the mixed targets z plus ``alpha * (1 - alpha) * MSE(onehot(y), teacher_probs)``, a constant for
-    the student. labels: (B,) class indices or their (B, C) one-hot rows; teacher_probs may be None at alpha = 1.
-    MSE is the mean over batch x classes; float32 (float64 for float64 logits), also under autocast."""
+    """``alpha * MSE(softmax(s), onehot(y)) + (1 - alpha) * MSE(softmax(s), teacher_probs)``, the authors' form
+    (see :func:`sdlib.step.train_on_batch`). labels: (B,) class indices or their (B, C) one-hot rows;
+    teacher_probs may be None at alpha = 1. Computed in float32 (float64 for float64 logits), also under autocast."""
     if teacher_probs is None and alpha != 1.0:
         raise ValueError(f"teacher_probs is required when alpha != 1, got alpha={alpha!r} and no teacher")
     dtype = torch.promote_types(logits.dtype, torch.float32)
@@ -83,54 +79,30 @@ def lr_factor(iteration: int, warmup_iters: int, total_iters: int, schedule: str
 
 
 class _Schedule:
-    """:func:`lr_factor` as a 0-dim float32 device tensor ``lr`` (what Adam reads), moved to the next batch's
-    value inside the step (computed on the device in float64); :meth:`value` is the host's, for the logs."""
+    """:func:`lr_factor` times the base lr for every batch, as a float32 device table: ``lr``, the 0-dim tensor
+    Adam reads, is the table's entry at a device counter that the step advances (no host sync, so a CUDA graph
+    replays it). :meth:`value` is the host's, for the logs."""
 
     def __init__(self, config: TrainConfig, iters_per_epoch: int, device: torch.device):
         self.base, self.schedule = config.lr, config.lr_schedule
         self.total, self.warmup = config.epochs * iters_per_epoch, config.warmup_epochs * iters_per_epoch
         self.constant = self.schedule == "constant" and self.warmup == 0
-        self.lr = torch.full((), self.base, dtype=torch.float32, device=device)
-        self.iteration = torch.zeros((), dtype=torch.float64, device=device)
+        values = [self.base] if self.constant else [self.value(i) for i in range(self.total + 1)]
+        self.table = torch.tensor(values, dtype=torch.float32, device=device)
+        self.iteration = torch.zeros(1, dtype=torch.int64, device=device)
+        self.lr = self.table[0].clone()
 
     def start_at(self, iteration: int) -> None:
-        self.iteration.fill_(iteration)
-        self._update()
+        self.iteration.fill_(0 if self.constant else min(iteration, self.total))
+        self.lr.copy_(self.table.index_select(0, self.iteration)[0])
 
     def advance(self) -> None:
         if not self.constant:
-            self.iteration.add_(1)
-            self._update()
-
-    def _update(self) -> None:
-        it = self.iteration
-        if self.schedule == "cosine":
-            progress = ((it - self.warmup) / max(1, self.total - self.warmup)).clamp_(max=1.0)
-            factor = progress.mul_(math.pi).cos_().add_(1.0).mul_(0.5)
-        elif self.schedule == "step":
-            progress = (it - self.warmup) / max(1, self.total - self.warmup)
-            factor = torch.full_like(it, 0.1).pow_((progress >= 0.5).double() + (progress >= 0.75).double())
-        else:
-            factor = torch.ones_like(it)
-        if self.warmup:
-            factor = torch.where(it < self.warmup, (it + 1) / self.warmup, factor)
-        self.lr.copy_(factor.mul_(self.base))
+            self.iteration.add_(1).clamp_(max=self.total)
+            self.lr.copy_(self.table.index_select(0, self.iteration)[0])
 
     def value(self, iteration: int) -> float:
         return self.base * lr_factor(iteration, self.warmup, self.total, self.schedule)
-
-
-def cpu_state(module_or_optimizer) -> dict:
-    """A module's or optimizer's state_dict, its tensors copied to the CPU."""
-    def to_cpu(obj):
-        if isinstance(obj, torch.Tensor):
-            return obj.detach().to("cpu", copy=True)
-        if isinstance(obj, (dict, list, tuple)):
-            items = obj.items() if isinstance(obj, dict) else enumerate(obj)
-            copied = {k: to_cpu(v) for k, v in items}
-            return copied if isinstance(obj, dict) else type(obj)(copied.values())
-        return obj
-    return to_cpu(module_or_optimizer.state_dict())
 
 
 class _Separate:
@@ -185,20 +157,18 @@ class _Separate:
             p_state["step"] = p_state["step"].to(device=self.device, dtype=torch.float32)
 
     def model_state(self, i: int) -> dict:
-        return cpu_state(self.networks[i])
+        return self.networks[i].state_dict()
 
     def optimizer_state(self, i: int) -> dict:
-        return cpu_state(self.optimizers[i])
+        return self.optimizers[i].state_dict()
 
     def final_models(self) -> list:
         return [m.eval() for m in self.networks]
 
 
 class _Batched:
-    """n ResNet-50 students as one :class:`sdlib.batched.BatchedResNet50` and one fused Adam (exactly n Adams:
-    Adam updates each element from its own history). The step minimizes the SUM of the n losses, so each model
-    gets exactly its own gradient; the L2 term per model slice W_i, value and gradient, goes through
-    :func:`l2_norms` and :func:`add_l2_grad_` over views made once (gradients live in persistent buffers)."""
+    """n ResNet-50 students as one :class:`sdlib.batched.BatchedResNet50` and one fused Adam, stepped on the sum of
+    the n losses; the L2 term per model slice, through views made once (gradients live in persistent buffers)."""
 
     def __init__(self, models: list, alphas: list[float], coef: float, lr: torch.Tensor, use_bf16: bool,
                  memory_format):
@@ -260,7 +230,7 @@ class _Batched:
                     model_slice(name, state[key], i, self.n).copy_(entry[key])
 
     def model_state(self, i: int) -> dict:
-        return {k: v.detach().to("cpu", copy=True) for k, v in self.net.model_state_dict(i).items()}
+        return self.net.model_state_dict(i)
 
     def optimizer_state(self, i: int) -> dict:
         """Model i's Adam state as a one-model ``torch.optim.Adam(model.parameters())`` state_dict."""
@@ -315,44 +285,15 @@ class _Teachers:
         return (outs[0] if outs[0].dim() == 3 else outs[0].unsqueeze(0)).index_select(0, self.member_index)
 
 
-class _CapturedStep:
-    """``fn`` run eagerly for ``warmup`` calls on a side stream, then captured as one CUDA graph (capturing does
-    not run the work, so that call replays it) and replayed ever after; every call is a real optimizer step."""
-
-    def __init__(self, fn: Callable[[], None], device: torch.device, warmup: int = 3):
-        self.fn, self.device, self.warmup, self.calls, self.graph = fn, device, warmup, 0, None
-
-    def __call__(self) -> None:
-        if self.graph is not None:
-            self.graph.replay()
-            return
-        main = torch.cuda.current_stream(self.device)
-        if self.calls < self.warmup:
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                self.fn()
-            main.wait_stream(side)
-            self.calls += 1
-            return
-        torch.cuda.synchronize(self.device)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.fn()
-        self.graph.replay()
-
-
 class LeanStep:
     """The training step of the models of one (seed, step): ``write_batch`` writes a batch (augmented images,
     one-hot labels) into the static buffers ``x``, ``onehot``; calling the step runs the teachers, every student's
-    forward, loss, backward, L2 gradient and Adam, and advances the lr, eagerly or as a CUDA graph replay.
+    forward, loss, backward, L2 gradient and Adam, and advances the lr.
 
-    models : the students (fresh or resumed weights), one per entry of ``alphas`` and ``teachers`` (None where
-        alpha is 1), moved to ``device``. y_train : (N,) the training labels (one-hot table built once).
-    batched : one :class:`sdlib.batched.BatchedResNet50` (``chains_in_flight="batched"``) or separate networks.
-    For the epoch loop: ``loss_sums`` (per model, the objective summed since they were zeroed), ``networks`` (to
-    evaluate), ``schedule``, ``bf16``, ``channels_last``; per model ``load_optimizer``, ``model_state``,
-    ``optimizer_state``; ``final_models``.
+    models : the students (fresh or resumed), one per entry of ``alphas`` and ``teachers`` (None where alpha is 1).
+    y_train : (N,) the training labels. batched : one :class:`sdlib.batched.BatchedResNet50` or separate networks.
+    For the epoch loop: ``loss_sums`` (per model, the objective summed since zeroed), ``networks`` (to evaluate),
+    ``schedule``, ``bf16``, ``channels_last``; per model ``load_optimizer``, ``model_state``, ``optimizer_state``.
     """
 
     def __init__(self, config: TrainConfig, models: list, alphas: Sequence[float], teachers: Sequence,
@@ -380,8 +321,8 @@ class LeanStep:
                              device=device).contiguous(memory_format=memory_format)
         self.onehot = torch.zeros((config.batch_size, NUM_CLASSES), dtype=dtype, device=device)
         self.onehot_train = F.one_hot(y_train, NUM_CLASSES).to(dtype)
-        captured = config.capture == "graph" or (config.capture == "auto" and device.type == "cuda")
-        self.run = _CapturedStep(self.step, device) if captured else self.step
+        self.device, self.graph, self.warmup_calls = device, None, 0
+        self.capture = config.capture == "graph" or (config.capture == "auto" and device.type == "cuda")
 
     def write_batch(self, x_train: torch.Tensor, index: torch.Tensor, generator: torch.Generator) -> None:
         """Outside the step: ``x_train[index]`` augmented (drawing from ``generator``), their one-hot labels."""
@@ -394,7 +335,26 @@ class LeanStep:
         self.schedule.advance()
 
     def __call__(self) -> None:
-        self.run()
+        """One step: eagerly, or (``capture``) 3 warm-up steps on a side stream, then captured as one CUDA graph
+        (capturing does not run the work, so that call replays it) and replayed ever after."""
+        if self.graph is not None:
+            return self.graph.replay()
+        if not self.capture:
+            return self.step()
+        main = torch.cuda.current_stream(self.device)
+        if self.warmup_calls < 3:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                self.step()
+            main.wait_stream(side)
+            self.warmup_calls += 1
+            return
+        torch.cuda.synchronize(self.device)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.step()
+        self.graph.replay()
 
     def train(self) -> None:
         for net in self.networks:

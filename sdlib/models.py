@@ -19,6 +19,7 @@ import copy
 import torch
 import torchvision
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from sdlib.config import INIT, MODELS, NUM_CLASSES, TEACHER_BN_MODES, derive_seed
 
@@ -97,18 +98,16 @@ def teacher_probs(teacher: nn.Module, x: torch.Tensor, bn_mode: str = "eval") ->
 @torch.no_grad()
 def fold_batch_norms(model: nn.Module) -> nn.Module:
     """A frozen eval-mode copy of ``model`` (a network of :data:`MODELS` or a batched ResNet-50) with every batch
-    norm folded into the convolution before it: ``conv(x) * s + (beta - mean * s)``, ``s = gamma / sqrt(var +
-    eps)``, becomes one convolution with weight ``W * s`` and that bias. The same function in eval mode (up to
-    rounding: the folding is done in float64), 53 fewer ops per ResNet-50 forward."""
+    norm folded into the convolution before it (torch's ``fuse_conv_bn_weights``, in float64): the same function
+    in eval mode up to rounding, 53 fewer ops per ResNet-50 forward."""
     folded = copy.deepcopy(model).eval()
 
     def fold(conv: nn.Conv2d, bn: nn.BatchNorm2d):
-        scale = bn.weight.double() / (bn.running_var.double() + bn.eps).sqrt()
-        shift = bn.bias.double() - bn.running_mean.double() * scale
-        if conv.bias is not None:
-            shift = shift + conv.bias.double() * scale
-        conv.weight.copy_(conv.weight.double() * scale.view(-1, 1, 1, 1))
-        conv.bias = nn.Parameter(shift.to(conv.weight.dtype))
+        bias = None if conv.bias is None else conv.bias.double()
+        weight, bias = fuse_conv_bn_weights(conv.weight.double(), bias, bn.running_mean.double(),
+                                            bn.running_var.double(), bn.eps, bn.weight.double(), bn.bias.double())
+        dtype = conv.weight.dtype
+        conv.weight, conv.bias = nn.Parameter(weight.to(dtype)), nn.Parameter(bias.to(dtype))
 
     for module in list(folded.modules()):
         for k in ("1", "2", "3"):
@@ -123,6 +122,4 @@ def fold_batch_norms(model: nn.Module) -> nn.Module:
     left = [name for name, m in folded.named_modules() if isinstance(m, nn.BatchNorm2d)]
     if left:
         raise ValueError(f"fold_batch_norms: batch norms not preceded by a convolution: {left[:3]}")
-    for p in folded.parameters():
-        p.requires_grad_(False)
-    return folded
+    return folded.requires_grad_(False)

@@ -1,11 +1,9 @@
 """One step of self-distillation (Borup & Andersen, 2021, Section 5): a network trained from a fresh initialization
 on targets mixed from the labels and the previous step's model (its last epoch, not its best).
 
-:func:`train_on_batch` is that step as a reader writes it, for one batch; :func:`distill_group` right after it is
-the epoch loop, which runs the same step through :class:`sdlib.lean_step.LeanStep`, the fast path tested equal to
-it (``tests/test_step.py``). The data sit on the device as uint8 tensors, a batch is an index into them and
-augmentation a few tensor ops (:func:`sdlib.data.augment`); the host waits for the device once per epoch (and
-every ``_NAN_CHECK_EVERY`` batches). The networks are in :mod:`sdlib.models`, the chains in :mod:`sdlib.chains`.
+:func:`train_on_batch` is that step for one batch as a reader writes it; :func:`distill_group` after it is the epoch
+loop, which runs the same step through :class:`sdlib.lean_step.LeanStep`, the fast path tested equal to it. The
+networks are in :mod:`sdlib.models`, the chains of steps in :mod:`sdlib.chains`.
 """
 
 from __future__ import annotations
@@ -72,19 +70,16 @@ def distill_step(config: TrainConfig, data, *, seed: int, step: int, alpha: floa
                  on_epoch: Callable[[dict], None] | None = None, progress: bool = False) -> StepResult:
     """Train one model of one step of a chain, from a fresh initialization seeded by ``(seed, step)``.
 
-    data : a :class:`sdlib.data.CIFAR10Splits` (or anything with x_train/y_train/x_val/y_val/x_test/y_test: uint8
-        (N, 3, 32, 32) images, int64 (N,) labels on ``device``). seed, step : the initialization and, per epoch,
-        the data order (:func:`epoch_order`) and augmentation, shared by every chain of the step.
-    alpha : weight of the labels (finite; an unbounded alpha-hat may leave [0, 1]); ``teacher`` is required when
-        alpha != 1. chain : the name in logs, events and errors.
+    data : a :class:`sdlib.data.CIFAR10Splits` (or anything with x_/y_ train/val/test: uint8 (N, 3, 32, 32) images,
+        int64 (N,) labels on ``device``). seed, step : the initialization, data order and augmentation, shared by
+        every chain of the step. alpha : the labels' weight (finite); ``teacher`` is required when alpha != 1.
     state_path : the resumable state, saved every ``config.checkpoint_every`` epochs; training resumes from it.
-    on_epoch(log) : at each epoch end, before the state is saved (run_chains writes epochs.jsonl here).
-    callback(event) : at each epoch end after the state is saved (``event="epoch_end"``, the log, ``epochs``);
-        raising from it interrupts a step that can be resumed from that epoch.
+    on_epoch(log) : at each epoch end, before the state is saved; callback(event) : after it (``event="epoch_end"``,
+        the log, ``epochs``); raising from it interrupts a step that can be resumed from that epoch.
 
-    The last partial batch of an epoch is dropped. ``train_loss`` is the epoch's mean of the objective
-    :func:`train_on_batch` returns; val/test ``loss``, the MSE to one-hot labels, is evaluated every
-    ``config.eval_every`` epochs and at the last (None in the other logs). A NaN or inf training loss raises
+    The last partial batch of an epoch is dropped. ``train_loss``: the epoch's mean of :func:`train_on_batch`'s
+    objective; val/test ``acc`` and ``loss`` (MSE to one-hot labels) every ``config.eval_every`` (test:
+    ``test_every``) epochs and at the last, None in the other logs. A NaN or inf training loss raises
     FloatingPointError naming seed, chain, step and epoch.
     """
     member = Member(chain=chain, alpha=alpha, teacher=teacher, state_path=state_path, on_epoch=on_epoch)
@@ -95,13 +90,11 @@ def distill_step(config: TrainConfig, data, *, seed: int, step: int, alpha: floa
 def distill_group(config: TrainConfig, data, *, seed: int, step: int, members: Sequence[Member],
                   device: str | torch.device = "cpu", callback: Callable[[dict], None] | None = None,
                   progress: bool = False) -> list[StepResult]:
-    """Train the models of several chains of one (seed, step) in flight: same initialization, same batches, each
-    with its own alpha and teacher; one :class:`StepResult` per member, what :func:`distill_step` gives it alone.
-    How they fly (``config.chains_in_flight``): see :mod:`sdlib.lean_step`. Members whose resumable states
-    stand at different epochs train as separate groups. callback(event): as for distill_step, per member.
-    """
-    device = torch.device(device)
-    members = list(members)
+    """Train the models of several chains of one (seed, step) in flight (``config.chains_in_flight``, see
+    :mod:`sdlib.lean_step`): same initialization and batches, each its own alpha and teacher; one
+    :class:`StepResult` per member, what :func:`distill_step` gives it alone. Members whose resumable states
+    stand at different epochs train as separate groups."""
+    device, members = torch.device(device), list(members)
     if not members:
         raise ValueError("members must name at least one model to train, got none")
     for member in members:
@@ -122,9 +115,9 @@ def distill_group(config: TrainConfig, data, *, seed: int, step: int, members: S
         results: dict[int, StepResult] = {}
         for start in sorted(set(starts)):
             part = [i for i, s in enumerate(starts) if s == start]
-            done = distill_group(config, data, seed=seed, step=step, members=[members[i] for i in part],
-                                 device=device, callback=callback, progress=progress)
-            results.update(zip(part, done))
+            results.update(zip(part, distill_group(config, data, seed=seed, step=step, device=device,
+                                                   members=[members[i] for i in part], callback=callback,
+                                                   progress=progress)))
         return [results[i] for i in range(len(members))]
     start_epoch = starts[0]
 
@@ -139,14 +132,13 @@ def distill_group(config: TrainConfig, data, *, seed: int, step: int, members: S
         if state is not None:
             lean.load_optimizer(i, state["optimizer"])
     lean.schedule.start_at(start_epoch * iters_per_epoch)
-
-    logs = [list(s["logs"]) if s is not None else [] for s in states]
-    totals = [[s["train_images"], s["train_time_s"], s["wall_time_s"]] if s is not None else [0, 0.0, 0.0]
+    logs = [[] if s is None else list(s["logs"]) for s in states]
+    totals = [[0, 0.0, 0.0] if s is None else [s["train_images"], s["train_time_s"], s["wall_time_s"]]
               for s in states]
     val_probs: list = [None] * len(members)
-    chains = ", ".join(m.chain for m in members)
-    epoch_bar = tqdm(range(start_epoch + 1, config.epochs + 1), desc=f"epochs ({chains} step {step})",
-                     initial=start_epoch, total=config.epochs, leave=False, disable=not progress)
+    epoch_bar = tqdm(range(start_epoch + 1, config.epochs + 1), initial=start_epoch, total=config.epochs,
+                     desc=f"epochs ({', '.join(m.chain for m in members)} step {step})", leave=False,
+                     disable=not progress)
     for epoch in epoch_bar:
         epoch_start = time.perf_counter()
         lean.train()
@@ -166,10 +158,8 @@ def distill_group(config: TrainConfig, data, *, seed: int, step: int, members: S
                         f"non-finite training loss ({sums[k]}) at seed={seed}, chain={members[k].chain!r}, "
                         f"step={step}, epoch={epoch} (within its first {i + 1} batches); the run stops here and "
                         f"earlier results are kept. Lower TrainConfig.lr or check the data.")
-        train_loss = [v / iters_per_epoch for v in sums]
-        epoch_train_time = time.perf_counter() - epoch_start
-        batches = epoch * iters_per_epoch
-        last = epoch == config.epochs
+        train_time = time.perf_counter() - epoch_start
+        batches, last = epoch * iters_per_epoch, epoch == config.epochs
         evals = {}
         for part, every in (("val", config.eval_every), ("test", config.test_every or config.eval_every)):
             if last or epoch % every == 0:
@@ -179,25 +169,22 @@ def distill_group(config: TrainConfig, data, *, seed: int, step: int, members: S
                                       config.eval_batch_size, bf16=lean.bf16, channels_last=lean.channels_last,
                                       return_probs=(part == "val" and last))
                     evals[part] += result if isinstance(result, list) else [result]
-        epoch_wall = time.perf_counter() - epoch_start
-        epoch_logs = []
+        wall_time = time.perf_counter() - epoch_start
         for k, member in enumerate(members):
-            totals[k][0] += iters_per_epoch * batch_size
-            totals[k][1] += epoch_train_time
-            totals[k][2] += epoch_wall
+            totals[k] = [totals[k][0] + iters_per_epoch * batch_size, totals[k][1] + train_time,
+                         totals[k][2] + wall_time]
             if last:
                 val_probs[k] = evals["val"][k].pop("probs")
-            log = {"seed": seed, "chain": member.chain, "step": step, "epoch": epoch, "train_loss": train_loss[k],
-                   **{f"{part}_{name}": (evals[part][k][name] if part in evals else None)
-                      for part in ("val", "test") for name in ("acc", "loss")},
-                   "lr": lean.schedule.value(batches - 1), "wall_time_s": epoch_wall,
-                   "images_per_s": iters_per_epoch * batch_size / epoch_train_time}
-            logs[k].append(log)
-            epoch_logs.append(log)
+            logs[k].append({"seed": seed, "chain": member.chain, "step": step, "epoch": epoch,
+                            "train_loss": sums[k] / iters_per_epoch,
+                            **{f"{part}_{name}": (evals[part][k][name] if part in evals else None)
+                               for part in ("val", "test") for name in ("acc", "loss")},
+                            "lr": lean.schedule.value(batches - 1), "wall_time_s": wall_time,
+                            "images_per_s": iters_per_epoch * batch_size / train_time})
             if member.on_epoch is not None:
-                member.on_epoch(log)
+                member.on_epoch(logs[k][-1])
         if len(members) == 1:
-            epoch_bar.set_postfix(loss=f"{train_loss[0]:.4f}")
+            epoch_bar.set_postfix(loss=f"{logs[0][-1]['train_loss']:.4f}")
         if not last and epoch % config.checkpoint_every == 0:
             for k, member in enumerate(members):
                 if member.state_path is not None:
@@ -205,20 +192,17 @@ def distill_group(config: TrainConfig, data, *, seed: int, step: int, members: S
                         "seed": seed, "chain": member.chain, "step": step, "alpha": float(member.alpha),
                         "epoch": epoch, "model": lean.model_state(k), "optimizer": lean.optimizer_state(k, batches),
                         "scheduler": {"iteration": batches}, "logs": logs[k], "train_images": totals[k][0],
-                        "train_time_s": totals[k][1], "wall_time_s": totals[k][2],
-                    }, member.state_path)
+                        "train_time_s": totals[k][1], "wall_time_s": totals[k][2]}, member.state_path)
         if callback is not None:
-            for log in epoch_logs:
-                callback({"event": "epoch_end", **log, "epochs": config.epochs})
+            for member_logs in logs:
+                callback({"event": "epoch_end", **member_logs[-1], "epochs": config.epochs})
     epoch_bar.close()
     return [StepResult(model, logs[k], val_probs[k], *totals[k]) for k, model in enumerate(lean.final_models())]
 
 
 @dataclass
 class Member:
-    """One model of a group trained in flight by :func:`distill_group`: its ``chain`` name, ``alpha``, its
-    ``teacher`` (required when alpha != 1), where its resumable state lives (``state_path``) and its per-epoch
-    ``on_epoch(log)`` (see :func:`distill_step`)."""
+    """One model of a group trained in flight by :func:`distill_group` (the arguments of :func:`distill_step`)."""
 
     chain: str
     alpha: float
@@ -229,10 +213,10 @@ class Member:
 
 @dataclass
 class StepResult:
-    """What :func:`distill_step` returns: the trained ``model`` (after its last epoch, eval mode, on the training
-    device); ``epochs``, one log per epoch (a resumed step's include the earlier session's); ``val_probs``, float32
-    (n_val, 10) softmax outputs of the model on the validation split, on the CPU; totals over the step
-    (``train_time_s``: the training loop only; a model trained in flight with others counts the group's time)."""
+    """What :func:`distill_step` returns: the trained ``model`` (last epoch, eval mode, on the training device);
+    ``epochs``, one log per epoch (a resumed step's include the earlier sessions'); ``val_probs``, float32
+    (n_val, 10) softmax outputs of the model on the validation split, on the CPU; totals over the epochs
+    (``train_time_s``: the training loop only; models trained in flight each count the group's time)."""
 
     model: torch.nn.Module
     epochs: list[dict]
@@ -246,9 +230,8 @@ class StepResult:
         return self.train_images / self.train_time_s if self.train_time_s > 0 else float("nan")
 
     def summary(self) -> dict:
-        """The last epoch's metrics and the step totals (the numeric part of a record), and the best test accuracy
-        over the evaluated epochs with its epoch (the first, on a tie): what the authors' checkpointing, which
-        monitored test accuracy, would have kept. The records report the last epoch; this is beside it."""
+        """The last epoch's metrics, the step totals, and the best test accuracy over the evaluated epochs with its
+        epoch (the first, on a tie; what the authors' checkpointing, which monitored it, kept): a record's numbers."""
         last = self.epochs[-1]
         evaluated = [log for log in self.epochs if log.get("test_acc") is not None]
         best = max(evaluated, key=lambda log: log["test_acc"]) if evaluated else {}

@@ -443,7 +443,8 @@ def test_alpha_hat_unconstrained_and_used(bounds, tmp_path):
     g = rng.dirichlet(np.ones(10), size=30)
     f1 = g + (onehot - g) / 1.25  # the labels lie at alpha = 1.25 on the line through g and f1, plus noise
     f1 += 0.01 * rng.normal(size=f1.shape)
-    runner.data = SimpleNamespace(y_val=torch.tensor(y))
+    runner.data = runner.clean_data = SimpleNamespace(y_val=torch.tensor(y))  # as if loaded for seed 0
+    runner.data_seed = 0
     runner.summaries[(0, "shared", 1)] = {"val_probs": torch.tensor(f1, dtype=torch.float32)}
     runner.summaries[(0, "alpha_hat_probe", 2)] = {"val_probs": torch.tensor(g, dtype=torch.float32),
                                                    "val_acc": 0.5, "test_acc": 0.4}
