@@ -1,12 +1,9 @@
 """The grid of self-distillation chains as submitit jobs: ``python -m sdlib.sweep --help``.
 
-Per seed one job trains the shared step 1, and one job per (seed, chain), which depends on it, trains steps
-2..steps of that chain (:func:`sdlib.chains.job_configs`: cut to the job's seed and chain, under the grid's
-config_hash). On SLURM a seed's chain jobs are an array submitted with ``--dependency=afterok:<step-1 job>``; the
-local and debug executors have no dependencies, so :func:`submit_sweep` waits for step 1 there. A preempted or
-timed-out job is requeued and resumes from its checkpoints. Submitting again submits only what is missing: jobs
-with every step recorded are left out, and so are those of an earlier submission still queued or running (noted
-in ``folder/sweep-<hash>.jsonl``; their state is submitit's). Sweep files: :func:`load_sweep_config`, ``sweeps/``.
+Per seed a step-1 job, then one job per (seed, chain) (:func:`sdlib.chains.job_configs`): on SLURM an array that
+depends on the seed's step-1 job, locally submitted once it has finished. Preempted jobs are requeued and resume.
+Submitting again leaves out the finished jobs and those still queued or running (``folder/sweep-<hash>.jsonl``,
+their state submitit's). Sweep files: :func:`load_sweep_config`, ``sweeps/``.
 """
 
 from __future__ import annotations
@@ -50,12 +47,10 @@ def job_device(config, executor: str = "local", gpus_per_job: int | None = None)
 
 
 class ChainJob:
-    """One job: :func:`sdlib.chains.run_chains` on a config cut to one seed and chain; requeued by submitit (through
-    :meth:`checkpoint`) on a preemption or time limit, it resumes from its checkpoints.
+    """One job: :func:`sdlib.chains.run_chains` on a config cut to one seed and chain, requeued on a preemption.
 
-    num_threads: torch CPU threads (None: torch's default). on_event: a picklable callable given every training
-    event with ``attempt`` added. Returns a dict: seed, chain, attempt (times requeued), started_at / finished_at
-    (``time.time()`` of this attempt), trained (``(chain, step, epoch)`` trained by this attempt), records."""
+    on_event: a picklable callable given every training event with ``attempt`` added. Returns a dict: seed, chain,
+    attempt (times requeued), started_at / finished_at, trained (``(chain, step, epoch)`` of this attempt), records."""
 
     def __init__(self, config, seed: int, chain: str, num_threads: int | None = None,
                  progress: bool = True, on_event: Callable[[dict], None] | None = None):
@@ -93,7 +88,7 @@ class ChainJob:
 
 @dataclass
 class SweepJob:
-    """A submitted job: its seed, chain ("shared" for step 1) and submitit Job (``job_id``, ``result()``, ...)."""
+    """A submitted job: its seed, chain ("shared" for step 1) and submitit Job."""
 
     seed: int
     chain: str
@@ -125,10 +120,7 @@ def make_executor(executor: str = "local", folder: str | os.PathLike = "runs/sub
                   cpus_per_job: int | None = None, mem_gb: float | None = None, array_parallelism: int = 64,
                   max_requeues: int = 3, job_name: str = "sdlib-sweep", slurm_parameters: dict | None = None):
     """A ``submitit.AutoExecutor`` for ``executor`` ("local", "slurm" or "debug"), its options checked first.
-
-    folder: submitit's pickles and logs. gpus_per_job: default 1 on SLURM, 0 locally. A job reaching timeout_min
-    is requeued, at most ``max_requeues`` times. array_parallelism: jobs of an array running at once (SLURM).
-    slurm_parameters: extra ``#SBATCH`` options, e.g. ``{"account": "proj", "qos": "high"}``."""
+    gpus_per_job: default 1 on SLURM, 0 locally. slurm_parameters: extra ``#SBATCH`` options (``{"qos": "high"}``)."""
     import submitit
 
     if executor not in EXECUTORS:
@@ -168,10 +160,9 @@ def _local_job_alive(job_id: str) -> bool:
 
 def queued_jobs(config, executor: str = "local", folder: str | os.PathLike = "runs/submitit",
                 config_hash: str | None = None) -> dict[tuple[int, str], tuple[str, str]]:
-    """The jobs of ``config``'s grid that an earlier :func:`submit_sweep` into ``folder`` submitted and that are
-    still queued or running: ``{(seed, chain): (job id, state)}``. SLURM: submitit's job state (one ``sacct``
-    call; a job whose state it cannot learn is left out, with a RuntimeWarning). Local: whether its process
-    runs. Debug: none."""
+    """``{(seed, chain): (job id, state)}`` of the jobs an earlier :func:`submit_sweep` into ``folder`` submitted
+    that are still queued or running: on SLURM by submitit's state (one ``sacct``; unknown: left out, with a
+    RuntimeWarning), locally by whether the job's process runs."""
     manifest = Path(folder) / f"sweep-{config_hash or config.config_hash()}.jsonl"
     if executor == "debug" or not manifest.is_file():
         return {}
@@ -202,16 +193,12 @@ def submit_sweep(config, executor: str = "local", folder: str | os.PathLike = "r
                  num_threads: int | None = None, progress: bool = True,
                  on_event: Callable[[dict], None] | None = None, skip_finished: bool = True,
                  skip_queued: bool = True, **cluster) -> list[SweepJob]:
-    """Submit the grid of ``config`` (a TrainConfig) as jobs; return them (step-1 jobs first, then chains).
+    """Submit the grid of ``config`` as jobs; return them (step-1 jobs first, then chains).
 
-    skip_finished: leave out the jobs whose steps all have a record in ``results_dir`` (an empty list: the grid
-    is complete). skip_queued: leave out (and print) the jobs of an earlier submission into ``folder`` still
-    queued or running (:func:`queued_jobs`); on SLURM a seed's chains then depend on its queued step-1 job, locally
-    they wait for a later submission. executor: "local" (subprocesses), "slurm" (sbatch) or "debug" (in this
-    process). cluster: the options of :func:`make_executor`; num_threads, progress, on_event: :class:`ChainJob`'s.
-
-    SLURM returns at once; local and debug first wait for every step-1 job (a failed one raises
-    :class:`SweepError` naming its log), then submit the chains. :func:`wait` waits for the rest."""
+    skip_finished / skip_queued: leave out the jobs whose steps all have a record / the jobs of an earlier
+    submission still queued or running (:func:`queued_jobs`; printed). cluster: :func:`make_executor`'s options.
+    SLURM returns at once; local and debug first wait for the step-1 jobs (a failed one raises :class:`SweepError`
+    naming its log), then submit the chains. :func:`wait` waits for the rest."""
     jobs_of_grid = job_configs(config)  # validates config
     _check("num_threads", num_threads, 1)
     if on_event is not None and not callable(on_event):
@@ -267,8 +254,8 @@ def submit_sweep(config, executor: str = "local", folder: str | os.PathLike = "r
 
 
 def _failure(sweep_job: SweepJob) -> str | None:
-    """None when the job succeeded (after waiting for it), else one line: the job, its log, and the last line of
-    its error that names an exception (``ValueError: ...``), not the traceback submitit's error carries."""
+    """None when the job succeeded (after waiting for it), else one line: the job, its log and its error's last
+    ``SomeError: ...`` line (not the traceback submitit's error carries)."""
     try:
         sweep_job.job.result()
         return None
@@ -282,9 +269,8 @@ def _failure(sweep_job: SweepJob) -> str | None:
 
 
 def wait(jobs: Sequence[SweepJob], progress: bool = True) -> list[dict]:
-    """Wait for every job and return their results (:class:`ChainJob`'s dicts) in the order given. Failed jobs do
-    not stop the wait: at the end :class:`SweepError` names each (seed, chain, id, log) and carries the others'
-    results; submitting the sweep again resumes them."""
+    """Every job's result (:class:`ChainJob`'s dict), in order; failed jobs do not stop the wait: then
+    :class:`SweepError` names each (id, log) and carries the others' results."""
     if isinstance(jobs, SweepJob) or not all(isinstance(j, SweepJob) for j in jobs):
         raise ValueError("jobs must be a list of SweepJob, as returned by submit_sweep")
     failures = [_failure(j) for j in tqdm(jobs, desc="sweep jobs", unit="job", disable=not progress)]
@@ -377,8 +363,7 @@ def load_sweep_config(source, *, profile: str | None = None, train: dict | None 
         cluster:                  # keyword arguments of submit_sweep (executor, folder, num_threads) and of
           executor: slurm         # make_executor (partition, gpus_per_job, timeout_min, ...: SWEEP_OPTIONS)
 
-    ``profile``, ``train`` and ``options`` override the file (the command line's options). Unknown keys raise
-    ValueError naming them and the valid ones."""
+    ``profile``, ``train`` and ``options`` (the command line's) override the file. Unknown keys raise ValueError."""
     sweep = {} if source is None else read_mapping(source, "sweep file")
     if not isinstance(sweep, dict):
         raise ValueError(f"a sweep file must be a mapping with keys profile, train, cluster; got "
@@ -442,9 +427,7 @@ def _print_dry_run(config, options: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[SweepJob]:
-    """The command line: read the sweep file (if any) and the options over it, build the TrainConfig and the
-    executor (bad values: a clear error, exit code 2), submit the unfinished jobs, and (unless --no-wait) wait
-    for them and print where the results are."""
+    """The command line: the sweep file and the options over it (bad values: exit code 2), submitted, waited for."""
     parser = _parser()
     args = parser.parse_args(argv)
     options = {k: getattr(args, k) for k in SWEEP_OPTIONS if getattr(args, k, None) is not None}
