@@ -1,14 +1,9 @@
-"""The grid of self-distillation chains as cluster jobs (submitit): ``python -m sdlib.sweep --help``.
+"""The grid of self-distillation chains as submitit jobs: ``python -m sdlib.sweep --help``.
 
-One job per seed trains the shared step-1 model; one job per (seed, chain), which depends on it, trains steps
-2..steps of that chain (:func:`sdlib.chains.job_configs`: the config cut to the job's seed and chain, under the
-same config_hash, so a chain job finds its seed's step-1 record and checkpoint). On SLURM a seed's chain jobs are
-an array submitted with ``--dependency=afterok:<step-1 job>``; the local and debug executors have no
-dependencies, so :func:`submit_sweep` waits for step 1 there. A preempted or timed-out job is requeued
-(:meth:`ChainJob.checkpoint`) and resumes from its epoch checkpoint. Submitting the same sweep again submits only
-what is missing: jobs with every step recorded are left out, and so are the jobs of an earlier submission still
-queued or running (noted in ``folder/sweep-<hash>.jsonl``; their state is submitit's). A sweep file (YAML or JSON:
-``profile``, ``train``, ``cluster``; :func:`load_sweep_config`) holds a whole sweep, e.g. ``sweeps/``.
+Per seed a step-1 job, then one job per (seed, chain) (:func:`sdlib.chains.job_configs`): on SLURM an array that
+depends on the seed's step-1 job, locally submitted once it has finished. Preempted jobs are requeued and resume.
+Submitting again leaves out the finished jobs and those still queued or running (``folder/sweep-<hash>.jsonl``,
+their state submitit's). Sweep files: :func:`load_sweep_config`, ``sweeps/``.
 """
 
 from __future__ import annotations
@@ -19,16 +14,18 @@ import os
 import re
 import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import yaml
 from tqdm.auto import tqdm
 
 from sdlib.chains import grid_cost, job_config_hash, job_configs, pending_tasks, run_chains
 from sdlib.config import TrainConfig
 from sdlib.records import SHARED_CHAIN
-from sdlib.train import _parser as train_parser, config_overrides
+from sdlib.train import _parser as train_parser, config_overrides, print_dry_run
 
 __all__ = ["EXECUTORS", "SWEEP_OPTIONS", "ChainJob", "SweepJob", "SweepError", "job_configs", "job_device",
            "grid_cost", "make_executor", "queued_jobs", "submit_sweep", "wait", "load_sweep_config",
@@ -41,22 +38,19 @@ SWEEP_OPTIONS = ("executor", "folder", "num_threads", "partition", "gpus_per_job
 
 
 def job_device(config, executor: str = "local", gpus_per_job: int | None = None) -> str | None:
-    """The device the jobs of ``config`` run on, for the hash they record (:func:`sdlib.chains.job_config`):
-    ``config.device`` where named; with "auto", cuda for jobs given a GPU (SLURM's default: 1) and cpu for jobs
-    given none (local jobs by default), or None for debug jobs, which run in this process."""
+    """The device the jobs of ``config`` run on, for the hash they record: ``config.device`` where named; with
+    "auto", cuda for jobs given a GPU (SLURM's default: 1), cpu for jobs given none (local jobs by default), and
+    None for debug jobs (they run in this process)."""
     if config.device != "auto" or executor == "debug":
         return None if config.device == "auto" else config.device
     return "cuda" if (gpus_per_job if gpus_per_job is not None else int(executor == "slurm")) > 0 else "cpu"
 
 
 class ChainJob:
-    """One cluster job: :func:`sdlib.chains.run_chains` on a config cut to one seed and one chain; submitit calls
-    :meth:`checkpoint` on a preemption or time limit, and the requeued job resumes from its checkpoints.
+    """One job: :func:`sdlib.chains.run_chains` on a config cut to one seed and chain, requeued on a preemption.
 
-    num_threads: torch CPU threads in the job (None: torch's default). on_event: optional picklable callable given
-    every training event with ``attempt`` added. Returns a dict: seed, chain, attempt (how many times the job was
-    requeued), started_at / finished_at (this attempt's ``time.time()``), trained (``(chain, step, epoch)`` of
-    every epoch this attempt trained) and records (what ``run_chains`` returned)."""
+    on_event: a picklable callable given every training event with ``attempt`` added. Returns a dict: seed, chain,
+    attempt (times requeued), started_at / finished_at, trained (``(chain, step, epoch)`` of this attempt), records."""
 
     def __init__(self, config, seed: int, chain: str, num_threads: int | None = None,
                  progress: bool = True, on_event: Callable[[dict], None] | None = None):
@@ -85,7 +79,7 @@ class ChainJob:
                 "finished_at": time.time(), "trained": trained, "records": records}
 
     def checkpoint(self, *args, **kwargs):
-        """Requeue this job unchanged (but counted): ``run_chains`` itself resumes from its checkpoints."""
+        """Requeue this job unchanged but counted (``run_chains`` resumes from its own checkpoints)."""
         import submitit
 
         self.attempt += 1
@@ -94,8 +88,7 @@ class ChainJob:
 
 @dataclass
 class SweepJob:
-    """A submitted job: its seed, chain ("shared" for step 1) and the submitit Job (``job.job_id``,
-    ``job.state``, ``job.result()``, ``job.stdout()``, ``job.stderr()``)."""
+    """A submitted job: its seed, chain ("shared" for step 1) and submitit Job."""
 
     seed: int
     chain: str
@@ -107,8 +100,7 @@ class SweepJob:
 
 
 class SweepError(RuntimeError):
-    """Jobs of a sweep failed. ``failed``: those SweepJobs; ``results``: what :func:`wait` got, in the order
-    given, None for a failed job."""
+    """Jobs of a sweep failed: ``failed`` (those SweepJobs) and ``results`` (:func:`wait`'s, None where failed)."""
 
     def __init__(self, message: str, failed: list[SweepJob], results: list[dict | None]):
         super().__init__(message)
@@ -128,25 +120,20 @@ def make_executor(executor: str = "local", folder: str | os.PathLike = "runs/sub
                   cpus_per_job: int | None = None, mem_gb: float | None = None, array_parallelism: int = 64,
                   max_requeues: int = 3, job_name: str = "sdlib-sweep", slurm_parameters: dict | None = None):
     """A ``submitit.AutoExecutor`` for ``executor`` ("local", "slurm" or "debug"), its options checked first.
-
-    folder: submitit's pickles and logs (``%j`` added per job). gpus_per_job: default 1 on SLURM, 0 locally.
-    timeout_min: time limit per job; a job reaching it is requeued, at most ``max_requeues`` times.
-    array_parallelism: jobs of an array running at once (SLURM). slurm_parameters: extra ``#SBATCH`` options,
-    e.g. ``{"account": "proj", "qos": "high"}``."""
+    gpus_per_job: default 1 on SLURM, 0 locally. slurm_parameters: extra ``#SBATCH`` options (``{"qos": "high"}``)."""
     import submitit
 
     if executor not in EXECUTORS:
         raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
     if partition is not None and (not isinstance(partition, str) or not partition):
         raise ValueError(f"partition must be a non-empty string or None, got {partition!r}")
-    for name, value, minimum in (("gpus_per_job", gpus_per_job, 0), ("cpus_per_job", cpus_per_job, 1)):
-        _check(name, value, minimum)
+    if slurm_parameters is not None and not isinstance(slurm_parameters, dict):
+        raise ValueError(f"slurm_parameters must be a dict or None, got {slurm_parameters!r}")
+    _check("gpus_per_job", gpus_per_job, 0), _check("cpus_per_job", cpus_per_job, 1)
+    _check("mem_gb", mem_gb, 0, kind=(int, float))
     for name, value, minimum in (("timeout_min", timeout_min, 1), ("array_parallelism", array_parallelism, 1),
                                  ("max_requeues", max_requeues, 0)):
         _check(name, value, minimum, allow_none=False)
-    _check("mem_gb", mem_gb, 0, kind=(int, float))
-    if slurm_parameters is not None and not isinstance(slurm_parameters, dict):
-        raise ValueError(f"slurm_parameters must be a dict or None, got {slurm_parameters!r}")
     ex = submitit.AutoExecutor(folder=Path(folder) / "%j", cluster=executor, slurm_max_num_timeout=max_requeues,
                                local_max_num_timeout=max_requeues)
     gpus = (1 if executor == "slurm" else 0) if gpus_per_job is None else gpus_per_job
@@ -160,8 +147,8 @@ def make_executor(executor: str = "local", folder: str | os.PathLike = "runs/sub
 
 
 def _local_job_alive(job_id: str) -> bool:
-    """A local submitit job of an earlier submission (its id is its process's pid) that still runs here;
-    submitit knows the state of a local job only in the process that submitted it."""
+    """Whether a local job of an earlier submission (its id is its pid) still runs: submitit knows a local job's
+    state only in the process that submitted it."""
     try:
         os.kill(int(job_id), 0)
         return b"submitit" in Path(f"/proc/{int(job_id)}/cmdline").read_bytes()  # a reused pid is not our job
@@ -173,17 +160,16 @@ def _local_job_alive(job_id: str) -> bool:
 
 def queued_jobs(config, executor: str = "local", folder: str | os.PathLike = "runs/submitit",
                 config_hash: str | None = None) -> dict[tuple[int, str], tuple[str, str]]:
-    """The jobs of ``config``'s grid that an earlier :func:`submit_sweep` (same ``folder``) submitted and that
-    are still queued or running: ``{(seed, chain): (job id, state)}``. SLURM: submitit's job state (one
-    ``sacct`` call through its SlurmInfoWatcher; a job it cannot learn the state of is left out with a
-    RuntimeWarning, so it is submitted again). Local: whether the job's process still runs. Debug: none."""
+    """``{(seed, chain): (job id, state)}`` of the jobs an earlier :func:`submit_sweep` into ``folder`` submitted
+    that are still queued or running: on SLURM by submitit's state (one ``sacct``; unknown: left out, with a
+    RuntimeWarning), locally by whether the job's process runs."""
     manifest = Path(folder) / f"sweep-{config_hash or config.config_hash()}.jsonl"
     if executor == "debug" or not manifest.is_file():
         return {}
     latest = {}
     for line in manifest.read_text(encoding="utf-8").splitlines():
-        with contextlib.suppress(ValueError, KeyError, TypeError):
-            entry = json.loads(line)  # a torn line: that job is then not known to be queued
+        with contextlib.suppress(ValueError, KeyError, TypeError):  # a torn line: not known to be queued
+            entry = json.loads(line)
             if entry["executor"] == executor:
                 latest[(entry["seed"], entry["chain"])] = str(entry["job_id"])
     if executor != "slurm":
@@ -207,17 +193,12 @@ def submit_sweep(config, executor: str = "local", folder: str | os.PathLike = "r
                  num_threads: int | None = None, progress: bool = True,
                  on_event: Callable[[dict], None] | None = None, skip_finished: bool = True,
                  skip_queued: bool = True, **cluster) -> list[SweepJob]:
-    """Submit the grid of ``config`` (a TrainConfig) as jobs; return them (step-1 jobs first, then chains).
+    """Submit the grid of ``config`` as jobs; return them (step-1 jobs first, then chains).
 
-    skip_finished: leave out every job whose steps all have a record of this config in ``results_dir`` (an
-    empty list: the grid is complete). skip_queued: leave out the jobs of an earlier submission (same
-    ``folder``) still queued or running (:func:`queued_jobs`), printing what it left out; on SLURM the chains of a
-    seed whose step-1 job is still queued depend on that job, locally they wait for a later submission.
-    executor: "local" (subprocesses), "slurm" (sbatch) or "debug" (in this process, when ``result()`` is asked).
-    cluster: the options of :func:`make_executor`. num_threads / progress / on_event: those of :class:`ChainJob`.
-
-    SLURM returns at once. Local and debug block until every step-1 job has finished (a failed one raises
-    :class:`SweepError` naming its log), then submit the chains. Wait for the rest with :func:`wait`."""
+    skip_finished / skip_queued: leave out the jobs whose steps all have a record / the jobs of an earlier
+    submission still queued or running (:func:`queued_jobs`; printed). cluster: :func:`make_executor`'s options.
+    SLURM returns at once; local and debug first wait for the step-1 jobs (a failed one raises :class:`SweepError`
+    naming its log), then submit the chains. :func:`wait` waits for the rest."""
     jobs_of_grid = job_configs(config)  # validates config
     _check("num_threads", num_threads, 1)
     if on_event is not None and not callable(on_event):
@@ -273,27 +254,23 @@ def submit_sweep(config, executor: str = "local", folder: str | os.PathLike = "r
 
 
 def _failure(sweep_job: SweepJob) -> str | None:
-    """None when the job succeeded (waits for it), else one line: the job, its log and its error's last line
-    (``ValueError: ...``), not the traceback submitit's FailedJobError carries."""
+    """None when the job succeeded (after waiting for it), else one line: the job, its log and its error's last
+    ``SomeError: ...`` line (not the traceback submitit's error carries)."""
     try:
         sweep_job.job.result()
         return None
     except Exception as error:
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        named = [line for line in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b(.*:|$)",
-                                                    line)]
+        named = re.findall(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit)\b(?:.*:.*|\s*$))", str(error),
+                           re.MULTILINE)
         paths = getattr(sweep_job.job, "paths", None)
         return (f"sweep job {sweep_job.name} (id {sweep_job.job.job_id}) failed"
                 + (f" (logs: {paths.stderr})" if paths is not None else "") + ": "
-                + (named or lines or [type(error).__name__])[-1 if named else 0])
+                + (named[-1].strip() if named else str(error).strip().split("\n")[0] or type(error).__name__))
 
 
 def wait(jobs: Sequence[SweepJob], progress: bool = True) -> list[dict]:
-    """Wait for every job and return their results (the dicts of :class:`ChainJob`), in the order given.
-
-    Failed jobs do not stop the wait: once every job has ended, :class:`SweepError` names each failed one (seed,
-    chain, id, log file) and carries the others' results. Submitting the same sweep again then submits only
-    the unfinished jobs, which resume from their checkpoints."""
+    """Every job's result (:class:`ChainJob`'s dict), in order; failed jobs do not stop the wait: then
+    :class:`SweepError` names each (id, log) and carries the others' results."""
     if isinstance(jobs, SweepJob) or not all(isinstance(j, SweepJob) for j in jobs):
         raise ValueError("jobs must be a list of SweepJob, as returned by submit_sweep")
     failures = [_failure(j) for j in tqdm(jobs, desc="sweep jobs", unit="job", disable=not progress)]
@@ -314,41 +291,38 @@ def _check_options(options: dict) -> None:
         raise ValueError(f"unknown cluster option(s) {unknown}; valid options: {sorted(SWEEP_OPTIONS)}")
 
 
-def _yaml_loader():
-    """PyYAML's SafeLoader, stricter and closer to YAML 1.2: a key given twice in one mapping raises (PyYAML
-    keeps the last silently), and ``1e-3`` is a number (YAML 1.1 wants ``1.0e-3``, else reads a string)."""
-    import yaml
+class _YAMLLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader closer to YAML 1.2: a key given twice raises (PyYAML keeps the last silently), and
+    ``1e-3`` is a number (YAML 1.1 wants ``1.0e-3``, else reads a string)."""
 
-    class Loader(yaml.SafeLoader):
-        def construct_mapping(self, node, deep=False):
-            seen = {}
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *anchor": merged keys may be given again
-                    continue
-                key = self.construct_object(key_node, deep=True)
-                if key in seen:
-                    raise yaml.constructor.ConstructorError(
-                        f"in the mapping starting at line {node.start_mark.line + 1}", node.start_mark,
-                        f"key {key!r} is given twice (first at line {seen[key] + 1}); remove one", key_node.start_mark)
-                seen[key] = key_node.start_mark.line
-            return super().construct_mapping(node, deep=deep)
-
-    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
-                                 list("-+0123456789"))
-    return Loader
+    def construct_mapping(self, node, deep=False):
+        lines = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *anchor": merged keys may be given again
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in lines:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (first at line {lines[key] + 1}); remove one",
+                    key_node.start_mark)
+            lines[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
-def _json_object(pairs):
-    keys = [k for k, _ in pairs]
-    twice = sorted({k for k in keys if keys.count(k) > 1})
+_YAMLLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                                  list("-+0123456789"))
+
+
+def _unique_keys(pairs: list) -> dict:
+    twice = sorted(key for key, count in Counter(key for key, _ in pairs).items() if count > 1)
     if twice:
         raise ValueError(f"key(s) {twice} given twice in one object; remove one")
     return dict(pairs)
 
 
 def read_mapping(source, what: str):
-    """A JSON/YAML file (or an already-parsed object) as Python objects. A malformed file raises ValueError naming
-    the file, the line and what is wrong (no parser traceback); so does a key given twice."""
+    """A JSON/YAML file as Python objects (anything but a path is returned as it is). A malformed file, or a key
+    given twice, raises ValueError naming the file, the line and what is wrong (no parser traceback)."""
     if not isinstance(source, (str, os.PathLike)):
         return source
     path = Path(source)
@@ -358,22 +332,18 @@ def read_mapping(source, what: str):
         raise ValueError(f"{what} must end in .json, .yaml or .yml, got {path.name!r}")
     try:
         text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() == ".json":
+            return json.loads(text, object_pairs_hook=_unique_keys)
+        return yaml.load(text, Loader=_YAMLLoader)  # noqa: S506 (a SafeLoader)
     except UnicodeDecodeError as error:
         line = path.read_bytes()[:error.start].count(b"\n") + 1
         raise ValueError(f"{what} {path}, line {line}: not UTF-8 text (byte {error.object[error.start]:#04x}); "
                          f"save it as UTF-8") from None
-    if path.suffix.lower() == ".json":
-        try:
-            return json.loads(text, object_pairs_hook=_json_object)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{what} {path}, line {error.lineno}, column {error.colno}: not valid JSON: "
-                             f"{error.msg}") from None
-        except ValueError as error:
-            raise ValueError(f"{what} {path}: {error}") from None
-    import yaml
-
-    try:
-        return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 (a SafeLoader subclass)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{what} {path}, line {error.lineno}, column {error.colno}: not valid JSON: "
+                         f"{error.msg}") from None
+    except ValueError as error:  # a key given twice in JSON
+        raise ValueError(f"{what} {path}: {error}") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -392,10 +362,8 @@ def load_sweep_config(source, *, profile: str | None = None, train: dict | None 
         train: {seeds: [0, 1]}    # TrainConfig fields on top of the profile
         cluster:                  # keyword arguments of submit_sweep (executor, folder, num_threads) and of
           executor: slurm         # make_executor (partition, gpus_per_job, timeout_min, ...: SWEEP_OPTIONS)
-          partition: gpu
 
-    ``profile``, ``train`` and ``options`` override the file (the command line's options, say). Unknown keys raise
-    ValueError naming them and the valid ones. Then ``submit_sweep(config, **options)``."""
+    ``profile``, ``train`` and ``options`` (the command line's) override the file. Unknown keys raise ValueError."""
     sweep = {} if source is None else read_mapping(source, "sweep file")
     if not isinstance(sweep, dict):
         raise ValueError(f"a sweep file must be a mapping with keys profile, train, cluster; got "
@@ -410,9 +378,8 @@ def load_sweep_config(source, *, profile: str | None = None, train: dict | None 
                 raise ValueError(f"the sweep's {key!r} must be a mapping, got {value!r}")
         sections[key] = {**(sweep.get(key) or {}), **(override or {})}
     _check_options(sections["cluster"])
-    fields = {k: tuple(v) if isinstance(v, list) and k in ("seeds", "alphas") else v
-              for k, v in sections["train"].items()}  # YAML/JSON lists
-    return TrainConfig.from_profile(profile or sweep.get("profile") or "paper", **fields), sections["cluster"]
+    return TrainConfig.from_profile(profile or sweep.get("profile") or "paper", **sections["train"]), \
+        sections["cluster"]
 
 
 # ---------------------------------------------------------------------------------------------- command line
@@ -447,25 +414,20 @@ def _parser():
 
 
 def _print_dry_run(config, options: dict) -> None:
-    """--dry-run: the config's hash, the jobs a submission would make now, and the grid's cost."""
+    """--dry-run: sdlib.train's (as the jobs would run), then the jobs a submission would make now."""
     executor, folder = options.get("executor", "local"), options.get("folder", "runs/submitit")
     device = job_device(config, executor, options.get("gpus_per_job"))
-    config_hash = job_config_hash(config, device)  # the hash the jobs record
+    print_dry_run(config, device)
     jobs = [(s, c) for s, c, cfg in job_configs(config) if pending_tasks(cfg, device=device)]
-    active = queued_jobs(config, executor, folder, config_hash)
-    print(f"config_hash {config_hash}; results in {config.results_dir}")
+    active = queued_jobs(config, executor, folder, job_config_hash(config, device))
     print(f"would submit {len([j for j in jobs if j not in active])} of {len(job_configs(config))} jobs "
           f"({executor}); {len(active)} still queued or running:")
-    for seed, chain in jobs:
-        print(f"  seed{seed}-{chain}" + (f" (queued: job {active[(seed, chain)][0]})" if (seed, chain) in active
-                                         else ""))
-    print(f"grid cost: {len(job_configs(config))} jobs; {grid_cost(config)['formula']}")
+    print("".join(f"  seed{s}-{c}" + (f" (queued: job {active[(s, c)][0]})" if (s, c) in active else "") + "\n"
+                  for s, c in jobs), end="")
 
 
 def main(argv: list[str] | None = None) -> list[SweepJob]:
-    """The command line: read the sweep file (if any) and the options over it, build the TrainConfig and the
-    executor (bad values: a clear error, exit code 2), submit the unfinished jobs, and (unless --no-wait) wait
-    for them and print where the results are."""
+    """The command line: the sweep file and the options over it (bad values: exit code 2), submitted, waited for."""
     parser = _parser()
     args = parser.parse_args(argv)
     options = {k: getattr(args, k) for k in SWEEP_OPTIONS if getattr(args, k, None) is not None}
@@ -475,12 +437,12 @@ def main(argv: list[str] | None = None) -> list[SweepJob]:
         if args.skip_bad_lines:
             raise ValueError("--skip-bad-lines applies to python -m sdlib.train only; delete the unreadable line "
                              "that the error names (a sweep's jobs never skip lines)")
-        if args.dry_run or args.estimate is not None:
-            if args.dry_run:
-                _print_dry_run(config, options)
-            else:
-                cost = grid_cost(config, args.estimate)
-                print(f"{cost['jobs']} jobs; {cost['formula']}")
+        if args.dry_run:
+            _print_dry_run(config, options)
+            return []
+        if args.estimate is not None:
+            cost = grid_cost(config, args.estimate)
+            print(f"{cost['jobs']} jobs; {cost['formula']}")
             return []
         jobs = submit_sweep(config, progress=not args.no_progress, **options)
     except (ValueError, FileNotFoundError) as error:

@@ -185,7 +185,7 @@ def sweep_dry_run_hash(t: Path) -> str:
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         sweep._print_dry_run(config, {"executor": "local", "folder": str(t / "submitit")})
-    shown = re.search(r"config_hash (\w+)", printed.getvalue()).group(1)
+    shown = re.search(r"config_hash: (\w+)", printed.getvalue()).group(1)
     with pytest.warns(RuntimeWarning) if not torch.cuda.is_available() else contextlib.nullcontext():
         recorded = effective_config(config, resolve_device("auto")).config_hash()  # what run_chains records
     return "the dry run shows the hash the jobs record" if shown == recorded else \

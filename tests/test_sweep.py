@@ -599,6 +599,6 @@ def test_sweep_dry_run_lists_the_jobs_to_submit(tmp_path, fake_sacct, capsys):
                                                                "folder": str(tmp_path / "submitit")}}))
     assert sweep.main(["--config", str(path), "--dry-run"]) == []
     out = capsys.readouterr().out
-    assert f"config_hash {config.config_hash()}" in out and "would submit 4 of 4 jobs (slurm)" in out
-    assert "grid cost: 4 jobs; 5 models x 2 epochs" in out
+    assert f"config_hash: {config.config_hash()}" in out and "would submit 4 of 4 jobs (slurm)" in out
+    assert "grid cost: 4 sweep jobs; 5 models x 2 epochs" in out and "pending: 4 of 4 (seed, chain, step)" in out
     assert not (tmp_path / "submitit").exists() and not fake_sacct.read_text()
