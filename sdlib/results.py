@@ -9,7 +9,7 @@ test_loss (MSE of the softmax to one-hot), train_loss, wall_time_s, images_per_s
 provenance, data); ``epochs.jsonl``: one line per epoch (train_loss, val_acc, val_loss, test_acc, test_loss, lr,
 wall_time_s, images_per_s); ``probe_epochs.jsonl``: the same for the probes (chain ``"alpha_hat_probe"``). Chains
 are ``"alpha=<a:g>"``, ``"alpha_hat"`` and ``"shared"`` (the step-1 model of a seed, on the labels alone), which
-:func:`load_records` copies into step 1 of every chain. Figures: :mod:`sdlib.plots`.
+:func:`load_records` copies into step 1 of every chain.
 """
 
 from __future__ import annotations
@@ -329,28 +329,6 @@ def chain_label(chain: str) -> str:
     if chain == SHARED_CHAIN:
         return "step 1 (shared)"
     return f"α = {chain_alpha(chain):g}"
-
-
-def accuracy_table(records: pd.DataFrame, metric: str = "test_acc", decimals: int = 2,
-                   readable: bool = False) -> pd.DataFrame:
-    """A chain x step table of ``"mean ± std"`` accuracies in percent over seeds (the paper's layout;
-    ``"mean"`` for one seed), ``metric`` ``"test_acc"`` or ``"val_acc"``; ``readable``: rows named by
-    :func:`chain_label` instead of the chains' ids."""
-    if metric not in ("test_acc", "val_acc"):
-        raise ValueError(f"metric must be 'test_acc' or 'val_acc', got {metric!r}")
-    summary = summarize(records)
-
-    def cell(row) -> str:
-        mean, std = 100 * row[f"{metric}_mean"], 100 * row[f"{metric}_std"]
-        return f"{mean:.{decimals}f}" if math.isnan(std) else f"{mean:.{decimals}f} ± {std:.{decimals}f}"
-
-    table = summary.assign(cell=summary.apply(cell, axis=1)).pivot(index="chain", columns="step", values="cell")
-    table = table.loc[sorted(table.index, key=_chain_sort_key)].fillna("")
-    table.columns = [f"step {step}" for step in table.columns]
-    if readable:
-        table.index = [chain_label(chain) for chain in table.index]
-    table.index.name = "chain"
-    return table
 
 
 # --------------------------------------------------------------------------------------------- tables
