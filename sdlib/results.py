@@ -162,10 +162,8 @@ def _config_chains(config) -> set[str]:
 
 
 def _ordered(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    order = {chain: rank for rank, chain in enumerate(sorted(frame["chain"].unique(), key=_chain_sort_key))}
-    frame = frame.assign(_chain_rank=frame["chain"].map(order))
-    frame = frame.sort_values(["_chain_rank", *keys], kind="stable").drop(columns="_chain_rank")
-    return frame.reset_index(drop=True)
+    by_chain = lambda column: column.map(_chain_sort_key) if column.name == "chain" else column  # noqa: E731
+    return frame.sort_values(["chain", *keys], key=by_chain, kind="stable").reset_index(drop=True)
 
 
 def load_records(results_dir: str | os.PathLike, config_hash: str | None = None, profile: str | None = None,
