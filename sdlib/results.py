@@ -224,10 +224,9 @@ def load_epochs(results_dir: str | os.PathLike, probes: bool = False, config_has
     chosen = store.select_config(objects, path, config_hash, profile, profiles=profiles)
     configs = store.configs_in(objects, profiles)
     if as_records and len(configs) > 1:
-        present = "; ".join(c.describe() for c in reversed(configs))
-        warnings.warn(f"{path} holds {len(configs)} configs (newest first: {present}); reading {chosen}, the one "
-                      f"load_records reads: pass config_hash= or profile= to choose another", RuntimeWarning,
-                      stacklevel=2)
+        warnings.warn(f"{path} holds {len(configs)} configs (newest first: {store.describe(configs)}); reading "
+                      f"{chosen}, the one load_records reads: pass config_hash= or profile= to choose another",
+                      RuntimeWarning, stacklevel=2)
     rows = [{**_checked(obj, f"{path}, line {n}", ("seed", "chain", "step", "epoch"), _EPOCH_NUMBERS),
              "config_hash": obj.get("config_hash")} for n, obj in
             store.last_per_key([(n, o) for n, o in objects if o.get("config_hash") == chosen], store.EPOCH_KEY)]

@@ -18,7 +18,6 @@ import os
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -163,28 +162,19 @@ def last_per_key(rows: Iterable[tuple[int, dict]], fields: tuple[str, ...]) -> l
     return sorted(last.values(), key=lambda item: item[0])
 
 
-@dataclass(frozen=True)
-class ConfigSummary:
-    """One config of a results file: hash, profile (None if no line says), lines, and its last line (newer: larger)."""
-
-    config_hash: str | None
-    profile: str | None
-    rows: int
-    last_line: int
-
-    def describe(self) -> str:
-        return f"{self.config_hash} (profile {self.profile}, {self.rows} line(s))"
-
-
-def configs_in(rows: list[tuple[int, dict]], profiles: dict | None = None) -> list[ConfigSummary]:
-    """The configs of ``rows``, oldest first; ``profiles`` (config_hash -> profile) for lines that name none."""
+def configs_in(rows: list[tuple[int, dict]], profiles: dict | None = None) -> dict[str | None, dict]:
+    """The configs of ``rows``, oldest (by their last line) first: ``config_hash -> {"profile", "lines"}``, the
+    profile the last one a line names, else ``profiles[config_hash]``."""
     found: dict = {}
-    for line_number, row in rows:
-        entry = found.setdefault(row.get("config_hash"), [None, 0, 0])
-        entry[0] = row["profile"] if row.get("profile") is not None else entry[0]
-        entry[1], entry[2] = entry[1] + 1, max(entry[2], line_number)
-    return sorted((ConfigSummary(h, p if p is not None else (profiles or {}).get(h), n, last)
-                   for h, (p, n, last) in found.items()), key=lambda c: c.last_line)
+    for _, row in rows:
+        old = found.pop(row.get("config_hash"), {"profile": (profiles or {}).get(row.get("config_hash")), "lines": 0})
+        found[row.get("config_hash")] = {"profile": row.get("profile") or old["profile"], "lines": old["lines"] + 1}
+    return found
+
+
+def describe(configs: dict) -> str:
+    """The configs of :func:`configs_in`, newest first, as messages name them."""
+    return "; ".join(f"{h} (profile {c['profile']}, {c['lines']} line(s))" for h, c in reversed(configs.items()))
 
 
 def select_config(rows: list[tuple[int, dict]], path: str | os.PathLike, config_hash: str | None = None,
@@ -201,16 +191,16 @@ def select_config(rows: list[tuple[int, dict]], path: str | os.PathLike, config_
     configs = configs_in(rows, profiles)
     if not configs:
         return None
-    present = "; ".join(c.describe() for c in reversed(configs))
+    present = describe(configs)
     if config_hash is not None:
-        if config_hash not in {c.config_hash for c in configs}:
+        if config_hash not in configs:
             raise UnknownConfigError(f"config_hash {config_hash!r} has no lines in {path}; present (newest "
                                      f"first): {present}")
         return config_hash
-    candidates = [c for c in configs if profile is None or c.profile == profile]
+    candidates = [h for h, c in configs.items() if profile is None or c["profile"] == profile]
     if not candidates:
         raise UnknownConfigError(f"profile {profile!r} has no lines in {path}; present (newest first): {present}")
-    chosen = candidates[-1].config_hash
+    chosen = candidates[-1]
     if warn and len(configs) > 1:
         how = "the newest" if profile is None else f"the newest of profile {profile!r}"
         warnings.warn(f"{path} holds {len(configs)} configs (newest first: {present}); reading {how}, {chosen}: "
