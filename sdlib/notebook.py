@@ -1,10 +1,6 @@
-"""Helpers for the book's notebooks that are not part of any chapter's story.
-
-Papermill runs a notebook with ``-p name value`` by inserting, after the cell tagged ``parameters``, a cell that
-assigns the given names: a misspelled name (``-p lamda 0.5``) is a new variable nobody reads. Every notebook calls
-``check_parameters(name=kind, ...)`` in the cell after its parameters cell, before any work, so that such a run stops
-at once, naming the parameter it does not know or whose value is not of its kind (``-r train False`` is the string
-"False", which Python takes as true).
+"""``check_parameters``: every notebook checks its papermill parameters in the cell after its parameters cell,
+before any work. A misspelled ``-p lamda 0.5`` would be a new variable nobody reads, and ``-r train False`` the
+string "False", which Python takes as true: such a run stops at once, naming the parameter and what it expected.
 """
 
 from __future__ import annotations
@@ -34,18 +30,13 @@ def assigned_names(source: str) -> list[str]:
 
 
 def check_parameters(history: list[str] | None = None, namespace: dict | None = None, **kinds) -> list[str]:
-    """Check the notebook's parameters before any work: the names papermill injected, then the type and range
-    of every parameter named in ``kinds``; raise ValueError naming the first bad one (an unknown name with the
-    closest known one and the list of all).
+    """Check the names papermill injected (an unknown one is named with the closest known one), then the value of
+    every parameter in ``kinds`` (``name=kind``: :func:`boolean`, :func:`integer`, :func:`number`, :func:`numbers`,
+    :func:`integers`, :func:`text`, :func:`path`, :func:`mapping`, each in :func:`optional` where None is allowed);
+    ValueError for the first bad one. Returns the injected names.
 
-    history : the sources of the cells run so far (IPython's ``In``, the default): the injected cell is the last
-        one starting with papermill's ``# Parameters``, the parameters cell the one before it; none in a live run.
-    namespace : where the values are (default: the caller's globals, the notebook's namespace).
-    kinds : ``name=kind``, a kind of this module (:func:`boolean`, :func:`integer`, :func:`number`, :func:`numbers`,
-        :func:`integers`, :func:`text`, :func:`path`, :func:`mapping`, each in :func:`optional` where None is
-        allowed), checked whether papermill set the value or not.
-
-    Returns the names that were injected.
+    history: the sources of the cells run so far (IPython's ``In``, the default): papermill's cell is the last one
+    starting with ``# Parameters``, the parameters cell the one before it. namespace: default the caller's globals.
     """
     if history is None:
         from IPython import get_ipython  # a notebook's kernel

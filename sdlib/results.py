@@ -84,7 +84,7 @@ def _display_path(path: Path) -> str:
 
 
 def has_records(results_dir: str | os.PathLike) -> bool:
-    """Whether ``results_dir/records.jsonl`` exists and holds at least one non-blank line."""
+    """Whether ``results_dir/records.jsonl`` holds at least one non-blank line."""
     path = Path(results_dir) / RECORDS_FILE
     return path.is_file() and bool(path.read_text(encoding="utf-8").strip())
 
@@ -266,10 +266,9 @@ def chain_label(chain: str) -> str:
 
 def markdown_table(frame: pd.DataFrame, caption: str, name: str | None = None, index: bool = True,
                    formats: dict | str | None = None):
-    """A DataFrame as the book's numbered table: a MyST ``table`` directive around a pipe table (``name``
-    makes it citable with {numref}), shown by a cell with metadata ``mystnb: {markdown_format: myst}``. The index,
-    when kept, is the first column, headed by its name; ``formats``: one format string for every number, or one
-    per column."""
+    """A DataFrame as the book's numbered table (``name``: citable with {numref}): a MyST ``table`` directive for a
+    cell with metadata ``mystnb: {markdown_format: myst}``; the index, when kept, is the first column; ``formats``:
+    one format string for every number, or one per column."""
     from IPython.display import Markdown
 
     def text(value, fmt=None) -> str:
@@ -315,10 +314,8 @@ def smallest_font_pt(fig) -> float:
 
 
 def book_png(fig):
-    """A figure as the book shows it: a PNG at twice its resolution with only its display width as metadata (the
-    page scales it with its column; IPython's retina format also fixes the height, squashing it on a narrow
-    screen), recording the smallest font drawn and its resolution (PNG_MIN_FONT_KEY, PNG_DPI_KEY) for
-    tests/test_browser.py."""
+    """A figure as the book shows it: a PNG at twice its resolution, with its display width as the only size (a
+    height would squash it in a narrow column) and, for tests/test_browser.py, its smallest font and resolution."""
     from io import BytesIO
 
     if not fig.axes and not fig.lines:
