@@ -23,7 +23,8 @@ import pytest  # noqa: E402
 
 from pages import page_functions  # noqa: E402
 from sdlib import results  # noqa: E402
-from test_results import CHAINS, FIXED_ALPHAS, SEEDS, STEPS, by_hand, epoch_lines, synthetic_records, write_jsonl  # noqa: E402,E501
+from test_results import (CHAINS, FIXED_ALPHAS, SEEDS, STEPS, by_hand, epoch_lines,  # noqa: E402
+                          synthetic_records, write_jsonl)
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK = REPO / "notebooks" / "05_cifar10_self_distillation.ipynb"
