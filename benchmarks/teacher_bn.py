@@ -1,7 +1,7 @@
 """How much the teacher's BatchNorm mode changes its distillation targets (``TrainConfig.teacher_bn``).
 
 The authors' teacher ran with its BatchNorm layers in train mode: each batch of 16 was normalized with its own
-statistics when the targets were computed (see book/05_protocols.md); ours runs in eval mode (running statistics)
+statistics when the targets were computed (see book/reproduce_cifar10.md); ours runs in eval mode (running statistics)
 unless ``teacher_bn="train"``. This script trains a ResNet-50 briefly on real CIFAR-10 images (our trainer,
 :func:`sdlib.step.distill_step`, labels only, the paper's batch 16 and Adam 1e-4), then computes its softmax
 outputs both ways with :func:`sdlib.step.teacher_probs`, batch by batch (``--batch-size``), on

@@ -1,10 +1,6 @@
-"""Helpers for the book's notebooks that are not part of any chapter's story.
-
-Papermill runs a notebook with ``-p name value`` by inserting, after the cell tagged ``parameters``, a cell that
-assigns the given names: a misspelled name (``-p lamda 0.5``) is a new variable nobody reads. Every notebook calls
-``check_parameters(name=kind, ...)`` in the cell after its parameters cell, before any work, so that such a run stops
-at once, naming the parameter it does not know or whose value is not of its kind (``-r train False`` is the string
-"False", which Python takes as true).
+"""``check_parameters``: every notebook checks its papermill parameters in the cell after its parameters cell,
+before any work. A misspelled ``-p lamda 0.5`` would be a new variable nobody reads, and ``-r train False`` the
+string "False", which Python takes as true: such a run stops at once, naming the parameter and what it expected.
 """
 
 from __future__ import annotations
@@ -34,27 +30,18 @@ def assigned_names(source: str) -> list[str]:
 
 
 def check_parameters(history: list[str] | None = None, namespace: dict | None = None, **kinds) -> list[str]:
-    """Check the notebook's parameters before any work: the names papermill injected, then the type and range
-    of every parameter named in ``kinds``; raise ValueError naming the first bad one (an unknown name with the
-    closest known one and the list of all).
+    """Check the names papermill injected (an unknown one is named with the closest known one), then the value of
+    every parameter in ``kinds`` (``name=kind``: :func:`boolean`, :func:`integer`, :func:`number`, :func:`numbers`,
+    :func:`integers`, :func:`text`, :func:`path`, :func:`mapping`, each in :func:`optional` where None is allowed);
+    ValueError for the first bad one. Returns the injected names.
 
-    history : the sources of the cells run so far (IPython's ``In``, the default): the injected cell is the last
-        one starting with papermill's ``# Parameters``, the parameters cell the one before it; none in a live run.
-    namespace : where the values are (default: the caller's globals, the notebook's namespace).
-    kinds : ``name=kind``, a kind of this module (:func:`boolean`, :func:`integer`, :func:`number`, :func:`numbers`,
-        :func:`integers`, :func:`text`, :func:`path`, :func:`mapping`, each in :func:`optional` where None is
-        allowed), checked whether papermill set the value or not.
-
-    Returns the names that were injected.
+    history: the sources of the cells run so far (IPython's ``In``, the default): papermill's cell is the last one
+    starting with ``# Parameters``, the parameters cell the one before it. namespace: default the caller's globals.
     """
-    shell = None
-    if history is None or namespace is None:
-        try:
-            from IPython import get_ipython
-        except ImportError:  # pragma: no cover - notebooks always have IPython
-            get_ipython = lambda: None  # noqa: E731
-        shell = get_ipython()
     if history is None:
+        from IPython import get_ipython  # a notebook's kernel
+
+        shell = get_ipython()
         history = list(shell.user_ns.get("In", [])) if shell is not None else []
     if namespace is None:
         namespace = sys._getframe(1).f_globals  # the cell's globals: IPython's user namespace
@@ -101,48 +88,38 @@ def _injected_names(history: list[str]) -> list[str]:
     return injected
 
 
-# ---------------------------------------------------------------------------------------------- parameter kinds
 # A kind is a function of a value: None where the value is of that kind, else what was expected, in words.
 
 
-def _range(low, high, low_open=False, high_open=False) -> str:
-    parts = []
-    if low is not None:
-        parts.append(f"{'>' if low_open else '>='} {low:g}")
-    if high is not None:
-        parts.append(f"{'<' if high_open else '<='} {high:g}")
-    return " and ".join(parts)
+def _kind(expected: str, test):
+    return lambda value: None if test(value) else expected
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, _numbers.Integral) and not isinstance(value, bool)
-
-
-def _in_range(value, low, high, low_open, high_open) -> bool:
-    return ((low is None or (value > low if low_open else value >= low))
-            and (high is None or (value < high if high_open else value <= high)))
+def _range(low, high, low_open=False, high_open=False):
+    """A range in words (">= 0 and < 1", "" for none) and its test of a number."""
+    words = " and ".join(([f"{'>' if low_open else '>='} {low:g}"] if low is not None else [])
+                         + ([f"{'<' if high_open else '<='} {high:g}"] if high is not None else []))
+    return words, lambda v: ((low is None or (v > low if low_open else v >= low))
+                             and (high is None or (v < high if high_open else v <= high)))
 
 
 def boolean():
     """True or False (not the string "False", not 0 or 1)."""
-    return lambda value: None if isinstance(value, bool) else "True or False"
+    return _kind("True or False", lambda value: isinstance(value, bool))
 
 
 def integer(low=None, high=None):
     """An integer (not a bool) in [low, high]."""
-    expected = "an integer" + (f" {_range(low, high)}" if low is not None or high is not None else "")
-    return lambda value: None if _is_int(value) and _in_range(value, low, high, False, False) else expected
+    words, inside = _range(low, high)
+    return _kind(f"an integer {words}".rstrip(),
+                 lambda v: isinstance(v, _numbers.Integral) and not isinstance(v, bool) and inside(v))
 
 
 def number(low=None, high=None, low_open=False, high_open=False):
     """A finite real number (not a bool) in the range (``low_open``: > low, else >= low)."""
-    bounds = _range(low, high, low_open, high_open)
-    expected = "a finite number" + (f" {bounds}" if bounds else "")
-
-    def check(value):
-        ok = isinstance(value, _numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-        return None if ok and _in_range(value, low, high, low_open, high_open) else expected
-    return check
+    words, inside = _range(low, high, low_open, high_open)
+    return _kind(f"a finite number {words}".rstrip(), lambda v: isinstance(v, _numbers.Real)
+                 and not isinstance(v, bool) and math.isfinite(v) and inside(v))
 
 
 def _sequence(item, what: str, min_len: int, distinct: bool, shown):
@@ -162,23 +139,21 @@ def _sequence(item, what: str, min_len: int, distinct: bool, shown):
 def numbers(low=None, high=None, low_open=False, high_open=False, min_len=1, distinct=False):
     """A list of finite numbers in the range, at least ``min_len`` of them; ``distinct``: no two the same as
     the notebook shows them (``f"{value:g}"``: 0.5 and 0.5000001 would be one column)."""
-    bounds = _range(low, high, low_open, high_open)
-    return _sequence(number(low, high, low_open, high_open), "numbers" + (f" {bounds}" if bounds else ""), min_len,
-                     distinct, (lambda v: f"{v:g}") if distinct else None)
+    words = _range(low, high, low_open, high_open)[0]
+    return _sequence(number(low, high, low_open, high_open), f"numbers {words}".rstrip(), min_len, distinct,
+                     (lambda v: f"{v:g}") if distinct else None)
 
 
 def integers(low=None, high=None, min_len=1, distinct=False):
     """A list of integers in [low, high], at least ``min_len``; ``distinct``: no repeats."""
-    bounds = _range(low, high)
-    return _sequence(integer(low, high), "integers" + (f" {bounds}" if bounds else ""), min_len, distinct, None)
+    return _sequence(integer(low, high), f"integers {_range(low, high)[0]}".rstrip(), min_len, distinct, None)
 
 
 def text(*choices):
     """A string; one of ``choices`` where given."""
     if choices:
-        return lambda value: None if value in choices and isinstance(value, str) else \
-            "one of " + ", ".join(repr(c) for c in choices)
-    return lambda value: None if isinstance(value, str) and value else "a non-empty string"
+        return _kind("one of " + ", ".join(repr(c) for c in choices), lambda v: isinstance(v, str) and v in choices)
+    return _kind("a non-empty string", lambda v: isinstance(v, str) and v)
 
 
 def path(file: bool = False):
@@ -194,7 +169,7 @@ def path(file: bool = False):
 
 def mapping():
     """A dict."""
-    return lambda value: None if isinstance(value, dict) else "a mapping (a dict such as {\"partition\": \"gpu\"})"
+    return _kind("a mapping (a dict such as {\"partition\": \"gpu\"})", lambda value: isinstance(value, dict))
 
 
 def optional(kind):
@@ -203,4 +178,3 @@ def optional(kind):
         problem = None if value is None else kind(value)
         return None if problem is None else f"None or {problem}"
     return check
-

@@ -26,11 +26,9 @@ def Slider(name: str, label: str, values: Sequence[float], initial: float | None
             "initial": index}
 
 
-def _round(value: float, digits: int):
+def _round(value: float, digits: int) -> float | None:
     value = float(value)
-    if not math.isfinite(value):
-        return None
-    return float(f"{value:.{digits}g}")
+    return float(f"{value:.{digits}g}") if math.isfinite(value) else None  # JSON has no NaN: sdbook.js skips null
 
 
 def frames(function: Callable[..., Sequence[float]], sliders: Sequence[dict], depends: Sequence[str],
@@ -41,9 +39,8 @@ def frames(function: Callable[..., Sequence[float]], sliders: Sequence[dict], de
     unknown = [name for name in depends if name not in by_name]
     if unknown:
         raise ValueError(f"depends names unknown sliders {unknown}; sliders are {list(by_name)}")
-    out = []
-    for combo in itertools.product(*(by_name[name]["values"] for name in depends)):
-        out.append([_round(v, digits) for v in function(**dict(zip(depends, combo)))])
+    out = [[_round(v, digits) for v in function(**dict(zip(depends, combo)))]
+           for combo in itertools.product(*(by_name[name]["values"] for name in depends))]
     return out if depends else out[0]
 
 

@@ -1,9 +1,6 @@
-"""Names and file I/O shared by the trainer (:mod:`sdlib.train`) and the torch-free reporting (:mod:`sdlib.results`).
-
-A results folder holds ``records.jsonl`` (one line per (config_hash, seed, chain, step)), ``epochs.jsonl`` (one line
-per epoch) and ``probe_epochs.jsonl`` (the alpha = 0 probes of the alpha-hat chain), all read and written by
-:mod:`sdlib.store` alone. Chains are named ``"alpha=<a:g>"`` for a
-fixed alpha, ``"alpha_hat"`` for the estimated one, and ``"shared"`` for the step-1 model of a seed (labels alone).
+"""The names shared by the trainer and the torch-free readers (the results files, the chains), and
+:func:`write_atomically`. Chains are ``"alpha=<a:g>"`` for a fixed alpha, ``"alpha_hat"`` for the estimated one and
+``"shared"`` for the step-1 model of a seed (labels alone); :mod:`sdlib.store` reads and writes the results files.
 """
 
 from __future__ import annotations

@@ -1,15 +1,10 @@
-"""Read, check and aggregate the results of the CIFAR-10 self-distillation chains, and the book's table and figure
-style. Torch-free (numpy, pandas, matplotlib), so that the book reads committed results without torch.
+"""Read and aggregate the results of the CIFAR-10 chains, and the book's tables and figure style. Torch-free.
 
-A results folder (written by :func:`sdlib.chains.run_chains` through :mod:`sdlib.store`) holds ``records.jsonl``: one
-line per (config_hash, seed, chain, step), the step's final evaluation (seed, chain, step, alpha, alpha_hat and
-alpha_hat_unconstrained for the alpha-hat chain, probe_val_acc / probe_test_acc of its alpha = 0 probe, epochs,
-val_acc / test_acc as fractions (val_acc null with n_val = 0), best_test_acc / best_test_epoch, val_loss /
-test_loss (MSE of the softmax to one-hot), train_loss, wall_time_s, images_per_s, profile, config_hash, config,
-provenance, data); ``epochs.jsonl``: one line per epoch (train_loss, val_acc, val_loss, test_acc, test_loss, lr,
-wall_time_s, images_per_s); ``probe_epochs.jsonl``: the same for the probes (chain ``"alpha_hat_probe"``). Chains
-are ``"alpha=<a:g>"``, ``"alpha_hat"`` and ``"shared"`` (the step-1 model of a seed, on the labels alone), which
-:func:`load_records` copies into step 1 of every chain. Figures: :mod:`sdlib.plots`.
+A results folder (written through :mod:`sdlib.store`) holds ``records.jsonl``: one line per (config_hash, seed,
+chain, step) with the step's final evaluation (accuracies as fractions; val_acc null with n_val = 0; alpha_hat,
+alpha_hat_unconstrained and the alpha = 0 probe's probe_{val,test}_acc on the alpha-hat chain) and its profile,
+config, provenance and data; ``epochs.jsonl`` and ``probe_epochs.jsonl``: one line per epoch. The chain
+``"shared"`` (a seed's step-1 model, on the labels alone) is copied by :func:`load_records` into every chain.
 """
 
 from __future__ import annotations
@@ -18,7 +13,6 @@ import contextlib
 import math
 import numbers
 import os
-import re
 import warnings
 from pathlib import Path
 
@@ -28,23 +22,16 @@ from sdlib import store
 from sdlib.records import (ALPHA_HAT_CHAIN, EPOCHS_FILE, PROBE_CHAIN, PROBE_EPOCHS_FILE, RECORDS_FILE, SHARED_CHAIN,
                            chain_name)
 
-_FIXED_CHAIN = re.compile(r"^alpha=(?P<alpha>[-+0-9.eE]+)$")
 _HOW_TO_PRODUCE = ("run notebooks/05_cifar10_self_distillation.ipynb with train=True (e.g. `papermill "
                    "notebooks/05_cifar10_self_distillation.ipynb out.ipynb -p train True`) or `python -m sdlib.train` "
                    "to produce them")
-# Record fields: required (not null) on every line; numbers that may be null (older files, other chains); others.
-_RECORD_REQUIRED = ("seed", "chain", "step", "alpha", "val_acc", "test_acc")
-_RECORD_OPTIONAL_NUMERIC = ("alpha_hat", "alpha_hat_unconstrained", "best_test_acc", "best_test_epoch", "probe_val_acc",
-                            "probe_test_acc", "epochs", "val_loss", "test_loss", "train_loss", "wall_time_s",
-                            "images_per_s")
-_RECORD_OPTIONAL_OTHER = ("profile", "config_hash", "config", "provenance", "data")
-_EPOCH_REQUIRED = ("seed", "chain", "step", "epoch")
-_EPOCH_OPTIONAL_NUMERIC = ("train_loss", "val_acc", "val_loss", "test_acc", "test_loss", "lr", "wall_time_s",
-                           "images_per_s")
-_ACCURACY_FIELDS = ("val_acc", "test_acc", "probe_val_acc", "probe_test_acc", "best_test_acc")
-
-
-# --------------------------------------------------------------------------------------------- chains
+# The numbers of a record and of an epoch line, NaN where null or absent; others are kept as they are.
+_RECORD_NUMBERS = ("alpha", "val_acc", "test_acc", "alpha_hat", "alpha_hat_unconstrained", "best_test_acc",
+                   "best_test_epoch", "probe_val_acc", "probe_test_acc", "epochs", "val_loss", "test_loss",
+                   "train_loss", "wall_time_s", "images_per_s")
+_RECORD_OTHER = ("profile", "config_hash", "config", "provenance", "data")
+_EPOCH_NUMBERS = ("train_loss", "val_acc", "val_loss", "test_acc", "test_loss", "lr", "wall_time_s", "images_per_s")
+_COUNTS = {"seed": 0, "step": 1, "epoch": 0, "epochs": 1}  # integers, at least this
 
 
 def chain_alpha(chain: str) -> float:
@@ -53,16 +40,13 @@ def chain_alpha(chain: str) -> float:
     special = {ALPHA_HAT_CHAIN: math.nan, SHARED_CHAIN: 1.0, PROBE_CHAIN: 0.0}
     if isinstance(chain, str) and chain in special:
         return special[chain]
-    match = _FIXED_CHAIN.match(chain) if isinstance(chain, str) else None
-    if match is None:
-        raise ValueError(f"chain must be 'alpha=<a>' (e.g. 'alpha=0.1'), '{ALPHA_HAT_CHAIN}' or '{SHARED_CHAIN}', "
-                         f"got {chain!r}")
-    try:
-        alpha = float(match.group("alpha"))
-    except ValueError:
-        raise ValueError(f"chain {chain!r}: {match.group('alpha')!r} is not a number") from None
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"chain {chain!r}: alpha must lie in [0, 1], got {alpha!r}")
+    alpha = None
+    if isinstance(chain, str) and chain.startswith("alpha="):
+        with contextlib.suppress(ValueError):
+            alpha = float(chain.removeprefix("alpha="))
+    if alpha is None or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"chain must be 'alpha=<a>' with a in [0, 1] (e.g. 'alpha=0.1'), '{ALPHA_HAT_CHAIN}' or "
+                         f"'{SHARED_CHAIN}', got {chain!r}")
     return alpha
 
 
@@ -70,9 +54,6 @@ def _chain_sort_key(chain: str) -> tuple:
     # Fixed alphas ascending, then alpha_hat, shared (which load_records expands away) and the probe.
     return ({ALPHA_HAT_CHAIN: 1, SHARED_CHAIN: 2, PROBE_CHAIN: 3}.get(chain, 0), chain_alpha(chain) if chain not in
             (ALPHA_HAT_CHAIN, SHARED_CHAIN, PROBE_CHAIN) else 0.0)
-
-
-# ---------------------------------------------------------------------------------------------- paths
 
 
 def find_repo_root(start: str | os.PathLike | None = None) -> Path:
@@ -102,11 +83,8 @@ def _display_path(path: Path) -> str:
         return str(path)
 
 
-# -------------------------------------------------------------------------------------------- loading
-
-
 def has_records(results_dir: str | os.PathLike) -> bool:
-    """Whether ``results_dir/records.jsonl`` exists and holds at least one non-blank line."""
+    """Whether ``results_dir/records.jsonl`` holds at least one non-blank line."""
     path = Path(results_dir) / RECORDS_FILE
     return path.is_file() and bool(path.read_text(encoding="utf-8").strip())
 
@@ -136,62 +114,42 @@ def _read_jsonl(results_dir, filename: str, what: str, skip_bad_lines: bool) -> 
     return path, objects
 
 
-def _check_int(value, field: str, where: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < minimum:
-        raise ValueError(f"{where}: field {field!r} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _check_number(value, field: str, where: str, allow_null: bool = True) -> float:
-    if value is None and allow_null:
-        return math.nan
-    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{where}: field {field!r} must be a number{' or null' if allow_null else ''}, got "
-                         f"{'null' if value is None else repr(value)}")
-    # Accuracies are fractions: a percentage here would silently scale every plot by 100.
-    if field in _ACCURACY_FIELDS and not 0.0 <= value <= 1.0:
-        raise ValueError(f"{where}: field {field!r} must be a fraction in [0, 1], got {value!r}")
-    return float(value)
-
-
-def _parse_line(obj: dict, where: str, required: tuple, numeric: tuple) -> dict:
-    """The checked fields of one line: the key (seed, chain, step, and epoch where required) and ``numeric``."""
-    missing = [field for field in required if field not in obj]
+def _checked(obj: dict, where: str, required: tuple, numbers: tuple) -> dict:
+    """One line's ``required`` fields (present, not null) and ``numbers`` (NaN where null), checked: the chain's
+    name, counts (:data:`_COUNTS`) integers, accuracies fractions (a percentage would scale every plot by 100).
+    ValueError naming the line and the field."""
+    missing = [field for field in required if obj.get(field) is None]
     if missing:
-        raise ValueError(f"{where}: missing required field(s) {missing}; every "
-                         f"{'record' if 'alpha' in required else 'line'} needs {list(required)}")
-    if not isinstance(obj["chain"], str):
-        raise ValueError(f"{where}: field 'chain' must be a string, got {obj['chain']!r}")
+        raise ValueError(f"{where}: missing required field(s) {missing}; every line needs {list(required)}")
     try:
         chain_alpha(obj["chain"])
     except ValueError as error:
         raise ValueError(f"{where}: {error}") from None
-    row = {"seed": _check_int(obj["seed"], "seed", where, 0), "chain": obj["chain"],
-           "step": _check_int(obj["step"], "step", where, 1)}
-    if "epoch" in required:
-        row["epoch"] = _check_int(obj["epoch"], "epoch", where, 0)
-    # a record's alpha and test_acc are never null; val_acc is null with n_val = 0 (no validation split), and an
-    # epoch's accuracies are null where it was not evaluated (eval_every, test_every)
-    for field in numeric:
-        row[field] = _check_number(obj.get(field), field, where,
-                                   "epoch" in required or field not in ("alpha", "test_acc"))
+    row = {}
+    for field in [f for f in required if f not in numbers] + list(numbers):  # the key first
+        value, low = obj.get(field), _COUNTS.get(field)
+        if field == "chain" or value is None:
+            row[field] = obj["chain"] if field == "chain" else math.nan
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or low is not None and not (
+                value == int(value) and value >= low):
+            raise ValueError(f"{where}: field {field!r} must be {'a number' if low is None else f'an integer >= {low}'}"
+                             f", got {value!r}")
+        if field.endswith("_acc") and not 0.0 <= value <= 1.0:
+            raise ValueError(f"{where}: field {field!r} must be a fraction in [0, 1], got {value!r}")
+        row[field] = float(value) if low is None else int(value)
     return row
 
 
-def _parse_record(obj: dict, where: str) -> dict:
-    row = _parse_line(obj, where, _RECORD_REQUIRED, ("alpha", "val_acc", "test_acc", *_RECORD_OPTIONAL_NUMERIC))
-    chain, step = row["chain"], row["step"]
-    if chain == PROBE_CHAIN:
+def _record(obj: dict, where: str) -> dict:
+    row = _checked(obj, where, ("seed", "chain", "step", "alpha", "test_acc"), _RECORD_NUMBERS)
+    if row["chain"] == PROBE_CHAIN:
         raise ValueError(f"{where}: chain {PROBE_CHAIN!r} has no records (its results are the probe_* fields "
                          f"of the {ALPHA_HAT_CHAIN!r} chain)")
-    if not math.isnan(row["epochs"]):
-        row["epochs"] = _check_int(row["epochs"], "epochs", where, 1)
-    if chain == SHARED_CHAIN and step != 1:
-        raise ValueError(f"{where}: chain 'shared' is the step-1 model, got step {step}")
-    if chain != SHARED_CHAIN and step == 1:
-        raise ValueError(f"{where}: step 1 is recorded once per seed under chain 'shared', got it under chain "
-                         f"{chain!r}")
-    return {**row, **{field: obj.get(field) for field in _RECORD_OPTIONAL_OTHER}, "chain_alpha": chain_alpha(chain),
+    if (row["chain"] == SHARED_CHAIN) != (row["step"] == 1):
+        raise ValueError(f"{where}: step 1 is recorded once per seed under chain 'shared' (the step-1 model), got "
+                         f"step {row['step']} under chain {row['chain']!r}")
+    return {**row, **{field: obj.get(field) for field in _RECORD_OTHER}, "chain_alpha": chain_alpha(row["chain"]),
             "from_shared": False}
 
 
@@ -204,30 +162,26 @@ def _config_chains(config) -> set[str]:
 
 
 def _ordered(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    order = {chain: rank for rank, chain in enumerate(sorted(frame["chain"].unique(), key=_chain_sort_key))}
-    frame = frame.assign(_chain_rank=frame["chain"].map(order))
-    frame = frame.sort_values(["_chain_rank", *keys], kind="stable").drop(columns="_chain_rank")
-    return frame.reset_index(drop=True)
+    by_chain = lambda column: column.map(_chain_sort_key) if column.name == "chain" else column  # noqa: E731
+    return frame.sort_values(["chain", *keys], key=by_chain, kind="stable").reset_index(drop=True)
 
 
 def load_records(results_dir: str | os.PathLike, config_hash: str | None = None, profile: str | None = None,
                  skip_bad_lines: bool = False) -> pd.DataFrame:
     """The step records of one configuration in ``results_dir/records.jsonl``, one row per (seed, chain, step).
 
-    The configuration (:func:`sdlib.store.select_config`): ``config_hash``, else the newest of ``profile``, else the
-    newest, with a RuntimeWarning naming all where there are several; the last line of a key counts;
-    ``skip_bad_lines`` skips unreadable lines with a warning. Each seed's shared step-1 record becomes step 1 of
-    every chain of that seed (those seen and those its ``config`` names), keeping ``alpha`` = 1.0, flagged
-    ``from_shared``. Columns: the record fields (NaN where null or absent) plus ``chain_alpha`` (NaN for
-    ``"alpha_hat"``) and ``from_shared``; rows sorted by chain (fixed alphas ascending, then ``"alpha_hat"``), seed,
-    step. FileNotFoundError for a missing folder or file; ValueError for an empty file, an unreadable line
-    (:class:`sdlib.store.UnreadableLineError`) or a malformed one, or a config not there
-    (:class:`sdlib.store.UnknownConfigError`, listing those present).
+    The configuration: ``config_hash``, else the newest of ``profile``, else the newest (a RuntimeWarning names all
+    where there are several: :func:`sdlib.store.select_config`); the last line of a key counts; ``skip_bad_lines``
+    skips unreadable lines with a warning. A seed's shared step-1 record becomes step 1 of each of its chains (seen
+    or named by its ``config``), flagged ``from_shared``. Columns: the record fields (NaN where null) plus
+    ``chain_alpha`` and ``from_shared``; rows sorted by chain (fixed alphas ascending, then alpha-hat), seed, step.
+    FileNotFoundError for a missing folder or file; ValueError (:class:`sdlib.store.StoreError` among them) for an
+    empty file, an unreadable or malformed line, or a config that is not there.
     """
     path, objects = _read_jsonl(results_dir, RECORDS_FILE, "one JSON record per (seed, chain, step)",
                                 skip_bad_lines)
     chosen = store.select_config(objects, path, config_hash, profile)
-    rows = [_parse_record(obj, f"{path}, line {n}") for n, obj in
+    rows = [_record(obj, f"{path}, line {n}") for n, obj in
             store.last_per_key([(n, o) for n, o in objects if o.get("config_hash") == chosen], store.RECORD_KEY)]
     expanded = [row for row in rows if row["chain"] != SHARED_CHAIN]
     for shared in (row for row in rows if row["chain"] == SHARED_CHAIN):
@@ -244,13 +198,11 @@ def load_records(results_dir: str | os.PathLike, config_hash: str | None = None,
 
 def load_epochs(results_dir: str | os.PathLike, probes: bool = False, config_hash: str | None = None,
                 profile: str | None = None, skip_bad_lines: bool = False) -> pd.DataFrame:
-    """The per-epoch curves of one configuration in ``results_dir/epochs.jsonl`` (``probes=True``: the
-    alpha = 0 probes, ``probe_epochs.jsonl``), one row per (seed, chain, step, epoch): seed, chain, step, epoch,
-    the epoch fields (NaN where null) and config_hash; the shared step-1 rows keep chain ``"shared"``.
-
-    The configuration is the one :func:`load_records` reads (curves of another config are never shown beside the
-    tables: :class:`sdlib.store.UnknownConfigError` where it has no epoch lines); without records, the newest here.
-    Epoch lines without a profile take it from records.jsonl. Same errors as :func:`load_records`.
+    """The per-epoch curves in ``results_dir/epochs.jsonl`` (``probes=True``: ``probe_epochs.jsonl``, the alpha = 0
+    probes), one row per (seed, chain, step, epoch): the key, the epoch fields (NaN where null) and config_hash; the
+    shared step-1 rows keep chain ``"shared"``. The configuration is the one :func:`load_records` reads, so that
+    curves and tables agree (UnknownConfigError where it has no epoch lines); without records, the newest here.
+    Same errors as :func:`load_records`.
     """
     if not isinstance(probes, bool):
         raise ValueError(f"probes must be True or False, got {probes!r}")
@@ -272,51 +224,32 @@ def load_epochs(results_dir: str | os.PathLike, probes: bool = False, config_has
     chosen = store.select_config(objects, path, config_hash, profile, profiles=profiles)
     configs = store.configs_in(objects, profiles)
     if as_records and len(configs) > 1:
-        present = "; ".join(c.describe() for c in reversed(configs))
-        warnings.warn(f"{path} holds {len(configs)} configs (newest first: {present}); reading {chosen}, the one "
-                      f"load_records reads: pass config_hash= or profile= to choose another", RuntimeWarning,
-                      stacklevel=2)
-    rows = [{**_parse_line(obj, f"{path}, line {n}", _EPOCH_REQUIRED, _EPOCH_OPTIONAL_NUMERIC),
+        warnings.warn(f"{path} holds {len(configs)} configs (newest first: {store.describe(configs)}); reading "
+                      f"{chosen}, the one load_records reads: pass config_hash= or profile= to choose another",
+                      RuntimeWarning, stacklevel=2)
+    rows = [{**_checked(obj, f"{path}, line {n}", ("seed", "chain", "step", "epoch"), _EPOCH_NUMBERS),
              "config_hash": obj.get("config_hash")} for n, obj in
             store.last_per_key([(n, o) for n, o in objects if o.get("config_hash") == chosen], store.EPOCH_KEY)]
     return _ordered(pd.DataFrame(rows), ["seed", "step", "epoch"])
-
-
-# ---------------------------------------------------------------------------------------- aggregation
-
-
-def _check_records(records: pd.DataFrame, name: str = "records") -> None:
-    if not isinstance(records, pd.DataFrame):
-        raise ValueError(f"{name} must be the DataFrame returned by load_records, got {type(records).__name__}")
-    missing = [c for c in ("seed", "chain", "step", "test_acc", "val_acc", "alpha_hat") if c not in records]
-    if missing:
-        raise ValueError(f"{name} must be the DataFrame returned by load_records; missing column(s) {missing}")
-    if records.empty:
-        raise ValueError(f"{name} is empty: nothing to summarize")
 
 
 def summarize(records: pd.DataFrame, ddof: int = 1) -> pd.DataFrame:
     """Statistics over seeds per (chain, step), sorted like :func:`load_records`: chain, chain_alpha, step, n_seeds,
     {test,val}_acc_{mean,std,min,max}, alpha_hat_mean, alpha_hat_std (NaN but for the alpha-hat chain at steps >= 2).
     ``ddof``: 1 for the sample standard deviation over seeds (NaN for one seed), 0 for the population one."""
-    _check_records(records)
+    missing = {"seed", "chain", "step", "test_acc", "val_acc", "alpha_hat"} - set(getattr(records, "columns", ()))
+    if not isinstance(records, pd.DataFrame) or missing:
+        raise ValueError(f"records must be the DataFrame returned by load_records (missing {sorted(missing)})")
+    if records.empty:
+        raise ValueError("records is empty: nothing to summarize")
     if ddof not in (0, 1):
         raise ValueError(f"ddof must be 0 or 1, got {ddof!r}")
-    groups = records.groupby(["chain", "step"], sort=False)
-    summary = groups.agg(
-        chain_alpha=("chain_alpha", "first"),
-        n_seeds=("seed", "nunique"),
-        test_acc_mean=("test_acc", "mean"),
-        test_acc_std=("test_acc", lambda values: values.std(ddof=ddof)),
-        test_acc_min=("test_acc", "min"),
-        test_acc_max=("test_acc", "max"),
-        val_acc_mean=("val_acc", "mean"),
-        val_acc_std=("val_acc", lambda values: values.std(ddof=ddof)),
-        val_acc_min=("val_acc", "min"),
-        val_acc_max=("val_acc", "max"),
-        alpha_hat_mean=("alpha_hat", "mean"),
-        alpha_hat_std=("alpha_hat", lambda values: values.dropna().std(ddof=ddof)),
-    ).reset_index()
+    std = lambda values: values.std(ddof=ddof)  # noqa: E731 - over the seeds, NaN left out
+    stats = {f"{metric}_{name}": (metric, how) for metric in ("test_acc", "val_acc")
+             for name, how in (("mean", "mean"), ("std", std), ("min", "min"), ("max", "max"))}
+    summary = records.groupby(["chain", "step"], sort=False).agg(
+        chain_alpha=("chain_alpha", "first"), n_seeds=("seed", "nunique"), **stats,
+        alpha_hat_mean=("alpha_hat", "mean"), alpha_hat_std=("alpha_hat", std)).reset_index()
     summary["n_seeds"] = summary["n_seeds"].astype(int)
     return _ordered(summary, ["step"])
 
@@ -331,36 +264,11 @@ def chain_label(chain: str) -> str:
     return f"α = {chain_alpha(chain):g}"
 
 
-def accuracy_table(records: pd.DataFrame, metric: str = "test_acc", decimals: int = 2,
-                   readable: bool = False) -> pd.DataFrame:
-    """A chain x step table of ``"mean ± std"`` accuracies in percent over seeds (the paper's layout;
-    ``"mean"`` for one seed), ``metric`` ``"test_acc"`` or ``"val_acc"``; ``readable``: rows named by
-    :func:`chain_label` instead of the chains' ids."""
-    if metric not in ("test_acc", "val_acc"):
-        raise ValueError(f"metric must be 'test_acc' or 'val_acc', got {metric!r}")
-    summary = summarize(records)
-
-    def cell(row) -> str:
-        mean, std = 100 * row[f"{metric}_mean"], 100 * row[f"{metric}_std"]
-        return f"{mean:.{decimals}f}" if math.isnan(std) else f"{mean:.{decimals}f} ± {std:.{decimals}f}"
-
-    table = summary.assign(cell=summary.apply(cell, axis=1)).pivot(index="chain", columns="step", values="cell")
-    table = table.loc[sorted(table.index, key=_chain_sort_key)].fillna("")
-    table.columns = [f"step {step}" for step in table.columns]
-    if readable:
-        table.index = [chain_label(chain) for chain in table.index]
-    table.index.name = "chain"
-    return table
-
-
-# --------------------------------------------------------------------------------------------- tables
-
 def markdown_table(frame: pd.DataFrame, caption: str, name: str | None = None, index: bool = True,
                    formats: dict | str | None = None):
-    """A DataFrame as the book's numbered table: a MyST ``table`` directive around a pipe table (``name``
-    makes it citable with {numref}), shown by a cell with metadata ``mystnb: {markdown_format: myst}``. The index,
-    when kept, is the first column, headed by its name; ``formats``: one format string for every number, or one
-    per column."""
+    """A DataFrame as the book's numbered table (``name``: citable with {numref}): a MyST ``table`` directive for a
+    cell with metadata ``mystnb: {markdown_format: myst}``; the index, when kept, is the first column; ``formats``:
+    one format string for every number, or one per column."""
     from IPython.display import Markdown
 
     def text(value, fmt=None) -> str:
@@ -384,8 +292,6 @@ def markdown_table(frame: pd.DataFrame, caption: str, name: str | None = None, i
     return Markdown(f"::::{{table}} {text(caption)}\n{label}:align: left\n\n" + "\n".join(lines) + "\n::::\n")
 
 
-# -------------------------------------------------------------------------------------------- figures
-
 # Figures are drawn at 5.6 in and 100 px per inch with labels of at least 12 pt (book_figures), so that on a
 # phone's 342 px column their text is still about 10 px (12 pt x 100/72 x 342/560).
 FIGURE_WIDTH_IN = 5.6
@@ -408,10 +314,8 @@ def smallest_font_pt(fig) -> float:
 
 
 def book_png(fig):
-    """A figure as the book shows it: a PNG at twice its resolution with only its display width as metadata (the
-    page scales it with its column; IPython's retina format also fixes the height, squashing it on a narrow
-    screen), recording the smallest font drawn and its resolution (PNG_MIN_FONT_KEY, PNG_DPI_KEY) for
-    tests/test_browser.py."""
+    """A figure as the book shows it: a PNG at twice its resolution, with its display width as the only size (a
+    height would squash it in a narrow column) and, for tests/test_browser.py, its smallest font and resolution."""
     from io import BytesIO
 
     if not fig.axes and not fig.lines:

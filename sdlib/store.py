@@ -1,19 +1,12 @@
-"""The results store: the one reader and writer of ``records.jsonl``, ``epochs.jsonl`` and ``probe_epochs.jsonl``
-(torch-free and pandas-free).
+"""The results store: the one reader and writer of ``records.jsonl``, ``epochs.jsonl`` and ``probe_epochs.jsonl``.
 
-- **Append-only, keyed.** A write appends whole lines (one ``write``, then ``fsync``) under an exclusive lock of the
-  folder; nothing is rewritten, so runs of several configs, one after the other or at the same time, lose nothing.
-  Records are keyed by ``(config_hash, seed, chain, step)``, epoch lines by that and ``epoch``; readers keep the last
-  line of a key (a step redone after a crash appends again).
-- **Readers choose a config** (:func:`select_config`): the newest by default, or one named by hash or profile, with
-  a RuntimeWarning listing every config where a folder holds several.
-- **Unreadable lines** raise :class:`UnreadableLineError` naming file and line, or are skipped with a warning
-  (``skip_bad_lines``). A last line without its newline may be an append in progress: the reader waits for the
-  writer's lock and reads again, so only a line a crash tore is reported; a writer starts a fresh line after one.
-  (pandas.read_json(lines=True) would do neither: it names no line and skips none, so the lines are read here.)
-- **The lock** ``results_dir/.sdlib-store.lock`` (fcntl) is created for each write and removed after it, so no lock
-  file stays behind (a waiting writer checks that the file it locked is still the one at that path).
-- **One rewrite**, for ``scripts/migrate_results.py`` (:meth:`ResultsStore.rewrite`), under the same lock.
+Append-only: a write appends whole lines (one write, then fsync) under an exclusive lock of the folder
+(``.sdlib-store.lock``, fcntl, removed after each write), so runs of several configs, one after the other or at the
+same time, lose nothing. Lines are keyed by ``(config_hash, seed, chain, step)`` (and ``epoch``); readers keep the
+last line of a key and choose one config (:func:`select_config`). A torn last line may be an append in progress:
+the reader waits for the writer and reads again, so only a line a crash tore is reported (:class:`UnreadableLineError`,
+naming file and line, which pandas.read_json(lines=True) would not) or skipped on request. One rewrite, under the
+same lock, for ``scripts/migrate_results.py``. Torch-free.
 """
 
 from __future__ import annotations
@@ -25,7 +18,6 @@ import os
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -92,21 +84,18 @@ def _locked(directory: Path):
                                    f"away") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            current = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
             current = False
-        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                current = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
+            if current:  # else the holder before us removed that file: lock the one now at the path
+                try:
+                    yield
+                finally:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(lock_path)
+                return
+        finally:
             os.close(fd)
-            raise
-        if current:
-            break
-        os.close(fd)  # the holder before us removed that file: lock the one now at the path
-    try:
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(lock_path)
-        os.close(fd)
 
 
 def _wait_for_writer(directory: Path) -> None:
@@ -169,36 +158,23 @@ def read_jsonl(path: str | os.PathLike, skip_bad_lines: bool = False) -> list[tu
 
 def last_per_key(rows: Iterable[tuple[int, dict]], fields: tuple[str, ...]) -> list[tuple[int, dict]]:
     """The last ``(line_number, row)`` of every key (last write wins), in the order of those last lines."""
-    last = {}
-    for line_number, row in rows:
-        key = tuple(row.get(field) for field in fields)
-        last.pop(key, None)  # re-inserted: the dict's order becomes the order of the last lines
-        last[key] = (line_number, row)
-    return list(last.values())
+    last = {tuple(row.get(field) for field in fields): (line_number, row) for line_number, row in rows}
+    return sorted(last.values(), key=lambda item: item[0])
 
 
-@dataclass(frozen=True)
-class ConfigSummary:
-    """One config of a results file: hash, profile (None if no line says), lines, and its last line (newer: larger)."""
-
-    config_hash: str | None
-    profile: str | None
-    rows: int
-    last_line: int
-
-    def describe(self) -> str:
-        return f"{self.config_hash} (profile {self.profile}, {self.rows} line(s))"
-
-
-def configs_in(rows: list[tuple[int, dict]], profiles: dict | None = None) -> list[ConfigSummary]:
-    """The configs of ``rows``, oldest first; ``profiles`` (config_hash -> profile) for lines that name none."""
+def configs_in(rows: list[tuple[int, dict]], profiles: dict | None = None) -> dict[str | None, dict]:
+    """The configs of ``rows``, oldest (by their last line) first: ``config_hash -> {"profile", "lines"}``, the
+    profile the last one a line names, else ``profiles[config_hash]``."""
     found: dict = {}
-    for line_number, row in rows:
-        entry = found.setdefault(row.get("config_hash"), [None, 0, 0])
-        entry[0] = row["profile"] if row.get("profile") is not None else entry[0]
-        entry[1], entry[2] = entry[1] + 1, max(entry[2], line_number)
-    return sorted((ConfigSummary(h, p if p is not None else (profiles or {}).get(h), n, last)
-                   for h, (p, n, last) in found.items()), key=lambda c: c.last_line)
+    for _, row in rows:
+        old = found.pop(row.get("config_hash"), {"profile": (profiles or {}).get(row.get("config_hash")), "lines": 0})
+        found[row.get("config_hash")] = {"profile": row.get("profile") or old["profile"], "lines": old["lines"] + 1}
+    return found
+
+
+def describe(configs: dict) -> str:
+    """The configs of :func:`configs_in`, newest first, as messages name them."""
+    return "; ".join(f"{h} (profile {c['profile']}, {c['lines']} line(s))" for h, c in reversed(configs.items()))
 
 
 def select_config(rows: list[tuple[int, dict]], path: str | os.PathLike, config_hash: str | None = None,
@@ -215,16 +191,16 @@ def select_config(rows: list[tuple[int, dict]], path: str | os.PathLike, config_
     configs = configs_in(rows, profiles)
     if not configs:
         return None
-    present = "; ".join(c.describe() for c in reversed(configs))
+    present = describe(configs)
     if config_hash is not None:
-        if config_hash not in {c.config_hash for c in configs}:
+        if config_hash not in configs:
             raise UnknownConfigError(f"config_hash {config_hash!r} has no lines in {path}; present (newest "
                                      f"first): {present}")
         return config_hash
-    candidates = [c for c in configs if profile is None or c.profile == profile]
+    candidates = [h for h, c in configs.items() if profile is None or c["profile"] == profile]
     if not candidates:
         raise UnknownConfigError(f"profile {profile!r} has no lines in {path}; present (newest first): {present}")
-    chosen = candidates[-1].config_hash
+    chosen = candidates[-1]
     if warn and len(configs) > 1:
         how = "the newest" if profile is None else f"the newest of profile {profile!r}"
         warnings.warn(f"{path} holds {len(configs)} configs (newest first: {present}); reading {how}, {chosen}: "
@@ -275,18 +251,13 @@ class ResultsStore:
                 raise ValueError(f"a line of {filename} needs {list(required)}; missing {missing} in {row!r}")
         payload = "".join(json.dumps(row) + "\n" for row in rows).encode("utf-8")
         self.results_dir.mkdir(parents=True, exist_ok=True)
-        with _locked(self.results_dir):
-            fd = os.open(self.path(filename), os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-            try:
-                size = os.fstat(fd).st_size
-                if size and os.pread(fd, 1, size - 1) != b"\n":  # a torn last line stays a line of its own
-                    payload = b"\n" + payload
-                view = memoryview(payload)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        with _locked(self.results_dir), open(self.path(filename), "a+b") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            if size and os.pread(handle.fileno(), 1, size - 1) != b"\n":  # a torn last line stays a line of its own
+                payload = b"\n" + payload
+            handle.write(payload)  # buffered: written in full, however large
+            handle.flush()
+            os.fsync(handle.fileno())
 
     def rewrite(self, transform) -> dict[str, list[dict]]:
         """Write back what ``transform({filename: [(line_number, row), ...]})`` returns (``{filename: [row, ...]}``,

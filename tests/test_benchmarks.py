@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sdlib import book
+from pages import page_functions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,8 +92,10 @@ def test_bad_arguments_are_rejected_before_any_work(argv, message, capsys):
 
 
 def test_load_throughput_reads_the_written_file(benchmark_run, tmp_path):
+    """book/reproduce_at_scale.md's table reader (a hidden cell of that page) on what the benchmark wrote."""
+    load_throughput = page_functions(ROOT / "book" / "reproduce_at_scale.md", "load_throughput")["load_throughput"]
     _, _, written, out = benchmark_run
-    table = book.load_throughput([out, out])
+    table = load_throughput([out, out])
     assert len(table) == 2 * len(written["variants"])
     first = table.iloc[: len(written["variants"])]
     assert list(first["variant"]) == list(written["variants"])
@@ -102,12 +104,12 @@ def test_load_throughput_reads_the_written_file(benchmark_run, tmp_path):
         assert row.images_per_s == r["images_per_s"] and row.grid_total_hours == r["grid"]["total_hours"]
         assert row.device == written["provenance"]["device_name"] and row.file == out.name
     with pytest.raises(FileNotFoundError, match="run benchmarks/train_throughput.py"):
-        book.load_throughput(tmp_path / "absent.json")
+        load_throughput(tmp_path / "absent.json")
     (tmp_path / "other.json").write_text('{"benchmark": "krr"}')
     with pytest.raises(ValueError, match="not a result of benchmarks/train_throughput.py"):
-        book.load_throughput(tmp_path / "other.json")
+        load_throughput(tmp_path / "other.json")
     with pytest.raises(ValueError, match="at least one"):
-        book.load_throughput([])
+        load_throughput([])
 
 
 def test_ab_trains_float32_and_bf16_from_the_same_start(tiny_cifar_root, tmp_path):

@@ -263,12 +263,13 @@ def test_no_remote_scripts_or_styles(book):
 
 def test_reproduce_at_scale_quotes_the_committed_throughput(book):
     """The cost of the grid is computed at build time from benchmarks/results/ and results/cifar10/."""
-    from sdlib import book as page_helpers
+    from pages import page_functions
 
     root, _ = book
+    page_helpers = page_functions(root / "book" / "reproduce_at_scale.md", "load_throughput", "training_runs")
     files = sorted((root / "benchmarks" / "results").glob("train_throughput_*.json"))
     assert files, "no committed throughput benchmark"
-    bench = page_helpers.load_throughput(files)
+    bench = page_helpers["load_throughput"](files)
     text = _text(_html(root, "book/reproduce_at_scale"))
     assert "throughput: pending" not in text and "pending the GPU throughput" not in text
     for variant, group in bench.groupby("variant"):
@@ -276,7 +277,7 @@ def test_reproduce_at_scale_quotes_the_committed_throughput(book):
             assert f"{value:,.0f}" in text, f"{variant}: {value:,.0f} images/s not on the page"
         for value in (group.grid_total_hours.min(), group.grid_total_hours.max()):
             assert f"{value:,.0f}" in text, f"{variant}: {value:,.0f} grid hours not on the page"
-    runs = page_helpers.training_runs(root / "results" / "cifar10")
+    runs = page_helpers["training_runs"](root / "results" / "cifar10")
     for value in runs.images_per_s:
         assert f"{value:,.0f}" in text, f"the one-GPU sweep's {value:,.0f} images/s not on the page"
     fast = bench[bench.variant == "fast"].iloc[0]

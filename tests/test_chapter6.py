@@ -14,6 +14,8 @@ from sklearn.datasets import load_digits
 from sklearn.kernel_ridge import KernelRidge
 from sklearn.model_selection import train_test_split
 
+import pages
+from pages import figures, text_of
 from sdlib.krr import one_hot, refit_chain, symmetric_label_noise
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,30 +25,7 @@ OTHER = {"n_train": 200, "n_val": 80, "n_test": 150, "seeds": [3], "noise_rates"
 
 
 def execute(tmp_path, name, parameters):
-    out = tmp_path / f"{name}.ipynb"
-    pm.execute_notebook(str(NOTEBOOK), str(out), parameters=parameters, cwd=str(NOTEBOOK.parent), kernel_name="python3",
-                        progress_bar=False)
-    return nbformat.read(out, as_version=4)
-
-
-def text_of(notebook) -> str:
-    parts = []
-    for cell in notebook.cells:
-        for output in cell.get("outputs", []):
-            parts.append(output.get("text", ""))
-            parts.append(str(output.get("data", {}).get("text/plain", "")))
-            parts.append(str(output.get("data", {}).get("text/markdown", "")))
-    return "\n".join(parts)
-
-
-def figures(notebook) -> dict[str, int]:
-    """Figure name -> number of PNG outputs of its cell."""
-    found = {}
-    for cell in notebook.cells:
-        name = cell.metadata.get("mystnb", {}).get("figure", {}).get("name")
-        if name:
-            found[name] = sum("image/png" in o.get("data", {}) for o in cell.get("outputs", []))
-    return found
+    return pages.execute(NOTEBOOK, tmp_path, name, parameters)
 
 
 def test_defaults_run_and_show_digits_and_the_committed_cifar_results(tmp_path):

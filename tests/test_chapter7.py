@@ -14,7 +14,8 @@ import pytest
 pm = pytest.importorskip("papermill")
 pytest.importorskip("torch")
 
-from test_chapter6 import figures  # noqa: E402  (figure name -> PNG outputs of its cell)
+import pages  # noqa: E402
+from pages import figures, text_of  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "07_cpu_self_distillation.ipynb"
@@ -23,20 +24,7 @@ FIGURES = ("fig-ch7-epochs", "fig-ch7-steps", "fig-ch7-alpha-hat")
 
 
 def execute(tmp_path, name, parameters):
-    out = tmp_path / f"{name}.ipynb"
-    pm.execute_notebook(str(NOTEBOOK), str(out), parameters=parameters, cwd=str(NOTEBOOK.parent),
-                        kernel_name="python3", progress_bar=False)
-    return nbformat.read(out, as_version=4)
-
-
-def text_of(notebook) -> str:
-    parts = []
-    for cell in notebook.cells:
-        for output in cell.get("outputs", []):
-            parts.append(output.get("text", ""))
-            for kind in ("text/plain", "text/markdown", "text/html"):
-                parts.append(str(output.get("data", {}).get(kind, "")))
-    return "\n".join(parts)
+    return pages.execute(NOTEBOOK, tmp_path, name, parameters)
 
 
 def test_live_run_trains_clean_and_noisy_grids_where_told(tiny_cifar_root, tmp_path):

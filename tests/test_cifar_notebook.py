@@ -5,18 +5,33 @@ book (figures captioned, boilerplate hidden); and an unknown parameter stopping 
 
 import json
 import re
+import statistics
+import subprocess
+import sys
 from pathlib import Path
 
-import matplotlib.image
-import nbformat
-import papermill
-import pytest
+import matplotlib
 
-from sdlib import results
+matplotlib.use("Agg")
+
+import matplotlib.image  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import nbformat  # noqa: E402
+import numpy as np  # noqa: E402
+import papermill  # noqa: E402
+import pytest  # noqa: E402
+
+from pages import page_functions  # noqa: E402
+from sdlib import results  # noqa: E402
+from test_results import (CHAINS, FIXED_ALPHAS, SEEDS, STEPS, by_hand, epoch_lines,  # noqa: E402
+                          synthetic_records, write_jsonl)
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK = REPO / "notebooks" / "05_cifar10_self_distillation.ipynb"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# the chapter's own figures and tables, defined in a hidden cell of the notebook
+CHAPTER5_HELPERS = ("accuracy_table", "plot_accuracy", "plot_last_step", "plot_alpha_hat", "plot_summary",
+                    "plot_epochs")
 
 
 def execute(output_path: Path, **parameters) -> nbformat.NotebookNode:
@@ -86,9 +101,9 @@ def test_notebook_is_committed_clean_and_parameterized():
         assert len(caption) > 60 and len(alt) > 40 and "{glue:text}`cifar_epochs:d`" in caption
         assert f"{{numref}}`{name}`" in text
     # the profiles, the authors' code, the BatchNorm measurement and provenance are on their own page
-    assert not any("protocols." in cell.source for cell in code)
+    assert not any("protocol_table(" in cell.source or "teacher_bn_effect(" in cell.source for cell in code)
     page = (REPO / "book" / "reproduce_cifar10.md").read_text(encoding="utf-8")
-    assert "protocols.protocol_table(tuple(PROFILES))" in page and "protocols.teacher_bn_effect()" in page
+    assert "protocol_table(tuple(PROFILES))" in page and "teacher_bn_effect()" in page
     assert not (REPO / "book" / "05_protocols.md").exists()
 
 
@@ -190,3 +205,141 @@ def test_an_unknown_parameter_stops_the_notebook_before_any_work(tmp_path):
     failed = [i for i, cell in enumerate(code) if any(out.get("output_type") == "error" for out in cell.outputs)]
     assert len(failed) == 1 and "check_parameters(" in code[failed[0]].source
     assert all(cell.execution_count is None for cell in code[failed[0] + 1:])
+
+
+# ---------------------------------------------------------------- the chapter's figures and tables (its hidden cell)
+
+
+@pytest.fixture(scope="module")
+def chapter5():
+    return page_functions(NOTEBOOK, *CHAPTER5_HELPERS)
+
+
+@pytest.fixture
+def records_dir(tmp_path):
+    records = synthetic_records()
+    return write_jsonl(tmp_path / "results", records), records
+
+
+def test_accuracy_table_formats_mean_and_std_in_percent(records_dir, chapter5):
+    directory, raw = records_dir
+    table = chapter5["accuracy_table"](results.load_records(directory))
+    assert list(table.index) == list(CHAINS)
+    assert list(table.columns) == [f"step {t}" for t in (1, *STEPS)]
+    group = [r["test_acc"] for r in by_hand(raw)[("alpha_hat", 3)]]
+    expected = f"{100 * statistics.fmean(group):.2f} ± {100 * statistics.stdev(group):.2f}"
+    assert table.loc["alpha_hat", "step 3"] == expected
+
+
+def test_plot_accuracy_draws_one_line_per_chain(records_dir, chapter5):
+    directory, raw = records_dir
+    df = results.load_records(directory)
+    fig = chapter5["plot_accuracy"](df)
+    ax = fig.axes[0]
+    lines = ax.get_lines()
+    assert len(lines) == len(CHAINS)
+    table = by_hand(raw)
+    for line, chain in zip(lines, CHAINS):
+        np.testing.assert_array_equal(line.get_xdata(), (1, *STEPS))
+        expected = [statistics.fmean(r["test_acc"] for r in table[(chain, t)]) for t in (1, *STEPS)]
+        np.testing.assert_allclose(line.get_ydata(), expected, atol=1e-12)
+    # fixed alphas: one distinct colour each, named in the legend (no colorbar); alpha-hat highlighted (own
+    # colour, thicker) with the only band (the fixed chains' spread is in plot_last_step)
+    colours = [matplotlib.colors.to_hex(line.get_color()) for line in lines]
+    assert len(set(colours)) == len(CHAINS)
+    assert matplotlib.colors.same_color(lines[-1].get_color(), chapter5["ALPHA_HAT_COLOR"])
+    assert lines[-1].get_linewidth() > max(line.get_linewidth() for line in lines[:-1])
+    legend = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert legend[:len(FIXED_ALPHAS)] == [f"α = {alpha:g}" for alpha in FIXED_ALPHAS]
+    assert len(ax.collections) == 1
+    assert len(fig.axes) == 1
+    plt.close(fig)
+
+    fig, ax = plt.subplots()
+    assert chapter5["plot_accuracy"](df, ax=ax, metric="val_acc", spread=None) is fig
+    assert len(ax.get_lines()) == len(CHAINS) and len(ax.collections) == 0
+    plt.close(fig)
+    with pytest.raises(ValueError, match="spread"):
+        chapter5["plot_accuracy"](df, spread="iqr")
+    with pytest.raises(ValueError, match="metric"):
+        chapter5["plot_accuracy"](df, metric="loss")
+
+
+def test_plot_alpha_hat_shows_seeds_and_mean(records_dir, chapter5):
+    directory, raw = records_dir
+    fig = chapter5["plot_alpha_hat"](results.load_records(directory))
+    ax = fig.axes[0]
+    (mean_line,) = ax.get_lines()
+    np.testing.assert_array_equal(mean_line.get_xdata(), STEPS)
+    expected = [statistics.fmean(r["alpha_hat"] for r in raw if r["chain"] == "alpha_hat" and r["step"] == t)
+                for t in STEPS]
+    np.testing.assert_allclose(mean_line.get_ydata(), expected, atol=1e-12)
+    (points,) = ax.collections
+    assert len(points.get_offsets()) == len(SEEDS) * len(STEPS)
+    plt.close(fig)
+
+    # a run without the alpha-hat chain (the shared record's config says so, else it would expand into it)
+    without = [{**r, "config": {**r["config"], "include_alpha_hat": False}}
+               for r in synthetic_records() if r["chain"] != "alpha_hat"]
+    df = results.load_records(write_jsonl(Path(directory).parent / "no_hat", without))
+    with pytest.raises(ValueError, match="alpha_hat"):
+        chapter5["plot_alpha_hat"](df)
+    fig = chapter5["plot_summary"](df)  # accuracy and last-step panels only
+    assert len(fig.axes) == 2 and len(fig.axes[0].get_lines()) == 3
+    plt.close(fig)
+
+
+def test_plot_summary_has_both_panels(records_dir, chapter5, tmp_path):
+    directory, _ = records_dir
+    df = results.load_records(directory)
+    fig = chapter5["plot_summary"](df)
+    accuracy_ax, last_ax, alpha_ax = fig.axes
+    assert len(accuracy_ax.get_lines()) == len(CHAINS) and len(alpha_ax.get_lines()) == 1
+    # the last step against alpha: one error bar per chain, at the mean and one sample std over seeds
+    summary = results.summarize(df)
+    last = summary[summary["step"] == summary["step"].max()].set_index("chain")
+    bars = last_ax.containers
+    assert len(bars) == len(CHAINS)
+    for bar, chain in zip(bars, last.index):
+        (x,), (y,) = bar.lines[0].get_data()
+        assert y == pytest.approx(last.loc[chain, "test_acc_mean"])
+        if chain != "alpha_hat":
+            assert x == pytest.approx(results.chain_alpha(chain))
+        (segment,) = bar.lines[2][0].get_segments()
+        assert segment[1][1] - segment[0][1] == pytest.approx(2 * last.loc[chain, "test_acc_std"])
+    fig.savefig(tmp_path / "summary.png")
+    assert (tmp_path / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plt.close(fig)
+
+
+def test_plot_epochs_lays_the_steps_end_to_end(tmp_path, chapter5):
+    epochs = results.load_epochs(write_jsonl(tmp_path / "r", epoch_lines(), name="epochs.jsonl"))
+    fig = chapter5["plot_epochs"](epochs, "alpha=0", metric="val_acc")
+    ax = fig.axes[0]
+    assert len(ax.get_lines()) == 3  # steps 1 (shared), 2, 3
+    np.testing.assert_array_equal(ax.get_lines()[2].get_xdata(), [5, 6])  # epochs laid end to end
+    np.testing.assert_allclose(ax.get_lines()[1].get_ydata(), [0.2 + 0.01 + 0.0005, 0.2 + 0.02 + 0.0005])
+    plt.close(fig)
+    with pytest.raises(ValueError, match="alpha=0.7"):
+        chapter5["plot_epochs"](epochs, "alpha=0.7")
+    with pytest.raises(ValueError, match="metric"):
+        chapter5["plot_epochs"](epochs, "alpha=0", metric="loss")
+
+
+def test_the_chapters_figures_need_no_torch(records_dir):
+    """The book plots committed results on machines without torch: the chapter's helpers with torch blocked."""
+    directory, _ = records_dir
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None\n"
+        f"sys.path.insert(0, {str(REPO / 'tests')!r})\n"
+        "import matplotlib; matplotlib.use('Agg')\n"
+        "from pages import page_functions\n"
+        "from sdlib.results import load_records\n"
+        f"page = page_functions({str(NOTEBOOK)!r}, *{CHAPTER5_HELPERS!r})\n"
+        f"df = load_records({str(directory)!r}); page['accuracy_table'](df); page['plot_summary'](df)\n"
+        "assert 'torch' not in {m.split('.')[0] for m, v in sys.modules.items() if v is not None}\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"

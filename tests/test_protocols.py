@@ -1,6 +1,7 @@
-"""The three training protocols (sdlib.protocols, the profiles in sdlib.config), torch-free where the book needs it:
-the comparison table against the profiles, the committed teacher-BatchNorm measurement and the benchmark that
-writes it (on real images), the profiles' sweep files, and the book pages that list the profiles."""
+"""The three training protocols (the profiles in sdlib.config, compared by the helpers of book/reproduce_cifar10.md),
+torch-free where the book needs it: the comparison table against the profiles, the committed teacher-BatchNorm
+measurement and the benchmark that writes it (on real images), the profiles' sweep files, and the book pages that
+list the profiles."""
 
 from __future__ import annotations
 
@@ -11,12 +12,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import pytest
 
-from sdlib import protocols
+from pages import page_functions
 from sdlib.config import PROFILES, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
+PAGE = REPO / "book" / "reproduce_cifar10.md"
+# the page's own helpers (a hidden cell): protocol_table, teacher_bn_effect, PROTOCOLS, TEACHER_BN_RESULTS
+protocols = SimpleNamespace(**page_functions(PAGE, "protocol_table", "teacher_bn_effect"))
 
 
 def test_protocol_table_is_read_from_the_profiles():
@@ -53,14 +59,16 @@ def test_protocol_table_is_read_from_the_profiles():
 
 
 def test_config_and_protocols_import_without_torch():
-    """The book's environment has no torch: config (PROFILES, TrainConfig, config_hash) and protocols import and
-    compute the same hashes without it."""
+    """The book's environment has no torch: config (PROFILES, TrainConfig, config_hash) and the page's protocol
+    helpers import and compute the same hashes without it."""
     code = (
         "import sys; sys.modules['torch'] = None\n"  # any `import torch` now raises ImportError
+        f"sys.path.insert(0, {str(REPO / 'tests')!r})\n"
+        "from pages import page_functions\n"
         "from sdlib.config import TrainConfig\n"
-        "from sdlib import protocols\n"
-        "protocols.protocol_table(); protocols.teacher_bn_effect()\n"
-        "print(' '.join(TrainConfig.from_profile(p, device='cpu').config_hash() for p in protocols.PROTOCOLS))\n"
+        f"page = page_functions({str(PAGE)!r}, 'protocol_table', 'teacher_bn_effect')\n"
+        "page['protocol_table'](); page['teacher_bn_effect']()\n"
+        "print(' '.join(TrainConfig.from_profile(p, device='cpu').config_hash() for p in page['PROTOCOLS']))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120,
                          env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -136,7 +144,7 @@ def test_every_profile_has_a_sweep_file_and_the_book_lists_it():
     assert not official.results_dir.startswith("results/cifar10/")  # never the committed results
     scale = (REPO / "book" / "reproduce_at_scale.md").read_text()
     reproduce = (REPO / "book" / "reproduce_cifar10.md").read_text()
-    assert "protocols.protocol_table(tuple(PROFILES))" in reproduce  # the profile table, computed
+    assert "protocol_table(tuple(PROFILES))" in reproduce  # the profile table, computed
     for profile, files in by_profile.items():
         assert all(name in scale for name in files), files
         assert f"`{profile}` " in reproduce, profile  # and each profile said in words

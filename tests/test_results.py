@@ -1,5 +1,6 @@
-"""sdlib.results: loading, the step-1 expansion, aggregation over seeds and the figures, checked against
-a hand computation on a synthetic records.jsonl written here."""
+"""sdlib.results: loading, the step-1 expansion, aggregation over seeds and the book's figure style, checked against
+a hand computation on a synthetic records.jsonl written here; and the runs table of book/reproduce_at_scale.md,
+read from such records. (Chapter 5's own figures are tested in tests/test_cifar_notebook.py.)"""
 
 import json
 import math
@@ -17,7 +18,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from sdlib import book, results  # noqa: E402
+from pages import page_functions  # noqa: E402
+from sdlib import results  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -160,98 +162,8 @@ def test_summarize_single_seed_has_nan_std_and_uneven_seeds_count(tmp_path):
     assert (summary[summary["step"] <= 2]["n_seeds"] == 2).all()
 
 
-def test_accuracy_table_formats_mean_and_std_in_percent(records_dir):
-    directory, raw = records_dir
-    table = results.accuracy_table(results.load_records(directory))
-    assert list(table.index) == list(CHAINS)
-    assert list(table.columns) == [f"step {t}" for t in (1, *STEPS)]
-    group = [r["test_acc"] for r in by_hand(raw)[("alpha_hat", 3)]]
-    expected = f"{100 * statistics.fmean(group):.2f} ± {100 * statistics.stdev(group):.2f}"
-    assert table.loc["alpha_hat", "step 3"] == expected
-
-
-def test_plot_accuracy_draws_one_line_per_chain(records_dir):
-    directory, raw = records_dir
-    df = results.load_records(directory)
-    fig = book.plot_accuracy(df)
-    ax = fig.axes[0]
-    lines = ax.get_lines()
-    assert len(lines) == len(CHAINS)
-    table = by_hand(raw)
-    for line, chain in zip(lines, CHAINS):
-        np.testing.assert_array_equal(line.get_xdata(), (1, *STEPS))
-        expected = [statistics.fmean(r["test_acc"] for r in table[(chain, t)]) for t in (1, *STEPS)]
-        np.testing.assert_allclose(line.get_ydata(), expected, atol=1e-12)
-    # fixed alphas: one distinct colour each, named in the legend (no colorbar); alpha-hat highlighted (own
-    # colour, thicker) with the only band (the fixed chains' spread is in plot_last_step)
-    colours = [matplotlib.colors.to_hex(line.get_color()) for line in lines]
-    assert len(set(colours)) == len(CHAINS)
-    assert matplotlib.colors.same_color(lines[-1].get_color(), book.ALPHA_HAT_COLOR)
-    assert lines[-1].get_linewidth() > max(line.get_linewidth() for line in lines[:-1])
-    legend = [text.get_text() for text in ax.get_legend().get_texts()]
-    assert legend[:len(FIXED_ALPHAS)] == [f"α = {alpha:g}" for alpha in FIXED_ALPHAS]
-    assert len(ax.collections) == 1
-    assert len(fig.axes) == 1
-    plt.close(fig)
-
-    fig, ax = plt.subplots()
-    assert book.plot_accuracy(df, ax=ax, metric="val_acc", spread=None) is fig
-    assert len(ax.get_lines()) == len(CHAINS) and len(ax.collections) == 0
-    plt.close(fig)
-    with pytest.raises(ValueError, match="spread"):
-        book.plot_accuracy(df, spread="iqr")
-    with pytest.raises(ValueError, match="metric"):
-        book.plot_accuracy(df, metric="loss")
-
-
-def test_plot_alpha_hat_shows_seeds_and_mean(records_dir):
-    directory, raw = records_dir
-    fig = book.plot_alpha_hat(results.load_records(directory))
-    ax = fig.axes[0]
-    (mean_line,) = ax.get_lines()
-    np.testing.assert_array_equal(mean_line.get_xdata(), STEPS)
-    expected = [statistics.fmean(r["alpha_hat"] for r in raw if r["chain"] == "alpha_hat" and r["step"] == t)
-                for t in STEPS]
-    np.testing.assert_allclose(mean_line.get_ydata(), expected, atol=1e-12)
-    (points,) = ax.collections
-    assert len(points.get_offsets()) == len(SEEDS) * len(STEPS)
-    plt.close(fig)
-
-    # a run without the alpha-hat chain (the shared record's config says so, else it would expand into it)
-    without = [{**r, "config": {**r["config"], "include_alpha_hat": False}}
-               for r in synthetic_records() if r["chain"] != "alpha_hat"]
-    df = results.load_records(write_jsonl(Path(directory).parent / "no_hat", without))
-    with pytest.raises(ValueError, match="alpha_hat"):
-        book.plot_alpha_hat(df)
-    fig = book.plot_summary(df)  # accuracy and last-step panels only
-    assert len(fig.axes) == 2 and len(fig.axes[0].get_lines()) == 3
-    plt.close(fig)
-
-
-def test_plot_summary_has_both_panels(records_dir, tmp_path):
-    directory, _ = records_dir
-    df = results.load_records(directory)
-    fig = book.plot_summary(df)
-    accuracy_ax, last_ax, alpha_ax = fig.axes
-    assert len(accuracy_ax.get_lines()) == len(CHAINS) and len(alpha_ax.get_lines()) == 1
-    # the last step against alpha: one error bar per chain, at the mean and one sample std over seeds
-    summary = results.summarize(df)
-    last = summary[summary["step"] == summary["step"].max()].set_index("chain")
-    bars = last_ax.containers
-    assert len(bars) == len(CHAINS)
-    for bar, chain in zip(bars, last.index):
-        (x,), (y,) = bar.lines[0].get_data()
-        assert y == pytest.approx(last.loc[chain, "test_acc_mean"])
-        if chain != "alpha_hat":
-            assert x == pytest.approx(results.chain_alpha(chain))
-        (segment,) = bar.lines[2][0].get_segments()
-        assert segment[1][1] - segment[0][1] == pytest.approx(2 * last.loc[chain, "test_acc_std"])
-    fig.savefig(tmp_path / "summary.png")
-    assert (tmp_path / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    plt.close(fig)
-
-
-def test_load_epochs_and_plot_epochs(tmp_path):
+def epoch_lines():
+    """Two seeds' epochs of the shared step 1, alpha=0 at steps 2 and 3 and alpha-hat at step 2."""
     lines = []
     for seed in (0, 1):
         for chain, step in (("shared", 1), ("alpha=0", 2), ("alpha=0", 3), ("alpha_hat", 2)):
@@ -260,21 +172,17 @@ def test_load_epochs_and_plot_epochs(tmp_path):
                               "val_acc": 0.1 * step + 0.01 * epoch + 0.001 * seed, "val_loss": 0.0,
                               "test_acc": 0.1 * step + 0.02 * epoch, "test_loss": 0.0, "lr": 1e-4,
                               "wall_time_s": 1.0, "images_per_s": 10.0})
+    return lines
+
+
+def test_load_epochs_keeps_the_last_line_of_an_epoch(tmp_path):
+    lines = epoch_lines()
     # a resumed step rewrites an epoch: the later line counts
     lines.append({**lines[0], "test_acc": 0.9})
-    directory = write_jsonl(tmp_path / "r", lines, name="epochs.jsonl")
-    epochs = results.load_epochs(directory)
+    epochs = results.load_epochs(write_jsonl(tmp_path / "r", lines, name="epochs.jsonl"))
     assert len(epochs) == len(lines) - 1
     first = epochs[(epochs["seed"] == 0) & (epochs["chain"] == "shared") & (epochs["epoch"] == 1)]
     assert first["test_acc"].tolist() == [0.9]
-    fig = book.plot_epochs(epochs, "alpha=0", metric="val_acc")
-    ax = fig.axes[0]
-    assert len(ax.get_lines()) == 3  # steps 1 (shared), 2, 3
-    np.testing.assert_array_equal(ax.get_lines()[2].get_xdata(), [5, 6])  # epochs laid end to end
-    np.testing.assert_allclose(ax.get_lines()[1].get_ydata(), [0.2 + 0.01 + 0.0005, 0.2 + 0.02 + 0.0005])
-    plt.close(fig)
-    with pytest.raises(ValueError, match="alpha=0.7"):
-        book.plot_epochs(epochs, "alpha=0.7")
     with pytest.raises(FileNotFoundError, match="epochs.jsonl"):
         results.load_epochs(tmp_path / "nothing")
 
@@ -336,7 +244,7 @@ def test_aggregation_input_checks():
     with pytest.raises(ValueError, match="load_records"):
         results.summarize({"test_acc": [0.5]})
     with pytest.raises(ValueError, match="load_records"):
-        book.plot_accuracy(results.pd.DataFrame({"x": [1]}))
+        results.summarize(results.pd.DataFrame({"x": [1]}))
 
 
 def test_chain_names_round_trip():
@@ -367,8 +275,8 @@ def test_results_module_needs_no_torch(records_dir):
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None\n"
         "import matplotlib; matplotlib.use('Agg')\n"
-        "from sdlib import book, results as r\n"
-        f"df = r.load_records({str(directory)!r}); r.summarize(df); r.accuracy_table(df); book.plot_summary(df)\n"
+        "from sdlib import results as r\n"
+        f"df = r.load_records({str(directory)!r}); r.summarize(df); r.book_figures()\n"
         "assert 'torch' not in {m.split('.')[0] for m, v in sys.modules.items() if v is not None}\n"
         "print('ok')\n"
     )
@@ -426,6 +334,11 @@ def test_load_epochs_reads_the_probes_on_request(tmp_path):
         results.load_epochs(directory, probes="yes")
 
 
+def training_runs(*args, **kwargs):
+    """book/reproduce_at_scale.md's own helper (a hidden cell of that page)."""
+    return page_functions(REPO / "book" / "reproduce_at_scale.md", "training_runs")["training_runs"](*args, **kwargs)
+
+
 def _timed_record(seed, chain, step, end, wall, epochs=2):
     alpha = {"shared": 1.0, "alpha=0": 0.0}.get(chain, 0.7)
     return {"seed": seed, "chain": chain, "step": step, "alpha": alpha, "val_acc": 0.5, "test_acc": 0.5,
@@ -447,7 +360,7 @@ def test_training_runs_group_overlapping_models_and_count_the_probes(tmp_path):
     probe_epochs = [{"seed": 0, "chain": "alpha_hat_probe", "step": 2, "epoch": e, "wall_time_s": 5.0,
                      "val_acc": 0.4, "test_acc": 0.4} for e in (1, 2)]
     write_jsonl(tmp_path, probe_epochs, name="probe_epochs.jsonl")
-    runs = book.training_runs(tmp_path)
+    runs = training_runs(tmp_path)
     assert list(runs["run"]) == [1, 2]
     first, second = runs.iloc[0], runs.iloc[1]
     # 8 images per epoch (10 training images cut to whole batches of 4); 2 epochs per model.
@@ -457,15 +370,15 @@ def test_training_runs_group_overlapping_models_and_count_the_probes(tmp_path):
     assert second["seeds"] == (1,) and second["models"] == 2 and second["wall_clock_s"] == 15.0
     assert second["model_seconds"] == 22.0 and second["devices"] == ("GPU X",)
     # A smaller tolerance splits the first run at its 5 s gap.
-    strict = book.training_runs(tmp_path, max_gap_s=1.0)
+    strict = training_runs(tmp_path, max_gap_s=1.0)
     assert list(strict["models"]) == [1, 3, 2] and list(strict["wall_clock_s"]) == [10.0, 35.0, 15.0]
     with pytest.raises(ValueError, match="max_gap_s must be a number of seconds >= 0"):
-        book.training_runs(tmp_path, max_gap_s=-1)
+        training_runs(tmp_path, max_gap_s=-1)
 
 
 def test_training_runs_need_dated_records(records_dir):
     with pytest.raises(ValueError, match="provenance.date and wall_time_s"):
-        book.training_runs(records_dir[0])
+        training_runs(records_dir[0])
 
 
 def test_the_readers_need_only_the_core_dependencies():

@@ -1,0 +1,65 @@
+"""Helpers for the tests of the book's pages: run a notebook through papermill and read its outputs, and load the
+functions a page defines in its own hidden cells (code of one page lives beside that page, not in sdlib)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import nbformat
+
+
+def read_page(path: Path) -> nbformat.NotebookNode:
+    """A notebook (``.ipynb``) or a MyST page (``.md``, read as the book reads it) as a notebook."""
+    path = Path(path)
+    if path.suffix == ".md":
+        from myst_nb.core.read import read_myst_markdown_notebook
+
+        return read_myst_markdown_notebook(path.read_text(encoding="utf-8"), path=str(path))
+    return nbformat.read(path, as_version=4)
+
+
+def page_functions(path: Path, *names: str) -> dict:
+    """The namespace after running, in page order, the code cells of ``path`` that define (``def`` or ``class`` at
+    the top level) any of ``names``; those cells import what they need themselves. KeyError names a function that
+    the page does not define."""
+    cells = [cell.source for cell in read_page(path).cells if cell.cell_type == "code"
+             and any(re.search(rf"^(?:def|class) {name}\b", cell.source, re.M) for name in names)]
+    namespace: dict = {"__name__": f"page:{Path(path).name}"}
+    for source in cells:
+        exec(compile(source, str(path), "exec"), namespace)  # noqa: S102 - the repository's own page
+    missing = [name for name in names if name not in namespace]
+    if missing:
+        raise KeyError(f"{path} defines no {missing} in a code cell")
+    return namespace
+
+
+def execute(notebook: Path, tmp_path: Path, name: str, parameters: dict) -> nbformat.NotebookNode:
+    """Run ``notebook`` through papermill as the book does (kernel python3, working directory its folder)."""
+    import papermill as pm
+
+    out = tmp_path / f"{name}.ipynb"
+    pm.execute_notebook(str(notebook), str(out), parameters=parameters, cwd=str(Path(notebook).parent),
+                        kernel_name="python3", progress_bar=False)
+    return nbformat.read(out, as_version=4)
+
+
+def text_of(notebook) -> str:
+    """Every output's text: streams, and the plain, Markdown and HTML forms of displayed values."""
+    parts = []
+    for cell in notebook.cells:
+        for output in cell.get("outputs", []):
+            parts.append(output.get("text", ""))
+            for kind in ("text/plain", "text/markdown", "text/html"):
+                parts.append(str(output.get("data", {}).get(kind, "")))
+    return "\n".join(parts)
+
+
+def figures(notebook) -> dict[str, int]:
+    """Figure name -> number of PNG outputs of its cell."""
+    found = {}
+    for cell in notebook.cells:
+        name = cell.metadata.get("mystnb", {}).get("figure", {}).get("name")
+        if name:
+            found[name] = sum("image/png" in o.get("data", {}) for o in cell.get("outputs", []))
+    return found
