@@ -35,7 +35,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sdlib import data as cifar  # noqa: E402
+from sdlib.augment import normalize  # noqa: E402
 from sdlib.chains import provenance  # noqa: E402
 from sdlib.config import CAPTURE_MODES, TrainConfig, resolve_device  # noqa: E402
 from sdlib.records import write_atomically  # noqa: E402
@@ -76,7 +76,7 @@ def _build(mode: str, device: torch.device, *, chains: int, batch_size: int | No
         teacher = torchvision.models.resnet50(num_classes=10).to(device).eval()
         optimizer = torch.optim.Adam(student.parameters(), lr=1e-4)
         batch = batch_size or 16
-        x = cifar.normalize(x_train[:batch]).cpu()
+        x = normalize(x_train[:batch]).cpu()
         y = y_train[:batch].cpu()
         return (lambda: bench.reference_step(student, teacher, optimizer, x, y, device)), (lambda: None), 1, batch
     profile_name = "fast" if mode == "fast" else "paper"

@@ -116,8 +116,8 @@ def count_reference(batch_size: int) -> dict:
     teacher = torchvision.models.resnet50(num_classes=10).eval()
     optimizer = torch.optim.Adam(student.parameters(), lr=1e-4, foreach=True)
     x_train, y_train, index = _batch(batch_size)
-    from sdlib import data as cifar
-    x, y = cifar.normalize(x_train[index]), y_train[index]
+    from sdlib.augment import augment, normalize
+    x, y = normalize(x_train[index]), y_train[index]
     bench.reference_step(student, teacher, optimizer, x, y, torch.device("cpu"))  # Adam's state exists
     counter = OpCounter()
     with counter:
@@ -128,7 +128,7 @@ def count_reference(batch_size: int) -> dict:
 
 
 def count_paper_before(batch_size: int) -> dict:
-    from sdlib import data as cifar
+    from sdlib.augment import augment, normalize
     from sdlib.lean_step import distillation_loss
     from sdlib.step import l2_penalty
 
@@ -141,7 +141,7 @@ def count_paper_before(batch_size: int) -> dict:
     def body(counter=None):  # the loop body of sdlib/step.py at a6b4224, phase marks added
         mark = counter.start if counter is not None else (lambda phase: None)
         mark("batch")
-        x = cifar.augment(x_train[index], generator=generator).contiguous()
+        x = augment(x_train[index], generator=generator).contiguous()
         labels = y_train[index]
         mark("teacher")
         with torch.inference_mode():

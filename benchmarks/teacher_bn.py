@@ -33,6 +33,7 @@ from types import SimpleNamespace
 import torch
 
 from sdlib import data as cifar
+from sdlib.augment import augment, normalize
 from sdlib.chains import provenance
 from sdlib.config import AUGMENT, TrainConfig, derive_seed
 from sdlib.records import write_atomically
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     teacher = trained.model.eval()
 
     b = args.batch_size
-    test_batches = [cifar.normalize(data.x_test[i:i + b]) for i in range(0, len(data.x_test) - b + 1, b)]
+    test_batches = [normalize(data.x_test[i:i + b]) for i in range(0, len(data.x_test) - b + 1, b)]
     test_labels = data.y_test[:len(test_batches) * b]
     # The first epoch of the next step (step 2): its order and augmentation, as distill_step draws them.
     order = epoch_order(config, args.seed, 2, 1, len(data.x_train), device)
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     target_batches, target_labels = [], []
     for i in range(len(order) // b):
         index = order[i * b:(i + 1) * b]
-        target_batches.append(cifar.augment(data.x_train[index], generator=augment_gen))
+        target_batches.append(augment(data.x_train[index], generator=augment_gen))
         target_labels.append(data.y_train[index])
     results = {
         "test": compare(teacher, test_batches, test_labels),

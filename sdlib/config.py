@@ -45,7 +45,7 @@ LR_SCHEDULES = ("constant", "cosine", "step")
 CHAINS_IN_FLIGHT = ("off", "streams", "batched")
 CAPTURE_MODES = ("auto", "none", "graph")
 
-# The book's profile table (sdlib.protocols) and chapters 5 and 7 say where each value comes from.
+# The book's profile table (book/reproduce_cifar10.md) and chapters 5 and 7 say where each value comes from.
 PROFILES: dict[str, dict[str, Any]] = {
     # the paper's Section 5, with Algorithm 1 unbounded on 5,000 held-out images (the paper names no split)
     "paper": dict(epochs=75, batch_size=16, lr=1e-4, lr_schedule="constant", warmup_epochs=0,

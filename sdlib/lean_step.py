@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from sdlib import data as cifar
+from sdlib.augment import augment
 from sdlib.batched import model_slice, stack_models
 from sdlib.config import NUM_CLASSES, TrainConfig, device_precision
 from sdlib.models import build_model, fold_batch_norms, teacher_probs
@@ -326,7 +326,7 @@ class LeanStep:
 
     def write_batch(self, x_train: torch.Tensor, index: torch.Tensor, generator: torch.Generator) -> None:
         """Outside the step: ``x_train[index]`` augmented (drawing from ``generator``), their one-hot labels."""
-        self.x.copy_(cifar.augment(x_train[index], generator=generator))
+        self.x.copy_(augment(x_train[index], generator=generator))
         self.onehot.copy_(self.onehot_train[index])
 
     def step(self) -> None:

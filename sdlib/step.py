@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from sdlib import data as cifar
+from sdlib.augment import normalize
 from sdlib.config import AUGMENT, DATA_ORDERS, NUM_CLASSES, ORDER, TrainConfig, derive_seed
 from sdlib.lean_step import LeanStep
 from sdlib.models import build_model, teacher_probs
@@ -272,7 +272,7 @@ def evaluate(model: torch.nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, bat
     squared = torch.zeros(n_models or (), device=device, dtype=torch.float64)
     probs_out = [torch.zeros(n_models or 1, 0, NUM_CLASSES)]
     for start in range(0, n, batch_size):
-        x = cifar.normalize(x_uint8[start:start + batch_size]).to(dtype)
+        x = normalize(x_uint8[start:start + batch_size]).to(dtype)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         labels = y[start:start + batch_size]

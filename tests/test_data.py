@@ -21,15 +21,12 @@ from sdlib.data import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     CIFAR10Splits,
-    augment,
-    crop_flip,
     detect_layout,
     load_cifar10,
     load_splits,
-    normalize,
-    sample_crop_flip,
     stratified_split,
 )
+from sdlib.augment import augment, crop_flip, normalize, sample_crop_flip
 
 def cache_path(root, split):
     """The cache file that serves load_cifar10(root, split) now (ImageFolder), or None."""

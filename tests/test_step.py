@@ -12,6 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from sdlib import step as step_module  # noqa: E402
+from sdlib.augment import normalize  # noqa: E402
 from sdlib.config import TrainConfig  # noqa: E402
 from sdlib.lean_step import LeanStep, _Schedule, add_l2_grad_, l2_norms, lr_factor  # noqa: E402
 from sdlib.models import build_model, fold_batch_norms, teacher_probs  # noqa: E402
@@ -146,7 +147,7 @@ def test_lean_step_teachers_follow_teacher_bn(float64, batched):
     before = [{k: v.clone() for k, v in t.state_dict().items()} for t in teachers]
     members = [(0.3, teachers[0]), (1.4, teachers[1]), (1.0, None)]  # (alpha, teacher)
     x_train, y_train = _images(16)
-    x = step_module.cifar.normalize(x_train[:8]).to(torch.float64)
+    x = normalize(x_train[:8]).to(torch.float64)
     for mode in ("eval", "train"):
         config = TrainConfig(batch_size=8, lr=1e-3, teacher_bn=mode, chains_in_flight="batched" if batched
                              else "streams")

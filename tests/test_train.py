@@ -24,6 +24,7 @@ import torch.nn.functional as F  # noqa: E402
 import torchvision  # noqa: E402
 
 from sdlib import chains, train  # noqa: E402
+from sdlib.augment import normalize  # noqa: E402
 from sdlib.store import ResultsStore  # noqa: E402
 from sdlib import results as results_module  # noqa: E402
 from sdlib import lean_step  # noqa: E402
@@ -350,7 +351,7 @@ def test_teacher_probs_batch_statistics_by_hand():
         m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
     teacher.eval()
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    x = train.cifar.normalize(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=g))
+    x = normalize(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=g))
 
     batch_stats = step_module.teacher_probs(teacher, x, "train")
     running = step_module.teacher_probs(teacher, x, "eval")
