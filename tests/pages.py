@@ -4,6 +4,8 @@ functions a page defines in its own hidden cells (code of one page lives beside 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
@@ -63,3 +65,17 @@ def figures(notebook) -> dict[str, int]:
         if name:
             found[name] = sum("image/png" in o.get("data", {}) for o in cell.get("outputs", []))
     return found
+
+
+def run_without_torch(code: str) -> None:
+    """Run ``code`` in a fresh interpreter where importing torch or torchvision fails (the book's torch-free
+    environment), with tests/ on sys.path and matplotlib on Agg; assert it succeeds and imported no torch."""
+    script = ("import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None\n"
+              f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+              "import matplotlib; matplotlib.use('Agg')\n"
+              + code +
+              "\nassert 'torch' not in {m.split('.')[0] for m, v in sys.modules.items() if v is not None}\n"
+              "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"

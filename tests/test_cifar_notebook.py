@@ -6,8 +6,6 @@ book (figures captioned, boilerplate hidden); and an unknown parameter stopping 
 import json
 import re
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -21,7 +19,7 @@ import numpy as np  # noqa: E402
 import papermill  # noqa: E402
 import pytest  # noqa: E402
 
-from pages import page_functions  # noqa: E402
+from pages import page_functions, run_without_torch  # noqa: E402
 from sdlib import results  # noqa: E402
 from test_results import (CHAINS, FIXED_ALPHAS, SEEDS, STEPS, by_hand, epoch_lines,  # noqa: E402
                           synthetic_records, write_jsonl)
@@ -329,17 +327,7 @@ def test_plot_epochs_lays_the_steps_end_to_end(tmp_path, chapter5):
 def test_the_chapters_figures_need_no_torch(records_dir):
     """The book plots committed results on machines without torch: the chapter's helpers with torch blocked."""
     directory, _ = records_dir
-    code = (
-        "import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None\n"
-        f"sys.path.insert(0, {str(REPO / 'tests')!r})\n"
-        "import matplotlib; matplotlib.use('Agg')\n"
-        "from pages import page_functions\n"
-        "from sdlib.results import load_records\n"
-        f"page = page_functions({str(NOTEBOOK)!r}, *{CHAPTER5_HELPERS!r})\n"
-        f"df = load_records({str(directory)!r}); page['accuracy_table'](df); page['plot_summary'](df)\n"
-        "assert 'torch' not in {m.split('.')[0] for m, v in sys.modules.items() if v is not None}\n"
-        "print('ok')\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "ok"
+    run_without_torch("from pages import page_functions\n"
+                      "from sdlib.results import load_records\n"
+                      f"page = page_functions({str(NOTEBOOK)!r}, *{CHAPTER5_HELPERS!r})\n"
+                      f"df = load_records({str(directory)!r}); page['accuracy_table'](df); page['plot_summary'](df)")

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from pages import page_functions  # noqa: E402
+from pages import page_functions, run_without_torch  # noqa: E402
 from sdlib import results  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -272,17 +272,8 @@ def test_paths_resolve_against_the_repository_root(tmp_path):
 def test_results_module_needs_no_torch(records_dir):
     # The book plots committed results on machines without torch: block it and use the whole API.
     directory, _ = records_dir
-    code = (
-        "import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None\n"
-        "import matplotlib; matplotlib.use('Agg')\n"
-        "from sdlib import results as r\n"
-        f"df = r.load_records({str(directory)!r}); r.summarize(df); r.book_figures()\n"
-        "assert 'torch' not in {m.split('.')[0] for m, v in sys.modules.items() if v is not None}\n"
-        "print('ok')\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "ok"
+    run_without_torch("from sdlib import results as r\n"
+                      f"df = r.load_records({str(directory)!r}); r.summarize(df); r.book_figures()")
 
 
 def test_config_hash_selects_one_configuration_and_mixed_files_warn(tmp_path):
