@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing sdlib
 
-from sdlib.sweep import read_mapping  # noqa: E402
+from sdlib.parameter_files import read_mapping  # noqa: E402
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=-]*$")  # a parameter set's name: a safe file name
 

@@ -1,8 +1,8 @@
 """CIFAR-10 in memory as uint8 tensors (N, 3, 32, 32): loading, a stratified validation split, symmetric label
 noise (the augmentation of a batch is :mod:`sdlib.augment`).
 
-Two forms are read: torchvision's download ``root/cifar-10-batches-py/`` (``torchvision.datasets.CIFAR10``, after
-checking every file's MD5: a planted pickle runs nothing) and an ImageFolder layout ``root/{train,test}/<class>/*.jpg``
+Two forms are read: torchvision's download ``root/cifar-10-batches-py/`` (:mod:`sdlib.download`: fetched and read
+through ``torchvision.datasets.CIFAR10`` after an MD5 check) and an ImageFolder layout ``root/{train,test}/<class>/*.jpg``
 (decoded once, cached with ``torch.save`` under the files' content fingerprint). The ImageFolder listing is written
 out here in ``torchvision.datasets.ImageFolder``'s order because the fingerprint, part of every config_hash, must be
 computable without torch (the book's environment has none).
@@ -15,7 +15,6 @@ import dataclasses
 import hashlib
 import numbers
 import os
-import socket
 import time
 import warnings
 from dataclasses import dataclass
@@ -29,6 +28,8 @@ try:  # the data's fingerprint (config_hash) needs no torch
 except ImportError:  # pragma: no cover - exercised by test_protocols in a subprocess
     torch = None
 
+from sdlib.download import (PICKLE_DIRNAME, PICKLE_META_FILE, PICKLE_TEST_FILES, PICKLE_TRAIN_FILES,  # noqa: F401
+                            DownloadError, download_cifar10, pickle_dir, read_pickles)
 from sdlib.records import write_atomically
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -37,14 +38,9 @@ CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 CIFAR10_TRAIN_IMAGES = 50_000  # before the validation split
 
 SPLITS = ("train", "test")
-PICKLE_DIRNAME = "cifar-10-batches-py"  # torchvision.datasets.CIFAR10.base_folder
-PICKLE_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
-PICKLE_TEST_FILES = ("test_batch",)
-PICKLE_META_FILE = "batches.meta"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp")  # lower-cased; other files are ignored
 CACHE_DIRNAME = ".sdlib_cache"
 _CACHE_FORMAT = 2  # 2: torch.save of the tensors (1: .npz); bump when the cache changes meaning
-DOWNLOAD_TIMEOUT_S = 60.0  # seconds without an answer before a download gives up ($SDLIB_DOWNLOAD_TIMEOUT)
 
 
 def _require_torch(what: str) -> None:
@@ -84,18 +80,11 @@ def how_to_get_data(root: str | os.PathLike, split: str = "train") -> str:
             f"or unpack the ImageFolder tarball: mkdir -p {root} && tar -xJf cifar10-jpeg.tar.xz -C {root}")
 
 
-def _pickle_dir(root: Path) -> Path | None:
-    """root/cifar-10-batches-py, or root itself where it is that folder."""
-    if (root / PICKLE_DIRNAME).is_dir():
-        return root / PICKLE_DIRNAME
-    return root if root.name == PICKLE_DIRNAME and (root / PICKLE_META_FILE).is_file() else None
-
-
 def detect_layout(root: str | os.PathLike, split: str = "train") -> str | None:
     """``"pickle"``, ``"imagefolder"`` or None: the form of ``split`` under ``root`` (the pickles win where both
     are present: theirs are the original pixels)."""
     root = _check_root(root, split)
-    return "pickle" if _pickle_dir(root) else "imagefolder" if (root / split).is_dir() else None
+    return "pickle" if pickle_dir(root) else "imagefolder" if (root / split).is_dir() else None
 
 
 def _refuse_linked_loops(dirpath: str, dirnames: list[str], split_dir: Path) -> None:
@@ -142,7 +131,7 @@ def _source_files(root: Path, split: str) -> tuple[str, list[tuple[str, str, int
     which hold their own."""
     layout = detect_layout(root, split)
     if layout == "pickle":
-        pdir = _pickle_dir(root)
+        pdir = pickle_dir(root)
         names = (PICKLE_META_FILE, *(PICKLE_TRAIN_FILES if split == "train" else PICKLE_TEST_FILES))
         return layout, [(str(pdir / name), name, -1) for name in names if (pdir / name).is_file()]
     return None if layout is None else (layout, _list_image_folder(root / split))
@@ -250,63 +239,6 @@ def _write_cache(dirs: list[Path], name: str, images: torch.Tensor, labels: torc
                   f"again next time", RuntimeWarning, stacklevel=3)
 
 
-class DownloadError(FileNotFoundError):
-    """Fetching CIFAR-10 failed or timed out: the message names the URL, the timeout and what to do offline."""
-
-
-def download_cifar10(root: str | os.PathLike, timeout_s: float | None = None) -> None:
-    """Fetch torchvision's form of CIFAR-10 into ``root/cifar-10-batches-py``, giving up after ``timeout_s`` seconds
-    of silence (default ``$SDLIB_DOWNLOAD_TIMEOUT`` or 60; torchvision sets none: a silent proxy would hang)."""
-    import torchvision
-
-    root = _check_root(root)
-    if timeout_s is None:
-        text = os.environ.get("SDLIB_DOWNLOAD_TIMEOUT", str(DOWNLOAD_TIMEOUT_S))
-        try:
-            timeout_s = float(text)
-        except ValueError:
-            raise ValueError(f"SDLIB_DOWNLOAD_TIMEOUT must be a number of seconds, got {text!r}") from None
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
-        raise ValueError(f"timeout_s must be a number of seconds > 0, got {timeout_s!r}")
-    url = torchvision.datasets.CIFAR10.url
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(timeout_s)  # urllib (which torchvision uses) applies it to every socket it opens
-    try:
-        torchvision.datasets.CIFAR10(str(root), train=True, download=True)
-    except Exception as error:  # URLError, socket.timeout, HTTPError, a failed checksum (RuntimeError), ...
-        reason = getattr(error, "reason", None) or error
-        timed_out = isinstance(reason, (socket.timeout, TimeoutError)) or "timed out" in str(reason)
-        raise DownloadError(
-            f"downloading CIFAR-10 from {url} into {str(root)!r} failed"
-            f"{f' (no answer within the timeout of {timeout_s:g} s)' if timed_out else ''}: "
-            f"{type(reason).__name__}: {reason}. Offline, or behind a proxy: fetch {url} elsewhere and put "
-            f"{url.rsplit('/', 1)[-1]} into {str(root)!r} (the next run unpacks it without the network), or "
-            f"unpack the ImageFolder copy: mkdir -p {root} && tar -xJf cifar10-jpeg.tar.xz -C {root}; a slow "
-            f"connection: set SDLIB_DOWNLOAD_TIMEOUT (seconds)") from None
-    finally:
-        socket.setdefaulttimeout(previous)
-
-
-def _read_pickles(pdir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """The pickles of ``split`` through ``torchvision.datasets.CIFAR10``, after checking every file's MD5 against
-    torchvision's list (naming the first that differs): a pickle can run code, so only the published files are read."""
-    from torchvision.datasets import CIFAR10, cifar
-
-    published = dict([*CIFAR10.train_list, *CIFAR10.test_list, (CIFAR10.meta["filename"], CIFAR10.meta["md5"])])
-    names = (PICKLE_META_FILE, *PICKLE_TRAIN_FILES, *PICKLE_TEST_FILES)
-    missing = [name for name in names if not (pdir / name).is_file()]
-    if missing:
-        raise ValueError(f"incomplete CIFAR-10 pickle folder {str(pdir)!r}: missing {missing}; expected "
-                         f"{list(names)} (re-download with download=True)")
-    for name in names:
-        if not cifar.check_integrity(str(pdir / name), published[name]):
-            raise ValueError(f"{str(pdir / name)!r} is not the published CIFAR-10 file (its MD5 differs from "
-                             "torchvision's list); a pickle can run code when read, so it is not read: delete the "
-                             "folder and download again (download=True)")
-    dataset = CIFAR10(str(pdir.parent), train=split == "train")
-    return np.ascontiguousarray(dataset.data.transpose(0, 3, 1, 2)), np.asarray(dataset.targets, dtype=np.int64)
-
-
 @dataclass
 class _Source:  # a located split, listed and fingerprinted, not decoded yet (sizes are checked before that work)
     root: Path
@@ -327,7 +259,7 @@ def _locate(root: Path, split: str, download: bool) -> _Source:
     layout, files = found
     fingerprint = _content_hash(f"{split}-{layout}", files)
     if layout == "pickle":
-        images, labels = _read_pickles(_pickle_dir(root), split)
+        images, labels = read_pickles(pickle_dir(root), split)
         return _Source(root, split, layout, files, labels, fingerprint, images)
     return _Source(root, split, layout, files, np.array([f[2] for f in files], dtype=np.int64), fingerprint)
 
