@@ -116,7 +116,7 @@ def count_reference(batch_size: int) -> dict:
     teacher = torchvision.models.resnet50(num_classes=10).eval()
     optimizer = torch.optim.Adam(student.parameters(), lr=1e-4, foreach=True)
     x_train, y_train, index = _batch(batch_size)
-    from sdlib.augment import augment, normalize
+    from sdlib.augment import normalize
     x, y = normalize(x_train[index]), y_train[index]
     bench.reference_step(student, teacher, optimizer, x, y, torch.device("cpu"))  # Adam's state exists
     counter = OpCounter()

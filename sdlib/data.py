@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover - exercised by test_protocols in a subpr
     torch = None
 
 from sdlib.download import (PICKLE_DIRNAME, PICKLE_META_FILE, PICKLE_TEST_FILES, PICKLE_TRAIN_FILES,  # noqa: F401
-                            DownloadError, download_cifar10, pickle_dir, read_pickles)
+                            DownloadError, check_root, download_cifar10, pickle_dir, read_pickles)
 from sdlib.records import write_atomically
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -63,11 +63,10 @@ def _flags(**values: Any) -> tuple[bool | None, ...]:
 
 
 def _check_root(root: Any, split: Any = "train") -> Path:
-    if not isinstance(root, (str, os.PathLike)) or str(root) == "":
-        raise ValueError(f"root must be a non-empty path (str or os.PathLike), got {root!r}")
+    root = check_root(root)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    return Path(root).expanduser()
+    return root
 
 
 def how_to_get_data(root: str | os.PathLike, split: str = "train") -> str:

@@ -17,6 +17,13 @@ PICKLE_META_FILE = "batches.meta"
 DOWNLOAD_TIMEOUT_S = 60.0  # seconds without an answer before a download gives up ($SDLIB_DOWNLOAD_TIMEOUT)
 
 
+def check_root(root) -> Path:
+    """The data root as a Path (``~`` expanded), after checking it is a non-empty str or os.PathLike."""
+    if not isinstance(root, (str, os.PathLike)) or str(root) == "":
+        raise ValueError(f"root must be a non-empty path (str or os.PathLike), got {root!r}")
+    return Path(root).expanduser()
+
+
 def pickle_dir(root: Path) -> Path | None:
     """root/cifar-10-batches-py, or root itself where it is that folder."""
     if (root / PICKLE_DIRNAME).is_dir():
@@ -33,9 +40,7 @@ def download_cifar10(root: str | os.PathLike, timeout_s: float | None = None) ->
     of silence (default ``$SDLIB_DOWNLOAD_TIMEOUT`` or 60; torchvision sets none: a silent proxy would hang)."""
     import torchvision
 
-    if not isinstance(root, (str, os.PathLike)) or str(root) == "":
-        raise ValueError(f"root must be a non-empty path (str or os.PathLike), got {root!r}")
-    root = Path(root).expanduser()
+    root = check_root(root)
     if timeout_s is None:
         text = os.environ.get("SDLIB_DOWNLOAD_TIMEOUT", str(DOWNLOAD_TIMEOUT_S))
         try:
