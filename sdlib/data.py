@@ -117,7 +117,9 @@ def _list_image_folder(split_dir: Path) -> list[tuple[str, str, int]]:
             if any(part.startswith(".") for part in Path(dirpath).relative_to(split_dir / name).parts):
                 continue
             _refuse_linked_loops(dirpath, [d for d in dirnames if not d.startswith(".")], split_dir)
-            files += [(os.path.join(dirpath, f), os.path.relpath(os.path.join(dirpath, f), split_dir), label)
+            # the folder's two prefixes once, not per file: per-file relpath/join was most of the listing's time
+            full, rel = os.path.join(dirpath, ""), os.path.join(os.path.relpath(dirpath, split_dir), "")
+            files += [(full + f, rel + f, label)
                       for f in sorted(filenames) if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
         if len(files) == before:
             raise ValueError(f"class folder {str(split_dir / name)!r} holds no images; expected files ending in "
