@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from sdlib.data import CIFAR10_MEAN, CIFAR10_STD, _integer
+from sdlib.checks import check, integer
+from sdlib.data import CIFAR10_MEAN, CIFAR10_STD
 
 
 def _check_images(name: str, x: Any) -> torch.Tensor:
@@ -38,7 +39,8 @@ def sample_crop_flip(batch: int, generator: torch.Generator | None = None, devic
     """The random parameters of :func:`augment` for ``batch`` images, drawn in this order from ``generator`` (on
     ``device``): ``top``, ``left`` int64 uniform on ``0..2*padding`` (``RandomCrop(32, padding=4)``'s corner) and
     ``flip`` bool, True with probability 1/2."""
-    batch, padding, device = _integer("batch", batch, 0), _integer("padding", padding, 0), torch.device(device)
+    batch, padding = check("batch", batch, integer(0)), check("padding", padding, integer(0))
+    device = torch.device(device)
     if generator is not None and (not isinstance(generator, torch.Generator) or generator.device.type != device.type):
         raise ValueError(f"generator must be None or a torch.Generator on the images' device {device}, got "
                          f"{generator!r}")
@@ -53,7 +55,7 @@ def crop_flip(x_uint8: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip
     """The deterministic core of :func:`augment`, one gather over the batch: zero-pad by ``padding``, crop H x W at
     ``(top[b], left[b])``, mirror where ``flip[b]``; equal, image by image, to torchvision's pad, crop and
     horizontal_flip. uint8 (B, 3, H, W) in and out."""
-    x, padding = _check_images("x_uint8", x_uint8), _integer("padding", padding, 0)
+    x, padding = _check_images("x_uint8", x_uint8), check("padding", padding, integer(0))
     b, c, h, w = x.shape
     for name, t in (("top", top), ("left", left), ("flip", flip)):
         if not isinstance(t, torch.Tensor) or t.shape != (b,):

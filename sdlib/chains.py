@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from sdlib import data as cifar
 from sdlib.alpha import least_squares_alpha
+from sdlib.checks import check, integer, kind, number, optional
 from sdlib.config import LABEL_NOISE, NUM_CLASSES, TrainConfig, derive_seed, device_precision, effective_config, \
     resolve_device
 from sdlib.models import build_model
@@ -300,13 +301,10 @@ def grid_cost(config: TrainConfig, images_per_s: float | None = None, n_train_im
     the step-1 model, one per (chain, step >= 2), an alpha = 0 probe per alpha-hat step), images_per_epoch,
     train_images, images_per_s and seconds (None without a measured ``images_per_s``), formula.
     ``n_train_images``: images per epoch before the last partial batch is dropped (default: from the config)."""
-    if images_per_s is not None and (isinstance(images_per_s, bool) or not isinstance(images_per_s, (int, float))
-                                     or not images_per_s > 0):
-        raise ValueError(f"images_per_s must be a number > 0 or None, got {images_per_s!r}")
+    check("images_per_s", images_per_s, optional(number(0, low_open=True)))
     if n_train_images is None:
         n_train_images = min(cifar.CIFAR10_TRAIN_IMAGES - config.n_val, config.subset or cifar.CIFAR10_TRAIN_IMAGES)
-    if isinstance(n_train_images, bool) or not isinstance(n_train_images, int) or n_train_images < 1:
-        raise ValueError(f"n_train_images must be an integer >= 1, got {n_train_images!r}")
+    check("n_train_images", n_train_images, integer(1))
     models = len(config.seeds) * (1 + (config.steps - 1) * (len(config.alphas) + 2 * config.include_alpha_hat))
     images_per_epoch = n_train_images // config.batch_size * config.batch_size
     train_images = models * config.epochs * images_per_epoch
@@ -397,8 +395,7 @@ def run_chains(config: TrainConfig, progress: bool = True, callback: Callable[[d
     """
     if not isinstance(config, TrainConfig):
         raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
-    if callback is not None and not callable(callback):
-        raise ValueError(f"callback must be callable or None, got {callback!r}")
+    check("callback", callback, optional(kind("callable", callable)))
     device = resolve_device(config.device)
     config = effective_config(config, device)
     if device.type == "cuda":

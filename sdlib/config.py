@@ -12,7 +12,6 @@ import functools
 import hashlib
 import inspect
 import json
-import math
 import os
 import re
 import warnings
@@ -21,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from sdlib.checks import boolean, integer, integers, kind, number, numbers, path, text
 from sdlib.records import ALPHA_HAT_CHAIN, chain_name
 
 __all__ = ["PROFILES", "CHAINS_IN_FLIGHT", "CAPTURE_MODES", "TrainConfig", "effective_config", "resolve_device",
@@ -78,50 +78,36 @@ FIELD_CHOICES = {"profile": PROFILES, "model": MODELS, "lr_schedule": LR_SCHEDUL
                  "data_order": DATA_ORDERS, "chains_in_flight": CHAINS_IN_FLIGHT, "capture": CAPTURE_MODES}
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+def _explained(of, why: str):  # a kind whose expectation is followed by why
+    return lambda value: of(value) and of(value) + why
 
 
-def _is_real(value) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-
-
-def _integer(low: int, why: str = ""):
-    return f"an integer >= {low}{why}", lambda v: _is_int(v) and v >= low, int
-
-
-def _numbers(expected: str, ok):
-    return expected, lambda v: isinstance(v, tuple) and all(_is_real(x) and math.isfinite(x) for x in v) and ok(v), \
-        lambda v: tuple(float(x) for x in v)
-
-
-# Each field's check: (what it must be, test, conversion). Fields typed "... | None" may also be None.
+# Each field's kind (sdlib.checks) and its conversion. Fields typed "... | None" may also be None.
 _CHECKS = {
-    **{name: (f"one of {list(choices)}", lambda v, c=choices: isinstance(v, str) and v in c, str)
-       for name, choices in FIELD_CHOICES.items()},
+    **{name: (text(*choices), str) for name, choices in FIELD_CHOICES.items()},
     **dict.fromkeys(("epochs", "steps", "eval_batch_size", "checkpoint_every", "eval_every", "test_every"),
-                    _integer(1)),
-    "batch_size": _integer(2, " (BatchNorm normalizes over the batch: one image has no batch statistics)"),
-    **dict.fromkeys(("n_val", "warmup_epochs", "split_seed"), _integer(0)),
-    "subset": _integer(NUM_CLASSES),  # one image per class
-    "lr": ("a finite number > 0", lambda v: _is_real(v) and math.isfinite(v) and v > 0, float),
-    "l2_coef": ("a finite number >= 0", lambda v: _is_real(v) and math.isfinite(v) and v >= 0, float),
-    "label_noise": ("a number in [0, 1) (the fraction of training and validation labels changed)",
-                    lambda v: _is_real(v) and 0 <= v < 1, float),
-    **dict.fromkeys(("bf16", "channels_last", "include_alpha_hat", "download"),
-                    ("True or False", lambda v: isinstance(v, (bool, np.bool_)), bool)),
-    "seeds": ("a non-empty sequence of distinct integers >= 0", lambda v: isinstance(v, tuple) and len(v) > 0
-              and all(_is_int(s) and s >= 0 for s in v) and len(set(v)) == len(v), lambda v: tuple(map(int, v))),
-    "alphas": _numbers("a sequence of numbers in [0, 1]", lambda v: all(0 <= a <= 1 for a in v)),
-    "alpha_hat_bounds": _numbers("None (unbounded) or a pair (low, high) of finite numbers with low <= high",
-                                 lambda v: len(v) == 2 and v[0] <= v[1]),
+                    (integer(1), int)),
+    "batch_size": (_explained(integer(2), " (BatchNorm normalizes over the batch: one image has no batch "
+                                          "statistics)"), int),
+    **dict.fromkeys(("n_val", "warmup_epochs", "split_seed"), (integer(0), int)),
+    "subset": (integer(NUM_CLASSES), int),  # one image per class
+    "lr": (number(0, low_open=True), float),
+    "l2_coef": (number(0), float),
+    "label_noise": (_explained(number(0, 1, high_open=True), " (the fraction of training and validation labels "
+                                                             "changed)"), float),
+    **dict.fromkeys(("bf16", "channels_last", "include_alpha_hat", "download"), (boolean(), bool)),
+    "seeds": (integers(0, distinct=True), lambda v: tuple(map(int, v))),
+    "alphas": (numbers(0, 1, min_len=0), lambda v: tuple(map(float, v))),
+    "alpha_hat_bounds": (kind("None (unbounded) or a pair (low, high) of finite numbers with low <= high",
+                              lambda v: not numbers(min_len=2)(v) and len(v) == 2 and v[0] <= v[1]),
+                         lambda v: tuple(map(float, v))),
     **dict.fromkeys(("data_root", "results_dir", "checkpoint_dir"),
-                    ("a non-empty path", lambda v: isinstance(v, (str, os.PathLike)) and str(v) != "",
-                     lambda v: os.path.expanduser(str(v)))),  # "~/r": the home folder
-    "data_fingerprint": ("None or 16 lower-case hex digits (sdlib.data.data_fingerprint of the data)",
-                         lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{16}", v), str),
-    "device": ("'auto', 'cpu', 'cuda', 'cuda:<index>' or another torch device name",
-               lambda v: isinstance(v, str) and re.fullmatch(r"auto|(cpu|cuda|mps|xpu|hpu|mtia|meta|privateuseone)(:\d+)?", v), str),
+                    (path(), lambda v: os.path.expanduser(str(v)))),  # "~/r": the home folder
+    "data_fingerprint": (kind("None or 16 lower-case hex digits (sdlib.data.data_fingerprint of the data)",
+                              lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{16}", v)), str),
+    "device": (kind("'auto', 'cpu', 'cuda', 'cuda:<index>' or another torch device name",
+                    lambda v: isinstance(v, str) and re.fullmatch(
+                        r"auto|(cpu|cuda|mps|xpu|hpu|mtia|meta|privateuseone)(:\d+)?", v)), str),
 }
 
 
@@ -228,15 +214,15 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.{name} must be {expected}, got {getattr(self, name)!r}")
 
         for field in dataclasses.fields(self):
-            expected, ok, convert = _CHECKS[field.name]
+            of, convert = _CHECKS[field.name]
             value = getattr(self, field.name)
             if field.name in ("seeds", "alphas", "alpha_hat_bounds") and not isinstance(value, (str, bytes)) \
                     and hasattr(value, "__iter__"):
                 value = tuple(value)
             if value is None and field.type.endswith("| None"):
                 continue
-            if not ok(value):
-                fail(field.name, expected)
+            if of(value):
+                fail(field.name, of(value))
             setattr(self, field.name, convert(value))
         if self.warmup_epochs > self.epochs:
             fail("warmup_epochs", f"an integer in [0, epochs={self.epochs}]")

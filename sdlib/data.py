@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import numbers
 import os
 import time
 import warnings
@@ -30,6 +29,7 @@ except ImportError:  # pragma: no cover - exercised by test_protocols in a subpr
 
 from sdlib.download import (PICKLE_DIRNAME, PICKLE_META_FILE, PICKLE_TEST_FILES, PICKLE_TRAIN_FILES,  # noqa: F401
                             DownloadError, check_root, download_cifar10, pickle_dir, read_pickles)
+from sdlib.checks import boolean, check, integer, number, optional
 from sdlib.records import write_atomically
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -46,20 +46,6 @@ _CACHE_FORMAT = 2  # 2: torch.save of the tensors (1: .npz); bump when the cache
 def _require_torch(what: str) -> None:
     if torch is None:
         raise ImportError(f"sdlib.data.{what} needs PyTorch: pip install -e '.[cifar]'")
-
-
-def _integer(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _flags(**values: Any) -> tuple[bool | None, ...]:
-    """The values, each checked to be True or False (``progress`` may be None too)."""
-    for name, value in values.items():
-        if not isinstance(value, (bool, np.bool_)) and not (name == "progress" and value is None):
-            raise ValueError(f"{name} must be True or False, got {value!r}")
-    return tuple(None if value is None else bool(value) for value in values.values())
 
 
 def _check_root(root: Any, split: Any = "train") -> Path:
@@ -292,7 +278,8 @@ def load_cifar10(root: str | os.PathLike, split: str = "train", download: bool =
     parameter, class folder, image or pickle."""
     _require_torch("load_cifar10")
     root = _check_root(root, split)
-    download, cache, progress = _flags(download=download, cache=cache, progress=progress)
+    for name, flag in (("download", download), ("cache", cache), ("progress", progress)):
+        check(name, flag, optional(boolean()) if name == "progress" else boolean())
     return _materialize(_locate(root, split, download), cache, progress)
 
 
@@ -315,7 +302,7 @@ def stratified_split(labels: Any, n_val: int = 5000, seed: int = 0) -> tuple[tor
     class within one image of its share ``n_val * n_c / N``. The same labels, n_val and seed give the same split."""
     _require_torch("stratified_split")
     arr, _ = _check_labels(labels.cpu().numpy() if isinstance(labels, torch.Tensor) else labels)
-    n_val, seed = _integer("n_val", n_val, 0), _integer("seed", seed, 0)
+    n_val, seed = check("n_val", n_val, integer(0)), check("seed", seed, integer(0))
     if n_val >= arr.shape[0]:
         raise ValueError(f"n_val must be smaller than the number of labels ({arr.shape[0]}), got {n_val}")
     val = _stratified_choice(arr, n_val, np.random.default_rng(seed))
@@ -367,9 +354,10 @@ def load_splits(root: str | os.PathLike, n_val: int = 5000, split_seed: int = 0,
     (:func:`data_fingerprint`), split_fingerprints, mean, std."""
     _require_torch("load_splits")
     root = _check_root(root)
-    n_val, split_seed = _integer("n_val", n_val, 0), _integer("split_seed", split_seed, 0)
-    subset = None if subset is None else _integer("subset", subset, len(CIFAR10_CLASSES))
-    download, cache, progress = _flags(download=download, cache=cache, progress=progress)
+    n_val, split_seed = int(check("n_val", n_val, integer(0))), int(check("split_seed", split_seed, integer(0)))
+    subset = None if subset is None else int(check("subset", subset, integer(len(CIFAR10_CLASSES))))
+    for name, flag in (("download", download), ("cache", cache), ("progress", progress)):
+        check(name, flag, optional(boolean()) if name == "progress" else boolean())
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
@@ -412,7 +400,7 @@ def load_splits(root: str | os.PathLike, n_val: int = 5000, split_seed: int = 0,
 def _check_labels(labels, n_classes=None) -> tuple[np.ndarray, int | None]:
     """(labels as int64, n_classes) checked: a non-empty 1-D array of class indices, in 0..n_classes - 1 where
     ``n_classes`` is given (an integer >= 2), else non-negative."""
-    n_classes = None if n_classes is None else _integer("n_classes", n_classes, 2)
+    n_classes = None if n_classes is None else int(check("n_classes", n_classes, integer(2)))
     try:
         labels = np.asarray(labels)
     except Exception:
@@ -432,9 +420,8 @@ def symmetric_label_noise(labels, rate: float, n_classes: int, seed: int = 0) ->
     """A copy of (n,) ``labels`` with exactly ``round(rate * n)`` of them, a uniform random subset, each changed to a
     uniformly drawn *other* class; ``rate`` in [0, 1), ``seed`` for numpy's default_rng."""
     labels, n_classes = _check_labels(labels, n_classes)
-    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0.0 <= rate < 1.0:
-        raise ValueError(f"rate must be a number in [0, 1), got {rate!r}")
-    rng = np.random.default_rng(_integer("seed", seed, 0))
+    check("rate", rate, number(0, 1, high_open=True))
+    rng = np.random.default_rng(check("seed", seed, integer(0)))
     n_flip = int(round(rate * labels.size))
     flip = rng.choice(labels.size, size=n_flip, replace=False)
     noisy = labels.copy()

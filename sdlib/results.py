@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from sdlib import store
+from sdlib.checks import boolean, check
 from sdlib.records import (ALPHA_HAT_CHAIN, EPOCHS_FILE, PROBE_CHAIN, PROBE_EPOCHS_FILE, RECORDS_FILE, SHARED_CHAIN,
                            chain_name)
 
@@ -204,8 +205,7 @@ def load_epochs(results_dir: str | os.PathLike, probes: bool = False, config_has
     curves and tables agree (UnknownConfigError where it has no epoch lines); without records, the newest here.
     Same errors as :func:`load_records`.
     """
-    if not isinstance(probes, bool):
-        raise ValueError(f"probes must be True or False, got {probes!r}")
+    check("probes", probes, boolean())
     filename = PROBE_EPOCHS_FILE if probes else EPOCHS_FILE
     path, objects = _read_jsonl(results_dir, filename, "one JSON object per (seed, chain, step, epoch)",
                                 skip_bad_lines)

@@ -21,6 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Iterable
 
+from sdlib.checks import boolean, check
 from sdlib.records import EPOCHS_FILE, PROBE_EPOCHS_FILE, RECORDS_FILE, remove_stale_temporaries, write_atomically
 
 RECORD_KEY = ("config_hash", "seed", "chain", "step")
@@ -125,8 +126,7 @@ def _parse(raw: bytes) -> tuple[dict | None, str | None]:
 def read_jsonl(path: str | os.PathLike, skip_bad_lines: bool = False) -> list[tuple[int, dict]]:
     """``(line_number, object)`` for every non-blank line of ``path`` (a missing file: none); an unreadable line
     raises :class:`UnreadableLineError`, or with ``skip_bad_lines`` is left out with a RuntimeWarning naming it."""
-    if not isinstance(skip_bad_lines, bool):
-        raise ValueError(f"skip_bad_lines must be True or False, got {skip_bad_lines!r}")
+    check("skip_bad_lines", skip_bad_lines, boolean())
     path = Path(path)
     if path.is_dir():
         raise StoreError(f"{path} is a folder, not a results file: move it away (a results folder holds "
@@ -213,8 +213,7 @@ class ResultsStore:
     ``skip_bad_lines``: skip unreadable lines (with a warning) instead of raising :class:`UnreadableLineError`."""
 
     def __init__(self, results_dir: str | os.PathLike, skip_bad_lines: bool = False):
-        if not isinstance(skip_bad_lines, bool):
-            raise ValueError(f"skip_bad_lines must be True or False, got {skip_bad_lines!r}")
+        check("skip_bad_lines", skip_bad_lines, boolean())
         self.results_dir, self.skip_bad_lines = Path(results_dir), skip_bad_lines
 
     def path(self, filename: str) -> Path:

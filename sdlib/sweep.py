@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 from tqdm.auto import tqdm
 
 from sdlib.chains import grid_cost, job_config_hash, job_configs, pending_tasks, run_chains
+from sdlib.checks import boolean, check, integer, kind, number, optional
 from sdlib.config import TrainConfig
 from sdlib.parameter_files import read_mapping
 from sdlib.records import SHARED_CHAIN
@@ -106,14 +107,6 @@ class SweepError(RuntimeError):
         self.failed, self.results = failed, results
 
 
-def _check(name, value, minimum, kind=int, allow_none=True):
-    if (value is None and allow_none) or (not isinstance(value, bool) and isinstance(value, kind)
-                                          and value >= minimum and (kind is int or value > minimum)):
-        return value
-    expected = f"an integer >= {minimum}" if kind is int else f"a number > {minimum}"
-    raise ValueError(f"{name} must be {expected}{' or None' if allow_none else ''}, got {value!r}")
-
-
 def make_executor(executor: str = "local", folder: str | os.PathLike = "runs/submitit", *,
                   partition: str | None = None, gpus_per_job: int | None = None, timeout_min: int = 1440,
                   cpus_per_job: int | None = None, mem_gb: float | None = None, array_parallelism: int = 64,
@@ -128,11 +121,11 @@ def make_executor(executor: str = "local", folder: str | os.PathLike = "runs/sub
         raise ValueError(f"partition must be a non-empty string or None, got {partition!r}")
     if slurm_parameters is not None and not isinstance(slurm_parameters, dict):
         raise ValueError(f"slurm_parameters must be a dict or None, got {slurm_parameters!r}")
-    _check("gpus_per_job", gpus_per_job, 0), _check("cpus_per_job", cpus_per_job, 1)
-    _check("mem_gb", mem_gb, 0, kind=(int, float))
+    check("gpus_per_job", gpus_per_job, optional(integer(0))), check("cpus_per_job", cpus_per_job, optional(integer(1)))
+    check("mem_gb", mem_gb, optional(number(0, low_open=True)))
     for name, value, minimum in (("timeout_min", timeout_min, 1), ("array_parallelism", array_parallelism, 1),
                                  ("max_requeues", max_requeues, 0)):
-        _check(name, value, minimum, allow_none=False)
+        check(name, value, integer(minimum))
     ex = submitit.AutoExecutor(folder=Path(folder) / "%j", cluster=executor, slurm_max_num_timeout=max_requeues,
                                local_max_num_timeout=max_requeues)
     gpus = (1 if executor == "slurm" else 0) if gpus_per_job is None else gpus_per_job
@@ -199,12 +192,9 @@ def submit_sweep(config, executor: str = "local", folder: str | os.PathLike = "r
     SLURM returns at once; local and debug first wait for the step-1 jobs (a failed one raises :class:`SweepError`
     naming its log), then submit the chains. :func:`wait` waits for the rest."""
     jobs_of_grid = job_configs(config)  # validates config
-    _check("num_threads", num_threads, 1)
-    if on_event is not None and not callable(on_event):
-        raise ValueError(f"on_event must be callable or None, got {on_event!r}")
-    for name, value in (("skip_finished", skip_finished), ("skip_queued", skip_queued)):
-        if not isinstance(value, bool):
-            raise ValueError(f"{name} must be True or False, got {value!r}")
+    check("num_threads", num_threads, optional(integer(1)))
+    check("on_event", on_event, optional(kind("callable", callable)))
+    check("skip_finished", skip_finished, boolean()), check("skip_queued", skip_queued, boolean())
     _check_options(cluster)
     ex = make_executor(executor, folder, **cluster)  # validates the cluster options before any submission
     device = job_device(config, executor, cluster.get("gpus_per_job"))

@@ -108,7 +108,7 @@ def test_bad_parameters_stop_before_any_work(tmp_path, parameters, message):
 
 def test_papermill_sees_every_parameter():
     """papermill's own parser reads every name the parameters cell assigns (a comment can break it)."""
-    from sdlib.notebook import assigned_names
+    from sdlib.checks import assigned_names
 
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     cell = next(c for c in notebook.cells if "parameters" in c.metadata.get("tags", []))

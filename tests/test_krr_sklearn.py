@@ -204,7 +204,7 @@ def test_symmetric_label_noise_is_uniform_over_the_other_classes():
 
 @pytest.mark.parametrize("rate", [1.0, -0.1, float("nan"), 1.5, True, "0.2"])
 def test_label_noise_rate_outside_unit_interval(rate):
-    with pytest.raises(ValueError, match="rate must be a number in"):
+    with pytest.raises(ValueError, match=r"rate must be a finite number >= 0 and < 1"):
         symmetric_label_noise(np.arange(10) % 3, rate, 3)
 
 

@@ -1,8 +1,8 @@
-"""sdlib.notebook.check_parameters: papermill's injected parameters against the notebook's parameters cell."""
+"""sdlib.checks.check_parameters: papermill's injected parameters against the notebook's parameters cell."""
 
 import pytest
 
-from sdlib.notebook import assigned_names, check_parameters
+from sdlib.checks import assigned_names, check_parameters
 
 PARAMETERS = "lam = 0.2\nalpha: float = 0.5\nseeds = [0, 1]  # a list\nsteps, gamma = 3, 80.0\n"
 

@@ -415,12 +415,12 @@ def test_cli_rejects_bad_sweep_files_before_any_submission(tmp_path):
     (dict(executor="cloud"), "executor must be one of"),
     (dict(gpus=1), r"unknown cluster option\(s\) \['gpus'\]"),
     (dict(skip_finished="yes"), "skip_finished must be True or False"),
-    (dict(gpus_per_job=-1), "gpus_per_job must be an integer >= 0"),
+    (dict(gpus_per_job=-1), "gpus_per_job must be None or an integer >= 0"),
     (dict(timeout_min=0), "timeout_min must be an integer >= 1"),
     (dict(partition=""), "partition must be a non-empty string"),
-    (dict(mem_gb=0), "mem_gb must be a number > 0"),
+    (dict(mem_gb=0), "mem_gb must be None or a finite number > 0"),
     (dict(array_parallelism=1.5), "array_parallelism must be an integer >= 1"),
-    (dict(num_threads=0), "num_threads must be an integer >= 1"),
+    (dict(num_threads=0), "num_threads must be None or an integer >= 1"),
 ])
 def test_bad_sweep_options_raise_before_any_submission(tmp_path, options, message):
     config = tiny_config(tmp_path, tmp_path / "data")
@@ -438,7 +438,7 @@ def test_bad_sweep_options_raise_before_any_submission(tmp_path, options, messag
 def test_cli_rejects_bad_values(tmp_path):
     done = subprocess.run([sys.executable, "-m", "sdlib.sweep", "--executor", "local", "--gpus-per-job", "-2",
                            "--log-folder", str(tmp_path / "logs")], cwd=REPO, capture_output=True, text=True)
-    assert done.returncode == 2 and "gpus_per_job must be an integer >= 0" in done.stderr
+    assert done.returncode == 2 and "gpus_per_job must be None or an integer >= 0" in done.stderr
     assert not (tmp_path / "logs").exists()
 
 
@@ -480,7 +480,7 @@ def test_grid_cost_counts_what_the_sweep_trained(grid):
     paper = sweep.grid_cost(TrainConfig.from_profile("paper"))
     assert (paper["jobs"], paper["models"]) == (4 * 13, 4 * (1 + 4 * 13))
     assert paper["images_per_epoch"] == (50_000 - 5_000) // 16 * 16 and paper["seconds"] is None
-    with pytest.raises(ValueError, match="images_per_s must be a number > 0"):
+    with pytest.raises(ValueError, match="images_per_s must be None or a finite number > 0"):
         sweep.grid_cost(config, images_per_s=0)
 
 

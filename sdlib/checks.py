@@ -1,6 +1,8 @@
-"""``check_parameters``: every notebook checks its papermill parameters in the cell after its parameters cell,
-before any work. A misspelled ``-p lamda 0.5`` would be a new variable nobody reads, and ``-r train False`` the
-string "False", which Python takes as true: such a run stops at once, naming the parameter and what it expected.
+"""What a value must be, said once for the library and the notebooks. A kind (:func:`boolean`, :func:`integer`,
+:func:`number`, ...) is a function of a value: None where the value is of that kind, else what was expected, in
+words. :func:`check` raises on an argument of the wrong kind; :func:`check_parameters` checks a notebook's papermill
+parameters in the cell after its parameters cell, before any work: a misspelled ``-p lamda 0.5`` would be a new
+variable nobody reads, and ``-r train False`` the string "False", which Python takes as true.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import math
 import numbers as _numbers
 import os
 import sys
+
+import numpy as np
 
 _INJECTED_HEADER = "# Parameters"  # the first line of papermill's cell (papermill.translators)
 _PAPERMILL_NAMES = ("PAPERMILL_INPUT_PATH", "PAPERMILL_OUTPUT_PATH")
@@ -88,10 +92,16 @@ def _injected_names(history: list[str]) -> list[str]:
     return injected
 
 
-# A kind is a function of a value: None where the value is of that kind, else what was expected, in words.
+def check(name: str, value, kind):
+    """``value`` where ``kind`` accepts it, else ValueError "<name> must be <what kind expects>, got <value>"."""
+    problem = kind(value)
+    if problem:
+        raise ValueError(f"{name} must be {problem}, got {value!r}")
+    return value
 
 
-def _kind(expected: str, test):
+def kind(expected: str, test):
+    """The kind of the values that pass ``test``, ``expected`` in words."""
     return lambda value: None if test(value) else expected
 
 
@@ -105,35 +115,35 @@ def _range(low, high, low_open=False, high_open=False):
 
 def boolean():
     """True or False (not the string "False", not 0 or 1)."""
-    return _kind("True or False", lambda value: isinstance(value, bool))
+    return kind("True or False", lambda value: isinstance(value, (bool, np.bool_)))
 
 
 def integer(low=None, high=None):
     """An integer (not a bool) in [low, high]."""
     words, inside = _range(low, high)
-    return _kind(f"an integer {words}".rstrip(),
-                 lambda v: isinstance(v, _numbers.Integral) and not isinstance(v, bool) and inside(v))
+    return kind(f"an integer {words}".rstrip(),
+                lambda v: isinstance(v, _numbers.Integral) and not isinstance(v, bool) and inside(v))
 
 
 def number(low=None, high=None, low_open=False, high_open=False):
     """A finite real number (not a bool) in the range (``low_open``: > low, else >= low)."""
     words, inside = _range(low, high, low_open, high_open)
-    return _kind(f"a finite number {words}".rstrip(), lambda v: isinstance(v, _numbers.Real)
-                 and not isinstance(v, bool) and math.isfinite(v) and inside(v))
+    return kind(f"a finite number {words}".rstrip(), lambda v: isinstance(v, _numbers.Real)
+                and not isinstance(v, bool) and math.isfinite(v) and inside(v))
 
 
 def _sequence(item, what: str, min_len: int, distinct: bool, shown):
     expected = (f"a list of {'at least ' + str(min_len) + ' ' if min_len > 1 else ''}{what}"
                 + (" that differ as shown" if distinct and shown else " without repeats" if distinct else ""))
 
-    def check(value):
+    def problem(value):
         if not isinstance(value, (list, tuple)) or len(value) < min_len or any(item(v) for v in value):
             return expected
         keys = [shown(v) if shown else v for v in value]
         if distinct and len(set(keys)) != len(keys):
             return expected + (f" (to the digits shown: {', '.join(keys)})" if shown else "")
         return None
-    return check
+    return problem
 
 
 def numbers(low=None, high=None, low_open=False, high_open=False, min_len=1, distinct=False):
@@ -152,29 +162,29 @@ def integers(low=None, high=None, min_len=1, distinct=False):
 def text(*choices):
     """A string; one of ``choices`` where given."""
     if choices:
-        return _kind("one of " + ", ".join(repr(c) for c in choices), lambda v: isinstance(v, str) and v in choices)
-    return _kind("a non-empty string", lambda v: isinstance(v, str) and v)
+        return kind("one of " + ", ".join(repr(c) for c in choices), lambda v: isinstance(v, str) and v in choices)
+    return kind("a non-empty string", lambda v: isinstance(v, str) and v)
 
 
 def path(file: bool = False):
     """A non-empty path (a string or os.PathLike); ``file``: a file to write, so not an existing folder."""
-    def check(value):
+    def problem(value):
         if not isinstance(value, (str, os.PathLike)) or not str(value):
             return "a non-empty path" + (" of a file to write" if file else "")
         if file and os.path.isdir(os.path.expanduser(str(value))):
             return "the path of a file to write, not of a folder (add a file name, e.g. results.json)"
         return None
-    return check
+    return problem
 
 
 def mapping():
     """A dict."""
-    return _kind("a mapping (a dict such as {\"partition\": \"gpu\"})", lambda value: isinstance(value, dict))
+    return kind("a mapping (a dict such as {\"partition\": \"gpu\"})", lambda value: isinstance(value, dict))
 
 
-def optional(kind):
-    """``kind`` or None."""
-    def check(value):
-        problem = None if value is None else kind(value)
-        return None if problem is None else f"None or {problem}"
-    return check
+def optional(of):
+    """``of`` (a kind) or None."""
+    def problem(value):
+        expected = None if value is None else of(value)
+        return None if expected is None else f"None or {expected}"
+    return problem
