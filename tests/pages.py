@@ -67,9 +67,10 @@ def figures(notebook) -> dict[str, int]:
     return found
 
 
-def run_without_torch(code: str) -> None:
+def run_without_torch(code: str) -> str:
     """Run ``code`` in a fresh interpreter where importing torch or torchvision fails (the book's torch-free
-    environment), with tests/ on sys.path and matplotlib on Agg; assert it succeeds and imported no torch."""
+    environment), with tests/ on sys.path and matplotlib on Agg; assert it succeeds and imported no torch, and
+    return what it printed."""
     script = ("import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None\n"
               f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
               "import matplotlib; matplotlib.use('Agg')\n"
@@ -78,4 +79,6 @@ def run_without_torch(code: str) -> None:
               "print('ok')\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "ok"
+    printed, _, last = out.stdout.rstrip("\n").rpartition("\n")
+    assert last == "ok", out.stdout
+    return printed

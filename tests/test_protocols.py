@@ -7,16 +7,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from types import SimpleNamespace
 
 import pytest
 
-from pages import page_functions
+from pages import page_functions, run_without_torch
 from sdlib.config import PROFILES, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,19 +58,13 @@ def test_protocol_table_is_read_from_the_profiles():
 def test_config_and_protocols_import_without_torch():
     """The book's environment has no torch: config (PROFILES, TrainConfig, config_hash) and the page's protocol
     helpers import and compute the same hashes without it."""
-    code = (
-        "import sys; sys.modules['torch'] = None\n"  # any `import torch` now raises ImportError
-        f"sys.path.insert(0, {str(REPO / 'tests')!r})\n"
+    printed = run_without_torch(
         "from pages import page_functions\n"
         "from sdlib.config import TrainConfig\n"
         f"page = page_functions({str(PAGE)!r}, 'protocol_table', 'teacher_bn_effect')\n"
         "page['protocol_table'](); page['teacher_bn_effect']()\n"
-        "print(' '.join(TrainConfig.from_profile(p, device='cpu').config_hash() for p in page['PROTOCOLS']))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120,
-                         env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == [TrainConfig.from_profile(p, device="cpu").config_hash() for p in protocols.PROTOCOLS]
+        "print(' '.join(TrainConfig.from_profile(p, device='cpu').config_hash() for p in page['PROTOCOLS']))\n")
+    assert printed.split() == [TrainConfig.from_profile(p, device="cpu").config_hash() for p in protocols.PROTOCOLS]
 
 
 def _check_effect(frame, run: dict):
