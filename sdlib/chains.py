@@ -178,7 +178,7 @@ class _ChainRunner:
     def load_final(self, key):
         checkpoint = load_checkpoint(_checkpoint(self.ckpt_root, key))
         channels_last = device_precision(self.config, self.device)[1]
-        model = build_model(model=self.config.model).to(
+        model = build_model(model=self.config.model, empty=True).to(
             self.device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         model.load_state_dict(checkpoint["model"])
         self.models[key], self.summaries[key] = model.eval(), checkpoint["summary"]

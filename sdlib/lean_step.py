@@ -248,7 +248,7 @@ class _Batched:
         """The n trained models as separate resnet50s (eval mode, on the training device)."""
         models = []
         for i in range(self.n):
-            model = build_model().to(self.device, memory_format=self.memory_format)
+            model = build_model(empty=True).to(self.device, memory_format=self.memory_format)
             model.load_state_dict(self.net.model_state_dict(i))
             models.append(model.eval())
         return models

@@ -8,6 +8,7 @@ networks are in :mod:`sdlib.models`, the chains of steps in :mod:`sdlib.chains`.
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 import os
@@ -121,7 +122,9 @@ def distill_group(config: TrainConfig, data, *, seed: int, step: int, members: S
         return [results[i] for i in range(len(members))]
     start_epoch = starts[0]
 
-    models = [build_model(seed, step, config.model) for _ in members]
+    fresh = build_model(seed, step, config.model) if None in states else None  # one init, copied: same weights
+    models = [copy.deepcopy(fresh) if state is None else build_model(model=config.model, empty=True)
+              for state in states]
     for model, state in zip(models, states):
         if state is not None:
             model.load_state_dict(state["model"])
