@@ -27,9 +27,9 @@ try:  # the data's fingerprint (config_hash) needs no torch
 except ImportError:  # pragma: no cover - exercised by test_protocols in a subprocess
     torch = None
 
+from sdlib.checks import boolean, check, integer, number, optional
 from sdlib.download import (PICKLE_DIRNAME, PICKLE_META_FILE, PICKLE_TEST_FILES, PICKLE_TRAIN_FILES,  # noqa: F401
                             DownloadError, check_root, download_cifar10, pickle_dir, read_pickles)
-from sdlib.checks import boolean, check, integer, number, optional
 from sdlib.records import write_atomically
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
