@@ -133,7 +133,8 @@ def number(low=None, high=None, low_open=False, high_open=False):
 
 
 def _sequence(item, what: str, min_len: int, distinct: bool, shown):
-    expected = (f"a list of {'at least ' + str(min_len) + ' ' if min_len > 1 else ''}{what}"
+    length = "non-empty list of " if min_len == 1 else f"list of at least {min_len} " if min_len > 1 else "list of "
+    expected = (f"a {length}{what}"
                 + (" that differ as shown" if distinct and shown else " without repeats" if distinct else ""))
 
     def problem(value):

@@ -98,7 +98,7 @@ def test_non_default_run_writes_results_that_explicit_refitting_reproduces(tmp_p
 
 @pytest.mark.parametrize("parameters, message", [
     ({"lamda": 0.5}, "lamda"),
-    ({"noise_rates": [0.0, 1.0]}, r"parameter 'noise_rates' must be a list of numbers >= 0 and < 1, got \[0\.0, 1\.0\]"),
+    ({"noise_rates": [0.0, 1.0]}, r"parameter 'noise_rates' must be a non-empty list of numbers >= 0 and < 1, got \[0\.0, 1\.0\]"),
     ({"n_train": 1500}, "n_train \\+ n_val \\+ n_test must be at most 1797"),
 ])
 def test_bad_parameters_stop_before_any_work(tmp_path, parameters, message):
