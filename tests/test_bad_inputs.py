@@ -238,8 +238,9 @@ def reordered_columns(t: Path):
     return model.predict(frame[["b", "a"]])
 
 
-def notebook_parameters(notebook: str, **values) -> None:
-    """The notebook's parameters cell, papermill's values over it, then its checking cell (no kernel needed)."""
+def notebook_parameters(notebook: str, setup: bool = False, **values) -> None:
+    """The notebook's parameters cell, papermill's values over it, then its checking cell (no kernel needed) and,
+    with ``setup``, the cell after it (the checks that relate two parameters)."""
     import nbformat
 
     nb = nbformat.read(REPO / "notebooks" / f"{notebook}.ipynb", as_version=4)
@@ -247,7 +248,8 @@ def notebook_parameters(notebook: str, **values) -> None:
     namespace: dict = {}
     exec(code[0].source, namespace)
     namespace.update(values)
-    exec(code[1].source, namespace)
+    for cell in code[1:3 if setup else 2]:
+        exec(cell.source, namespace)
 
 
 def read_during_an_append(t: Path) -> str:
@@ -346,6 +348,9 @@ TABLE = [
     ("notebook 04: seed -1",
      lambda t: notebook_parameters("04_optimal_alpha", seed=-1),
      ValueError, r"parameter 'seed' must be an integer >= 0 and <= 4\.29497e\+09, got -1"),
+    ("notebook 04: val_fraction 0.6 and test_fraction 0.5 (no training set left)",
+     lambda t: notebook_parameters("04_optimal_alpha", setup=True, val_fraction=0.6, test_fraction=0.5),
+     ValueError, r"val_fraction \+ test_fraction must be below 1 \(the rest is the training set\), got 0\.6 \+ 0\.5"),
     ("notebook 05: seeds 0 (not a list)",
      lambda t: notebook_parameters("05_cifar10_self_distillation", seeds=0),
      ValueError, r"parameter 'seeds' must be a non-empty list of integers >= 0 without repeats, got 0"),
