@@ -92,9 +92,9 @@ def _injected_names(history: list[str]) -> list[str]:
     return injected
 
 
-def check(name: str, value, kind):
-    """``value`` where ``kind`` accepts it, else ValueError "<name> must be <what kind expects>, got <value>"."""
-    problem = kind(value)
+def check(name: str, value, of):
+    """``value`` where the kind ``of`` accepts it, else ValueError "<name> must be <what it expects>, got <value>"."""
+    problem = of(value)
     if problem:
         raise ValueError(f"{name} must be {problem}, got {value!r}")
     return value

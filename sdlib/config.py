@@ -79,7 +79,7 @@ FIELD_CHOICES = {"profile": PROFILES, "model": MODELS, "lr_schedule": LR_SCHEDUL
 
 
 def _explained(of, why: str):  # a kind whose expectation is followed by why
-    return lambda value: of(value) and of(value) + why
+    return lambda value: (expected := of(value)) and expected + why
 
 
 # Each field's kind (sdlib.checks) and its conversion. Fields typed "... | None" may also be None.
@@ -221,8 +221,9 @@ class TrainConfig:
                 value = tuple(value)
             if value is None and field.type.endswith("| None"):
                 continue
-            if of(value):
-                fail(field.name, of(value))
+            expected = of(value)
+            if expected:
+                fail(field.name, expected)
             setattr(self, field.name, convert(value))
         if self.warmup_epochs > self.epochs:
             fail("warmup_epochs", f"an integer in [0, epochs={self.epochs}]")

@@ -55,6 +55,12 @@ def _check_root(root: Any, split: Any = "train") -> Path:
     return root
 
 
+def _check_flags(download, cache, progress) -> None:
+    """load_cifar10's and load_splits' flags: True or False (progress: None too, the default bar)."""
+    check("download", download, boolean()), check("cache", cache, boolean())
+    check("progress", progress, optional(boolean()))
+
+
 def how_to_get_data(root: str | os.PathLike, split: str = "train") -> str:
     """The message of a missing CIFAR-10 under ``root``: the forms read, and how to get either."""
     root = _check_root(root, split)
@@ -278,8 +284,7 @@ def load_cifar10(root: str | os.PathLike, split: str = "train", download: bool =
     parameter, class folder, image or pickle."""
     _require_torch("load_cifar10")
     root = _check_root(root, split)
-    for name, flag in (("download", download), ("cache", cache), ("progress", progress)):
-        check(name, flag, optional(boolean()) if name == "progress" else boolean())
+    _check_flags(download, cache, progress)
     return _materialize(_locate(root, split, download), cache, progress)
 
 
@@ -356,8 +361,7 @@ def load_splits(root: str | os.PathLike, n_val: int = 5000, split_seed: int = 0,
     root = _check_root(root)
     n_val, split_seed = int(check("n_val", n_val, integer(0))), int(check("split_seed", split_seed, integer(0)))
     subset = None if subset is None else int(check("subset", subset, integer(len(CIFAR10_CLASSES))))
-    for name, flag in (("download", download), ("cache", cache), ("progress", progress)):
-        check(name, flag, optional(boolean()) if name == "progress" else boolean())
+    _check_flags(download, cache, progress)
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
