@@ -22,11 +22,6 @@ from typing import Any, Sequence
 
 import numpy as np
 
-try:  # the data's fingerprint (config_hash) needs no torch
-    import torch
-except ImportError:  # pragma: no cover - exercised by test_protocols in a subprocess
-    torch = None
-
 from sdlib.checks import boolean, check, integer, number, optional
 from sdlib.download import (PICKLE_DIRNAME, PICKLE_META_FILE, PICKLE_TEST_FILES, PICKLE_TRAIN_FILES,  # noqa: F401
                             DownloadError, check_root, download_cifar10, pickle_dir, read_pickles)
@@ -43,9 +38,17 @@ CACHE_DIRNAME = ".sdlib_cache"
 _CACHE_FORMAT = 2  # 2: torch.save of the tensors (1: .npz); bump when the cache changes meaning
 
 
+torch = None  # imported by the loaders' first call: the fingerprint (config_hash) and the label noise of the
+# kernel chapters need no torch, and importing it takes a theory notebook's kernel about 1.6 s
+
+
 def _require_torch(what: str) -> None:
+    global torch
     if torch is None:
-        raise ImportError(f"sdlib.data.{what} needs PyTorch: pip install -e '.[cifar]'")
+        try:
+            import torch
+        except ImportError:  # pragma: no cover - exercised by test_protocols in a subprocess
+            raise ImportError(f"sdlib.data.{what} needs PyTorch: pip install -e '.[cifar]'") from None
 
 
 def _check_root(root: Any, split: Any = "train") -> Path:
