@@ -1,6 +1,8 @@
 """The closed form of self-distilled kernel ridge regression against its definition (explicit refitting)."""
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -313,3 +315,16 @@ def test_predict_steps_matches_refit_chain_and_predict(alpha):
     np.testing.assert_allclose(path, np.array(per_step), atol=1e-12 * scale(path), rtol=0)
     with pytest.raises(ValueError, match="length 5"):
         sd.predict_steps(X_new, 6, [0.1, 0.2])
+
+
+def test_the_kernel_half_does_not_import_torch():
+    """The theory notebooks' kernels never pay torch's import (about 1.6 s here) even where torch is installed:
+    sdlib.krr, its label noise and the data's fingerprint need numpy and scikit-learn only."""
+    code = ("import sys\n"
+            "from sdlib.krr import SelfDistillation\n"
+            "from sdlib.data import data_fingerprint, symmetric_label_noise\n"
+            "symmetric_label_noise([0, 1, 2, 1], 0.5, 3); data_fingerprint('no-such-folder')\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'torchvision'}))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["[]"]
