@@ -1,5 +1,6 @@
 """No result is lost or silently wrong: the append-only results store (sdlib.store) under the trainer, on tiny
-real-image runs (ResNet-50 on the CPU, 32 training images, one epoch), data-loss cases first.
+real-image runs (32 training images, one epoch on the CPU; chapter 7's cnn4, whose steps take a tenth of a
+ResNet-50's: the store does not depend on the network), data-loss cases first.
 
 Each test reproduces a failure of the old store (named in its docstring) and fails on it: records replaced by a
 run of another config (one after the other, or at the same time), epoch curves of two configs mixed without a
@@ -44,8 +45,8 @@ def data_root(tiny_cifar_root, tmp_path):
 
 
 def step1_config(tmp_path, data_root, **overrides) -> TrainConfig:
-    """Step 1 only (the shared model), one epoch of 32 real images: a few seconds on one CPU thread."""
-    settings = dict(epochs=1, steps=1, subset=32, n_val=20, alphas=(1.0,), include_alpha_hat=False)
+    """Step 1 only (the shared model), one epoch of 32 real images: a fraction of a second on one CPU thread."""
+    settings = dict(epochs=1, steps=1, subset=32, n_val=20, alphas=(1.0,), include_alpha_hat=False, model="cnn4")
     settings.update(overrides)
     return tiny_config(tmp_path, data_root, **settings)
 
@@ -87,7 +88,7 @@ from pathlib import Path
 from tiny import tiny_config
 from sdlib.train import run_chains
 config = tiny_config(Path({tmp!r}), Path({data!r}), epochs=1, steps=1, subset=32, n_val=20, alphas=(1.0,),
-                     include_alpha_hat=False, seeds=(0, 1), lr={lr!r})
+                     include_alpha_hat=False, seeds=(0, 1), lr={lr!r})  # ResNet-50: steps long enough to overlap
 print(len(run_chains(config, progress=False)), config.config_hash())
 """
 
