@@ -9,12 +9,12 @@ their state submitit's). Sweep files: :func:`load_sweep_config`, ``sweeps/``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -86,7 +86,7 @@ class ChainJob:
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
 
-@dataclass
+@dataclasses.dataclass
 class SweepJob:
     """A submitted job: its seed, chain ("shared" for step 1) and submitit Job."""
 
@@ -181,6 +181,14 @@ def queued_jobs(config, executor: str = "local", folder: str | os.PathLike = "ru
             if state != "UNKNOWN" and not watcher.is_done(latest[key], mode="cache")}
 
 
+def _unfinished(jobs_of_grid: list[tuple[int, str, TrainConfig]], device: str | None) -> list:
+    """The jobs with a step left to train (:func:`sdlib.chains.pending_tasks`), the data fingerprinted once for
+    all of them rather than once per job (0.2 s each for CIFAR-10: 11 s for the paper grid's 52 jobs)."""
+    fingerprint = jobs_of_grid[0][2].resolved_data_fingerprint() if jobs_of_grid else None
+    return [(s, c, cfg) for s, c, cfg in jobs_of_grid
+            if pending_tasks(dataclasses.replace(cfg, data_fingerprint=fingerprint), device=device)]
+
+
 def submit_sweep(config, executor: str = "local", folder: str | os.PathLike = "runs/submitit", *,
                  num_threads: int | None = None, progress: bool = True,
                  on_event: Callable[[dict], None] | None = None, skip_finished: bool = True,
@@ -200,7 +208,7 @@ def submit_sweep(config, executor: str = "local", folder: str | os.PathLike = "r
     device = job_device(config, executor, cluster.get("gpus_per_job"))
     config_hash = job_config_hash(config, device)  # the hash the jobs record
     if skip_finished:
-        jobs_of_grid = [(s, c, cfg) for s, c, cfg in jobs_of_grid if pending_tasks(cfg, device=device)]
+        jobs_of_grid = _unfinished(jobs_of_grid, device)
     active = queued_jobs(config, executor, folder, config_hash) if skip_queued else {}
     waiting = {s for s, c in active if c == SHARED_CHAIN} if executor != "slurm" else set()
     left_out = [(s, c) for s, c, _ in jobs_of_grid if (s, c) in active or s in waiting]
@@ -345,7 +353,7 @@ def _print_dry_run(config, options: dict) -> None:
     executor, folder = options.get("executor", "local"), options.get("folder", "runs/submitit")
     device = job_device(config, executor, options.get("gpus_per_job"))
     print_dry_run(config, device)
-    jobs = [(s, c) for s, c, cfg in job_configs(config) if pending_tasks(cfg, device=device)]
+    jobs = [(s, c) for s, c, _ in _unfinished(job_configs(config), device)]
     active = queued_jobs(config, executor, folder, job_config_hash(config, device))
     print(f"would submit {len([j for j in jobs if j not in active])} of {len(job_configs(config))} jobs "
           f"({executor}); {len(active)} still queued or running:")

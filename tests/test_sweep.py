@@ -603,3 +603,25 @@ def test_sweep_dry_run_lists_the_jobs_to_submit(tmp_path, fake_sacct, capsys):
     assert f"config_hash: {config.config_hash()}" in out and "would submit 4 of 4 jobs (slurm)" in out
     assert "grid cost: 4 sweep jobs; 5 models x 2 epochs" in out and "pending: 4 of 4 (seed, chain, step)" in out
     assert not (tmp_path / "submitit").exists() and not fake_sacct.read_text()
+
+
+def test_a_dry_run_fingerprints_the_data_as_often_for_any_number_of_jobs(tmp_path, tiny_cifar_root, fake_sacct,
+                                                                          capsys, monkeypatch):
+    """Which jobs are left is asked per job; the data are fingerprinted once for all of them (each fingerprint of
+    CIFAR-10 lists 60,000 files: per job it took the paper grid's dry run 11 s)."""
+    from sdlib import data
+
+    calls = []
+    fingerprint = data.data_fingerprint
+    monkeypatch.setattr(data, "data_fingerprint", lambda root: calls.append(root) or fingerprint(root))
+    counts = {}
+    for seeds in ((0,), (0, 1, 2)):
+        config = tiny_config(tmp_path, tiny_cifar_root, seeds=seeds)  # read only: a fingerprint writes nothing
+        path = tmp_path / "sweep.yaml"
+        path.write_text(yaml.safe_dump({"train": {k: v for k, v in config.to_dict().items() if k != "profile"},
+                                        "cluster": {"executor": "slurm", "folder": str(tmp_path / "submitit")}}))
+        calls.clear()
+        assert sweep.main(["--config", str(path), "--dry-run"]) == []
+        assert f"would submit {4 * len(seeds)} of {4 * len(seeds)} jobs" in capsys.readouterr().out
+        counts[seeds] = len(calls)
+    assert counts[(0,)] == counts[(0, 1, 2)] > 0, counts
