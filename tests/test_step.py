@@ -4,6 +4,8 @@ folded teacher, device schedule), and the CUDA graph capture path where CUDA exi
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
 import types
 
@@ -29,6 +31,23 @@ def float64():
     torch.set_default_dtype(previous)
 
 
+@functools.cache
+def _built(seed: int, step: int, dtype: torch.dtype) -> torch.nn.Module:
+    return build_model(seed=seed, step=step)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _drop_built_models():
+    yield
+    _built.cache_clear()  # about 1 GB of float64 ResNet-50s
+
+
+def seeded_model(seed: int, step: int) -> torch.nn.Module:
+    """build_model(seed=seed, step=step) in the default dtype: a copy of one built once (a ResNet-50's seeded
+    init takes about 0.7 s, a copy 0.06 s; the copies are bit-identical)."""
+    return copy.deepcopy(_built(seed, step, torch.get_default_dtype()))
+
+
 def _images(n: int, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
     return (torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=generator),
@@ -42,7 +61,7 @@ def _assert_close(actual, expected, what, rtol=1e-10):
 
 
 def test_l2_gradient_without_autograd_equals_autograds(float64):
-    model = build_model(seed=0, step=1)
+    model = seeded_model(0, 1)
     params = list(model.parameters())
     assert any(float(p.detach().abs().max()) == 0.0 for p in params)  # batch-norm biases start at 0: the W = 0 case
     with torch.no_grad():  # a few other zero tensors and tiny ones, anywhere
@@ -63,7 +82,7 @@ def test_l2_gradient_without_autograd_equals_autograds(float64):
 
 
 def _teacher_with_statistics(seed: int):
-    teacher = build_model(seed=seed, step=1)
+    teacher = seeded_model(seed, 1)
     with torch.no_grad():  # running statistics far from any batch's, so that folding them (and the modes) matter
         for m in teacher.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -86,9 +105,9 @@ def test_lean_step_equals_the_readable_step(float64, batched):
     teachers = [_teacher_with_statistics(7), _teacher_with_statistics(8)]
     alphas, member_teachers = ([0.3, 1.0, 1.4], [teachers[0], None, teachers[1]]) if batched else ([0.3], teachers[:1])
     x_train, y_train = _images(16)
-    lean = LeanStep(config, [build_model(seed=0, step=2) for _ in alphas], alphas, member_teachers, y_train, "cpu",
+    lean = LeanStep(config, [seeded_model(0, 2) for _ in alphas], alphas, member_teachers, y_train, "cpu",
                     batched=batched)
-    plain = [build_model(seed=0, step=2) for _ in alphas]
+    plain = [seeded_model(0, 2) for _ in alphas]
     optimizers = [torch.optim.Adam(m.parameters(), lr=lr) for m in plain]
     lean.schedule.start_at(0)
     generator = torch.Generator().manual_seed(11)
@@ -114,12 +133,12 @@ def test_lean_step_equals_the_readable_step(float64, batched):
                     # rounding of g is amplified, so the weights agree to 1e-6 * lr (and later steps, through
                     # batch norm over 4 images, amplify it further: the second step is compared by its objective).
                     torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-9, msg=f"model {k}: {key}")
-            moved = (ours["fc.weight"] - build_model(seed=0, step=2).fc.weight).abs().max().item()
+            moved = (ours["fc.weight"] - seeded_model(0, 2).fc.weight).abs().max().item()
             assert moved > 0.5 * lr, f"model {k} barely moved: the comparison would be vacuous"
 
 
 def test_folded_teacher_computes_the_eval_mode_network(float64):
-    teacher = build_model(seed=3, step=1)
+    teacher = seeded_model(3, 1)
     with torch.no_grad():
         for m in teacher.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -151,7 +170,7 @@ def test_lean_step_teachers_follow_teacher_bn(float64, batched):
     for mode in ("eval", "train"):
         config = TrainConfig(batch_size=8, lr=1e-3, teacher_bn=mode, chains_in_flight="batched" if batched
                              else "streams")
-        models = [build_model(seed=0, step=2) for _ in members]
+        models = [seeded_model(0, 2) for _ in members]
         lean = LeanStep(config, models, [m[0] for m in members], [m[1] for m in members], y_train, "cpu",
                         batched=batched)
         targets = lean.teachers(x)
@@ -201,7 +220,7 @@ def test_lean_step_update_is_a_handful_of_multi_tensor_ops():
             self.names.append(str(func.overloadpacket.__name__))
             return func(*args, **(kwargs or {}))
 
-    model = build_model(seed=0, step=1)
+    model = seeded_model(0, 1)
     params = list(model.parameters())
     for p in params:
         p.grad = torch.zeros_like(p)
@@ -253,13 +272,13 @@ def test_graph_captured_step_equals_the_eager_step_on_cuda(batched):
     is really replayed from a graph."""
     device = torch.device("cuda")
     x_train, y_train = (t.to(device) for t in _images(64))
-    teacher = build_model(seed=7, step=1).to(device).eval()
+    teacher = seeded_model(7, 1).to(device).eval()
     n = 3 if batched else 1
     results = {}
     for capture in ("none", "graph"):
         config = TrainConfig(batch_size=8, capture=capture, chains_in_flight="batched" if batched else "streams")
         alphas = [[0.0, 0.5, 1.0][i % 3] for i in range(n)]
-        lean = LeanStep(config, [build_model(seed=0, step=2) for _ in alphas], alphas, [teacher] * n, y_train,
+        lean = LeanStep(config, [seeded_model(0, 2) for _ in alphas], alphas, [teacher] * n, y_train,
                         device, batched=batched)
         lean.schedule.start_at(0)
         generator = torch.Generator(device=device).manual_seed(0)
