@@ -46,6 +46,14 @@ def execute(notebook: Path, tmp_path: Path, name: str, parameters: dict) -> nbfo
     return nbformat.read(out, as_version=4)
 
 
+def executed_by_book(book, notebook: Path) -> nbformat.NotebookNode:
+    """``notebook`` (a path under notebooks/) as the test book build (the ``book`` fixture: a clean copy built
+    as `make book` builds it) executed it with its defaults: what the book shows."""
+    root, _ = book
+    return nbformat.read(root / "_build" / "jupyter_execute" / "notebooks" / f"{Path(notebook).stem}.ipynb",
+                         as_version=4)
+
+
 def text_of(notebook) -> str:
     """Every output's text: streams, and the plain, Markdown and HTML forms of displayed values."""
     parts = []

@@ -1,5 +1,5 @@
-"""Chapter 6 (notebooks/06_kernel_classification.ipynb) through papermill: defaults and a non-default set, its
-numbers recomputed here by explicit refitting, and its parameter checks."""
+"""Chapter 6 (notebooks/06_kernel_classification.ipynb): its defaults as the book build ran them, a non-default
+set through papermill with its numbers recomputed here by explicit refitting, and its parameter checks."""
 
 from __future__ import annotations
 
@@ -28,13 +28,13 @@ def execute(tmp_path, name, parameters):
     return pages.execute(NOTEBOOK, tmp_path, name, parameters)
 
 
-def test_defaults_run_and_show_digits_and_the_committed_cifar_results(tmp_path):
-    nb = execute(tmp_path, "defaults", {})
+def test_defaults_run_and_show_digits_and_the_committed_cifar_results(book):
+    nb = pages.executed_by_book(book, NOTEBOOK)  # the defaults, as the book runs them
     text = text_of(nb)
     assert "digits: {'train': 1000, 'val': 300, 'test': 497} images, 64 features, 10 classes" in text
     shown = figures(nb)
     assert shown["fig-ch6-steps-live"] == 1 and shown["fig-ch6-pairs-live"] == 1
-    committed = REPO / "results" / "krr_cifar10" / "results.json"
+    committed = book[0] / "results" / "krr_cifar10" / "results.json"  # the book's copy of the repository
     if committed.is_file():  # the book's default build plots the committed CIFAR-10 run as well
         assert shown["fig-ch6-steps-cifar"] == 1 and shown["fig-ch6-pairs-cifar"] == 1
         assert "cifar10, n_train=" in text

@@ -1,11 +1,11 @@
-"""Chapter 7 (notebooks/07_cpu_self_distillation.ipynb) through papermill: by default it reads the committed CPU
-grid; with train=True it trains a tiny grid live on real images (clean and noisy), only where it is told to."""
+"""Chapter 7 (notebooks/07_cpu_self_distillation.ipynb): by default (as the book build ran it) it reads the
+committed CPU grid; through papermill with train=True it trains a tiny grid live on real images (clean and noisy),
+only where it is told to."""
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import nbformat
@@ -52,12 +52,12 @@ def test_live_run_trains_clean_and_noisy_grids_where_told(tiny_cifar_root, tmp_p
 
 
 @pytest.mark.skipif(not COMMITTED.is_file(), reason="no committed CPU grid under results/cifar10_cpu")
-def test_defaults_show_the_committed_grid(tmp_path):
-    # a snapshot of the committed folder, which a grid still running may append to while the page runs
-    snapshot = tmp_path / "cifar10_cpu"
-    shutil.copytree(COMMITTED.parent, snapshot)
-    nb = execute(tmp_path, "defaults", {"results_dir": str(snapshot)})
-    rows = [json.loads(line) for line in (snapshot / "records.jsonl").read_text().splitlines()]
+def test_defaults_show_the_committed_grid(book):
+    # the defaults as the book build ran them, on its copy of the repository (a snapshot of the committed folder,
+    # which a grid still running may append to)
+    nb = pages.executed_by_book(book, NOTEBOOK)
+    snapshot = book[0] / COMMITTED.relative_to(REPO)
+    rows = [json.loads(line) for line in snapshot.read_text().splitlines()]
     text = text_of(nb)
     assert "**Committed grid**" in text
     for rate in sorted({r["config"]["label_noise"] for r in rows}):
