@@ -38,8 +38,9 @@ CACHE_DIRNAME = ".sdlib_cache"
 _CACHE_FORMAT = 2  # 2: torch.save of the tensors (1: .npz); bump when the cache changes meaning
 
 
-torch = None  # imported by the loaders' first call: the fingerprint (config_hash) and the label noise of the
-# kernel chapters need no torch, and importing it takes a theory notebook's kernel about 1.6 s
+# torch is imported by the loaders' first call (_require_torch): the data's fingerprint (config_hash) and the label
+# noise of the kernel chapters need none, and importing it takes a theory notebook's kernel about 1.6 s.
+torch = None
 
 
 def _require_torch(what: str) -> None:
