@@ -3,7 +3,7 @@
 The session's book build (the ``book`` fixture, tests/book_build.py) is served from a loopback HTTP server and
 every page is opened at a desktop width (1280 px) and a phone width (390 px). After MathJax has typeset, each
 page must have: no display equation or code block wider than the article column (and at 1280 px no display
-equation that needs to scroll at all); every figure captioned, its images loaded, with a text alternative that
+equation that needs to scroll at all), nor a table of class sd-wrap-code (its code wraps on a phone); every figure captioned, its images loaded, with a text alternative that
 is not a file name; no request to anything but 127.0.0.1; no console error. The interactive figures' sliders
 must change the picture, and a figure must open enlarged on click.
 
@@ -50,9 +50,10 @@ MEASURE = """
     if (!visible(el)) continue;
     const r = el.getBoundingClientRect();
     const scroller = el.closest(".output.text_html, .pst-scrollable-table-container");
-    const limit = el.tagName === "TABLE" && scroller && getComputedStyle(scroller).overflowX !== "visible"
-      ? scroller.getBoundingClientRect() : column;
-    if (el.tagName === "TABLE" && limit !== column) continue;  // a table scrolls inside its output box
+    // a table scrolls inside its box, except one whose code wraps on a phone (sd-wrap-code): that one must fit
+    const limit = el.tagName === "TABLE" && scroller && !el.matches(".sd-wrap-code")
+      && getComputedStyle(scroller).overflowX !== "visible" ? scroller.getBoundingClientRect() : column;
+    if (el.tagName === "TABLE" && limit !== column) continue;
     if (r.left < limit.left - 1 || r.right > limit.right + 1) {
       wide.push(describe(el) + ` (${Math.round(r.width)} px in a ${Math.round(limit.width)} px column)`);
     }
