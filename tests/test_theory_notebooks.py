@@ -24,6 +24,7 @@ import papermill as pm
 import pytest
 from sklearn.datasets import load_diabetes
 
+from pages import executed_by_book
 from sdlib.results import FIGURE_FONT_PT, FIGURE_WIDTH_IN
 
 REPO = Path(__file__).resolve().parents[1]
@@ -239,12 +240,11 @@ def test_batch_execution_skips_the_live_widgets_as_the_book_build_runs_it(book):
     execute = yaml.safe_load((REPO / "_config.yml").read_text(encoding="utf-8"))["execute"]
     assert execute["execute_notebooks"] == "cache" and not execute["run_in_temp"]
     assert 0 < execute["timeout"] <= 600  # a cell that waits for ever fails the build instead
-    root, _ = book
     for name in ("01_toy_example", "02_eigenvalue_damping"):
         widget_cells = [c for c in nbformat.read(NOTEBOOK_DIR / f"{name}.ipynb", as_version=4).cells
                         if c.cell_type == "code" and "ipywidgets" in c.source]
         assert widget_cells and all("skip-execution" in c.metadata.get("tags", []) for c in widget_cells), name
-        executed = nbformat.read(root / "_build" / "jupyter_execute" / "notebooks" / f"{name}.ipynb", as_version=4)
+        executed = executed_by_book(book, NOTEBOOK_DIR / f"{name}.ipynb")
         code = [c for c in executed.cells if c.cell_type == "code"]
         skipped = [i for i, c in enumerate(code) if c.execution_count is None]
         assert skipped == [i for i, c in enumerate(code) if "ipywidgets" in c.source], name
