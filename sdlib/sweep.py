@@ -354,8 +354,7 @@ def _print_dry_run(config, options: dict) -> None:
     """--dry-run: sdlib.train's (as the jobs would run), then the jobs a submission would make now."""
     executor, folder = options.get("executor", "local"), options.get("folder", "runs/submitit")
     device = job_device(config, executor, options.get("gpus_per_job"))
-    print_dry_run(config, device)
-    fingerprint = config.resolved_data_fingerprint()
+    fingerprint = print_dry_run(config, device)
     jobs = [(s, c) for s, c, _ in _unfinished(job_configs(config), device, fingerprint)]
     active = queued_jobs(config, executor, folder,
                          job_config_hash(dataclasses.replace(config, data_fingerprint=fingerprint), device))

@@ -89,15 +89,19 @@ def config_overrides(args: argparse.Namespace) -> dict:
     return overrides
 
 
-def print_dry_run(config: TrainConfig, device: str | None = None, skip_bad_lines: bool = False) -> None:
+def print_dry_run(config: TrainConfig, device: str | None = None, skip_bad_lines: bool = False) -> str | None:
     """--dry-run: ``config`` as it would run on ``device`` (default: this machine's) with the data's fingerprint,
-    its config_hash, the pending (seed, chain, step) and the grid's cost; trains, decodes and writes nothing."""
+    its config_hash, the pending (seed, chain, step) and the grid's cost; trains, decodes and writes nothing.
+    Returns the fingerprint (taken once here: it lists every image, 0.2 s for CIFAR-10)."""
     device = device or str(resolve_device(config.device))
-    resolved = job_config(config, device)  # bf16 / channels_last off the GPU: shown in the config
-    fingerprint, pending = resolved.resolved_data_fingerprint(), pending_tasks(config, skip_bad_lines, device)
+    found = cifar.data_fingerprint(config.data_root)
+    fingerprint = config.data_fingerprint or found
+    pinned = dataclasses.replace(config, data_fingerprint=fingerprint)
+    resolved = job_config(pinned, device)  # bf16 / channels_last off the GPU: shown in the config
+    pending = pending_tasks(pinned, skip_bad_lines, device)
     print(f"resolved config (as it would run on {device}):")
-    print("".join(f"  {k}: {v}\n" for k, v in {**resolved.to_dict(), "data_fingerprint": fingerprint}.items()), end="")
-    note = "" if cifar.data_fingerprint(config.data_root) else f" (no data under {config.data_root}: " + (
+    print("".join(f"  {k}: {v}\n" for k, v in resolved.to_dict().items()), end="")
+    note = "" if found else f" (no data under {config.data_root}: " + (
         "the pinned data_fingerprint" if config.data_fingerprint else "a run would stop") + ")"
     print(f"config_hash: {resolved.config_hash(fingerprint)}{note}")
     print(f"pending: {len(pending)} of {len(grid_tasks(config))} (seed, chain, step) without a record in "
@@ -105,6 +109,7 @@ def print_dry_run(config: TrainConfig, device: str | None = None, skip_bad_lines
     print("".join(f"  seed {seed}, {chain}, step {step}\n" for seed, chain, step in pending), end="")
     cost = grid_cost(resolved)
     print(f"grid cost: {cost['jobs']} sweep jobs; {cost['formula']} (the whole grid, finished steps included)")
+    return fingerprint
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

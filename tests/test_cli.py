@@ -66,6 +66,24 @@ def test_dry_run_prints_config_pending_tasks_and_cost_and_writes_nothing(tmp_pat
     assert not (data_root / ".sdlib_cache").exists()  # nothing decoded either
 
 
+def test_dry_run_fingerprints_the_data_once(tmp_path, tiny_cifar_root, capsys, monkeypatch):
+    """A fingerprint lists and stats every image (0.2 s for CIFAR-10): the dry run takes one, for the config it
+    shows, its hash, the pending steps and the "no data" note alike (it took three)."""
+    from sdlib import data
+
+    calls = []
+    fingerprint = data.data_fingerprint
+    monkeypatch.setattr(data, "data_fingerprint", lambda root: calls.append(root) or fingerprint(root))
+    main(["--data-root", str(tiny_cifar_root), "--results-dir", str(tmp_path / "r"), "--checkpoint-dir",
+          str(tmp_path / "c"), "--device", "cpu", "--dry-run"])
+    out = capsys.readouterr().out
+    assert calls == [str(tiny_cifar_root)], calls
+    assert f"  data_fingerprint: {fingerprint(tiny_cifar_root)}" in out and "no data under" not in out
+    config = TrainConfig.from_profile("paper", data_root=str(tiny_cifar_root), results_dir=str(tmp_path / "r"),
+                                      checkpoint_dir=str(tmp_path / "c"), device="cpu")
+    assert f"config_hash: {config.config_hash()}\n" in out and "pending: 196 of 196" in out
+
+
 def test_dry_run_without_data_says_so(tmp_path, capsys):
     main(["--data-root", str(tmp_path / "none"), "--results-dir", str(tmp_path / "r"), "--dry-run", "--device",
           "cpu"])
