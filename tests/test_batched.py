@@ -22,6 +22,7 @@ from sdlib.batched import BatchedResNet50, model_slice, stack_models  # noqa: E4
 from sdlib.lean_step import distillation_loss, l2_norms  # noqa: E402
 from sdlib.step import evaluate, l2_penalty  # noqa: E402
 from sdlib.train import build_model  # noqa: E402
+from tiny import drop_seeded_models, seeded_model  # noqa: E402
 
 N_MODELS, BATCH, NUM_CLASSES = 3, 4, 10
 ALPHAS = (0.0, 0.4, 1.0)  # pure teacher, mixed, labels only (its teacher row is ignored)
@@ -47,13 +48,14 @@ def _models(seed: int = 0) -> list[torch.nn.Module]:
 def _drop_built_models():
     yield
     _built_models.cache_clear()
+    drop_seeded_models()
 
 
 @functools.cache
 def _built_models(seed: int) -> list[torch.nn.Module]:
     models = []
     for i in range(N_MODELS):
-        model = build_model(seed=seed, step=i + 1).double()
+        model = seeded_model(seed, i + 1).double()
         gen = torch.Generator().manual_seed(100 + i)
         with torch.no_grad():
             for module in model.modules():

@@ -4,8 +4,6 @@ folded teacher, device schedule), and the CUDA graph capture path where CUDA exi
 
 from __future__ import annotations
 
-import copy
-import functools
 import math
 import types
 
@@ -19,6 +17,7 @@ from sdlib.config import TrainConfig  # noqa: E402
 from sdlib.lean_step import LeanStep, _Schedule, add_l2_grad_, l2_norms, lr_factor  # noqa: E402
 from sdlib.models import build_model, fold_batch_norms, teacher_probs  # noqa: E402
 from sdlib.step import distill_step, l2_penalty, train_on_batch  # noqa: E402
+from tiny import drop_seeded_models, seeded_model  # noqa: E402
 
 BATCH = 4
 
@@ -31,21 +30,10 @@ def float64():
     torch.set_default_dtype(previous)
 
 
-@functools.cache
-def _built(seed: int, step: int, dtype: torch.dtype) -> torch.nn.Module:
-    return build_model(seed=seed, step=step)
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _drop_built_models():
     yield
-    _built.cache_clear()  # about 1 GB of float64 ResNet-50s
-
-
-def seeded_model(seed: int, step: int) -> torch.nn.Module:
-    """build_model(seed=seed, step=step) in the default dtype: a copy of one built once (a ResNet-50's seeded
-    init takes about 0.7 s, a copy 0.06 s; the copies are bit-identical)."""
-    return copy.deepcopy(_built(seed, step, torch.get_default_dtype()))
+    drop_seeded_models()
 
 
 def _images(n: int, seed: int = 0):
