@@ -3,8 +3,9 @@
 The session's book build (the ``book`` fixture, tests/book_build.py) is served from a loopback HTTP server and
 every page is opened at a desktop width (1280 px) and a phone width (390 px). After MathJax has typeset, each
 page must have: no display equation or code block wider than the article column (and at 1280 px no display
-equation that needs to scroll at all), nor a table of class sd-wrap-code (its code wraps on a phone); every figure captioned, its images loaded, with a text alternative that
-is not a file name; no request to anything but 127.0.0.1; no console error. The interactive figures' sliders
+equation that needs to scroll at all), nor a table wider than its box that has three columns at most or is of
+class sd-wrap-code (its code wraps on a phone), nor any table's caption (a wider table scrolls, its caption not);
+every figure captioned, its images loaded, with a text alternative that is not a file name; no request to anything but 127.0.0.1; no console error. The interactive figures' sliders
 must change the picture, and a figure must open enlarged on click.
 
 Chromium is the system's (``/usr/bin/chromium``, installed by ``make test`` where missing); Playwright never
@@ -50,10 +51,17 @@ MEASURE = """
     if (!visible(el)) continue;
     const r = el.getBoundingClientRect();
     const scroller = el.closest(".output.text_html, .pst-scrollable-table-container");
-    // a table scrolls inside its box, except one whose code wraps on a phone (sd-wrap-code): that one must fit
-    const limit = el.tagName === "TABLE" && scroller && !el.matches(".sd-wrap-code")
-      && getComputedStyle(scroller).overflowX !== "visible" ? scroller.getBoundingClientRect() : column;
-    if (el.tagName === "TABLE" && limit !== column) continue;
+    // a table scrolls inside its box, except one that must fit it: a table whose code wraps on a phone
+    // (sd-wrap-code), or of three columns at most (nothing in it is too wide to wrap)
+    const columns = el.tagName === "TABLE" ? Math.max(0, ...[...el.rows].map((row) => row.cells.length)) : 0;
+    const mustFit = el.matches(".sd-wrap-code") || columns <= 3;
+    const limit = el.tagName === "TABLE" && scroller ? scroller.getBoundingClientRect() : column;
+    const caption = el.tagName === "TABLE" && el.caption && visible(el.caption) ? el.caption.getBoundingClientRect()
+      : null;  // every caption fits the box, also that of a table that scrolls: it is read without scrolling
+    if (caption && (caption.left < limit.left - 1 || caption.right > limit.right + 1)) {
+      wide.push(describe(el) + ` (its caption ${Math.round(caption.width)} px in a ${Math.round(limit.width)} px box)`);
+    }
+    if (el.tagName === "TABLE" && scroller && !mustFit && getComputedStyle(scroller).overflowX !== "visible") continue;
     if (r.left < limit.left - 1 || r.right > limit.right + 1) {
       wide.push(describe(el) + ` (${Math.round(r.width)} px in a ${Math.round(limit.width)} px column)`);
     }
