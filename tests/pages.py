@@ -3,6 +3,9 @@ functions a page defines in its own hidden cells (code of one page lives beside 
 
 from __future__ import annotations
 
+import ast
+import html
+import json
 import re
 import subprocess
 import sys
@@ -52,6 +55,22 @@ def executed_by_book(book, notebook: Path) -> nbformat.NotebookNode:
     root, _ = book
     return nbformat.read(root / "_build" / "jupyter_execute" / "notebooks" / f"{Path(notebook).stem}.ipynb",
                          as_version=4)
+
+
+def glued_by_book(book, notebook: Path, key: str):
+    """The value ``notebook`` glued under ``key`` as the test book build ran it (MyST-NB keeps a notebook's glued
+    values beside it, in ``<name>.glue.json``), as the Python literal its plain text shows."""
+    root, _ = book
+    path = root / "_build" / "jupyter_execute" / "notebooks" / f"{Path(notebook).stem}.glue.json"
+    return ast.literal_eval(json.loads(path.read_text(encoding="utf-8"))[key]["data"]["text/plain"])
+
+
+def claims_table(book) -> str:
+    """The text of the introduction's table of the paper's claims and their verdicts, as the built page shows it."""
+    root, _ = book
+    page = (root / "_build" / "html" / "book" / "intro.html").read_text(encoding="utf-8")
+    table = page.split('id="tbl-what-this-book-checks"', 1)[1].split("</table>", 1)[0]
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", table)).split())
 
 
 def text_of(notebook) -> str:

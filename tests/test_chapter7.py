@@ -4,8 +4,6 @@ only where it is told to."""
 
 from __future__ import annotations
 
-import ast
-import html
 import json
 import re
 from pathlib import Path
@@ -72,21 +70,16 @@ def test_the_introduction_states_the_verdict_chapter_7_computes(book):
     """The introduction's table of claims pastes its chapter-7 verdict from the chapter (glue); typed by hand, it
     still said "not complete yet" after the grid was complete. The verdict counts the records and states, per noise
     rate, the gains over step 1 that the chapter's findings state."""
-    nb = pages.executed_by_book(book, NOTEBOOK)
-    glued = json.loads((book[0] / "_build" / "jupyter_execute" / "notebooks" / f"{NOTEBOOK.stem}.glue.json")
-                       .read_text(encoding="utf-8"))  # where MyST-NB keeps a notebook's glued values
-    verdict = ast.literal_eval(glued["ch7_verdict"]["data"]["text/plain"])
+    verdict = pages.glued_by_book(book, NOTEBOOK, "ch7_verdict")
     snapshot = book[0] / COMMITTED.relative_to(REPO)
     rows = [json.loads(line) for line in snapshot.read_text().splitlines()]
     n_records = len({(r["config_hash"], r["seed"], r["chain"], r["step"]) for r in rows})
     status = f"all {n_records}" if n_records == 150 else f"{n_records} of 150"  # 2 rates x 75
     assert verdict.startswith(f"measured at CPU scale ({status} step records") and "clean labels: " in verdict
     gains = re.findall(r"ends ([+-]\d+\.\d\d) points from step 1", verdict)
-    assert len(gains) == 2 and all(f"{gain} points from step 1" in text_of(nb) for gain in gains)
-    intro = (book[0] / "_build" / "html" / "book" / "intro.html").read_text(encoding="utf-8")
-    table = intro.split('id="tbl-what-this-book-checks"', 1)[1].split("</table>", 1)[0]
-    shown = " ".join(html.unescape(re.sub(r"<[^>]+>", " ", table)).split())
-    assert verdict in shown and "not complete yet" not in shown
+    text = text_of(pages.executed_by_book(book, NOTEBOOK))
+    assert len(gains) == 2 and all(f"{gain} points from step 1" in text for gain in gains)
+    assert verdict in pages.claims_table(book) and "not complete yet" not in pages.claims_table(book)
 
 
 def test_unknown_parameter_is_named(tmp_path):

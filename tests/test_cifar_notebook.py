@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 import papermill  # noqa: E402
 import pytest  # noqa: E402
 
+import pages  # noqa: E402
 from pages import page_functions, run_without_torch  # noqa: E402
 from sdlib import results  # noqa: E402
 from test_results import (CHAINS, FIXED_ALPHAS, SEEDS, STEPS, by_hand, epoch_lines,  # noqa: E402
@@ -59,6 +60,27 @@ def glued_figures(nb) -> list[str]:
 
 def n_images(split_dir: Path) -> int:
     return sum(1 for path in split_dir.rglob("*") if path.is_file())
+
+
+def test_the_introduction_states_the_verdict_chapter_5_computes(book):
+    """The introduction's table of claims pastes its chapter-5 verdict from the chapter (glue), so that it follows
+    the committed records (typed by hand it would still say "not shown yet" after 75-epoch runs land): their epochs
+    against the paper's, and the last step's gains over step 1, recomputed here from the same records."""
+    verdict = pages.glued_by_book(book, NOTEBOOK, "cifar_verdict")
+    records = results.load_records(book[0] / "results" / "cifar10")
+    summary = results.summarize(records)
+    last = summary["step"].max()
+    first = summary.loc[summary["step"] == 1, "test_acc_mean"].iloc[0]
+    at_last = summary[summary["step"] == last].set_index("chain")["test_acc_mean"]
+    gain = lambda acc: f"{100 * (acc - first):+.2f}"  # noqa: E731
+    trained = int(records["epochs"].max())  # the committed runs: 4 epochs a step
+    assert verdict.startswith(f"not shown yet: the committed networks train {trained} epochs a step, the paper’s 75; "
+                              if trained < 75 else "measured with the paper’s 75 epochs a step; ")
+    assert f"at step {last} the best fixed α" in verdict
+    assert f"ends {gain(at_last.drop(index=results.ALPHA_HAT_CHAIN).max())} points from step 1" in verdict
+    assert f"the α̂ chain {gain(at_last[results.ALPHA_HAT_CHAIN])}" in verdict
+    assert f"α = 0 ends {gain(at_last['alpha=0'])}" in verdict
+    assert verdict in pages.claims_table(book)
 
 
 def test_notebook_is_committed_clean_and_parameterized():
