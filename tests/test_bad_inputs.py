@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import re
 import subprocess
 import sys
@@ -435,7 +436,7 @@ TABLE = [
      store.NotWritableError, r"results_dir '.*a_file/results' (cannot be created: a parent of it is a file|is not "
                              r"writable)"),
     ("a checkpoint of random bytes",
-     lambda t: load_checkpoint(folder_with(t, "step1.pt", os.urandom(2000)) / "step1.pt"),
+     lambda t: load_checkpoint(folder_with(t, "step1.pt", random.Random(0).randbytes(2000)) / "step1.pt"),
      ValueError, r"checkpoint '.*step1\.pt' is unreadable \(.*\)\. Delete it \(rm '.*step1\.pt'\) and run again"),
     ("an empty checkpoint",
      lambda t: load_checkpoint(folder_with(t, "step2.state.pt", b"") / "step2.state.pt"),
