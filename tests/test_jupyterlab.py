@@ -233,6 +233,7 @@ def visit_notebook(tab: LabPage, name: str, n_sliders: int = 0) -> dict:
         clock.append(time.monotonic())
         seconds[phase] = round(clock[-1] - clock[-2], 1)
 
+    nb = None
     try:
         tab.menu("File", re.compile(r"^Open from Path"))
         dialog = page.locator(".jp-Dialog")
@@ -254,9 +255,18 @@ def visit_notebook(tab: LabPage, name: str, n_sliders: int = 0) -> dict:
         nb = read_saved(page, path, saved)
         lap("save")
     finally:
-        # close it (saved: no question asked) and end its kernel, so that the next notebook is alone on the page
+        # close it and end its kernel, so that the next notebook is alone on the page. Saved, it closes at once; but
+        # a late message (a widget redrawn after the kernel went idle) can change it again after the save, and
+        # JupyterLab then asks whether to save: save then too (the checks below read that last state), rather than
+        # leave the question open over the page for every notebook after this one
         if page.locator(".jp-NotebookPanel").count():
             tab.menu("File", re.compile(r"^Close Tab"))  # name + shortcut
+            page.wait_for_function("() => !document.querySelector('.jp-NotebookPanel') || "
+                                   "!!document.querySelector('.jp-Dialog')")
+            if page.locator(".jp-Dialog").count():
+                saved = path.stat().st_mtime_ns
+                page.locator(".jp-Dialog").get_by_role("button", name="Save", exact=True).click()
+                nb = read_saved(page, path, saved) if nb is not None else None
             page.wait_for_selector(".jp-NotebookPanel", state="detached")
         lab.shut_down_kernels()
         lap("close")
@@ -293,22 +303,38 @@ def move_slider(page, i: int) -> dict:
     figure.first.wait_for()
     before = figure.first.get_attribute("src")
     readout = slider.locator(".widget-readout")
+    page.wait_for_function("el => el.innerText.trim() !== ''", arg=readout.element_handle())  # drawn
     value_before = readout.inner_text()
     # mark the image shown now: the redraw replaces it with a new element
     page.evaluate("() => document.querySelectorAll('.widget-interact .widget-output img')"
                   ".forEach(img => img.setAttribute('data-shown-before', ''))")
-    handle = slider.locator(".noUi-handle").bounding_box()
-    track = slider.locator(".noUi-target").bounding_box()
-    x, y = handle["x"] + handle["width"] / 2, handle["y"] + handle["height"] / 2
-    to_left = x > track["x"] + track["width"] / 2
-    page.mouse.move(x, y)
-    page.mouse.down()
-    page.mouse.move(track["x"] + track["width"] * (0.1 if to_left else 0.9), y, steps=5)
-    page.mouse.up()
+    handle, track = slider.locator(".noUi-handle"), slider.locator(".noUi-target")
+    for _ in range(3):  # the page can still move (math typeset above it): a drag it did not take is made again
+        handle.hover()  # Playwright's checks: scrolled into view, not moving, not covered
+        box, bar = handle.bounding_box(), track.bounding_box()
+        x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+        to_left = x > bar["x"] + bar["width"] / 2
+        page.mouse.down()
+        page.mouse.move(bar["x"] + bar["width"] * (0.1 if to_left else 0.9), y, steps=5)
+        page.mouse.up()
+        if readout.inner_text() != value_before:
+            break
+    else:
+        pytest.fail(f"slider {i} did not move when dragged (its value stayed {value_before})")
     page.wait_for_selector(".widget-interact .widget-output img:not([data-shown-before])",
                            timeout=SLIDER_TIMEOUT_S * 1000)
-    page.wait_for_selector(IDLE)
-    after = figure.first.get_attribute("src")
+    # the slider sends its values one at a time (ipywidgets waits for each reply), so the kernel can be idle
+    # between two redraws: wait until it stays idle and the figure stays as it is, or a redraw after the save
+    # changes the notebook again
+    deadline = time.monotonic() + SLIDER_TIMEOUT_S
+    while True:
+        page.wait_for_selector(IDLE, timeout=SLIDER_TIMEOUT_S * 1000)
+        after = figure.first.get_attribute("src")
+        page.wait_for_timeout(750)
+        if page.locator(IDLE).count() and figure.first.get_attribute("src") == after:
+            break
+        if time.monotonic() > deadline:
+            pytest.fail(f"the figure of slider {i} kept changing for {SLIDER_TIMEOUT_S} s after the drag")
     return {"slider": slider.locator(".widget-label").first.inner_text(), "from": value_before,
             "to": readout.inner_text(), "changed": after != before}
 
