@@ -5,8 +5,9 @@ every page is opened at a desktop width (1280 px) and a phone width (390 px). Af
 page must have: no display equation or code block wider than the article column (and at 1280 px no display
 equation that needs to scroll at all), nor a table wider than its box that has three columns at most or is of
 class sd-wrap-code (its code wraps on a phone), nor any table's caption (a wider table scrolls, its caption not);
-every figure captioned, its images loaded, with a text alternative that is not a file name; no request to anything but 127.0.0.1; no console error. The interactive figures' sliders
-must change the picture, and a figure must open enlarged on click.
+every figure captioned, its images loaded, with a text alternative that is not a file name; no request to anything
+but 127.0.0.1; no console error. The interactive figures' sliders must change the picture, and a figure must open
+enlarged on click.
 
 Chromium is the system's (``/usr/bin/chromium``, installed by ``make test`` where missing); Playwright never
 downloads a browser here.

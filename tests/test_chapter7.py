@@ -79,7 +79,8 @@ def test_the_introduction_states_the_verdict_chapter_7_computes(book):
     gains = re.findall(r"ends ([+-]\d+\.\d\d) points from step 1", verdict)
     text = text_of(pages.executed_by_book(book, NOTEBOOK))
     assert len(gains) == 2 and all(f"{gain} points from step 1" in text for gain in gains)
-    assert verdict in pages.claims_table(book) and "not complete yet" not in pages.claims_table(book)
+    claims = pages.claims_table(book)
+    assert verdict in claims and "not complete yet" not in claims
 
 
 def test_unknown_parameter_is_named(tmp_path):
